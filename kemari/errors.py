@@ -1,0 +1,34 @@
+"""The one exception root of Kemari and its families.
+
+Every error Kemari raises on purpose derives from :class:`KemariError`, so the
+CLI can print it as one clear line and exit non-zero.  Lower-level exceptions
+are chained with ``raise ... from exc``.
+"""
+
+
+class KemariError(Exception):
+    """Root of every error Kemari raises on purpose."""
+
+
+class ConfigError(KemariError):
+    """A VM configuration value (flag or TOML) is invalid."""
+
+
+class QemuError(KemariError):
+    """QEMU could not be started, refused its command line, or died."""
+
+
+class ImageError(KemariError):
+    """The guest image could not be built or is missing."""
+
+
+class NbdError(KemariError):
+    """The NBD server hit an unrecoverable problem (not a per-request error)."""
+
+
+class NetError(KemariError):
+    """The guest network path (tap, stream socket, namespaces) failed."""
+
+
+class MonitorError(KemariError):
+    """The Kemari monitor channel failed or a command was invalid."""
