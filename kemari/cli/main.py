@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from kemari import __version__
+from kemari.cli import command_modules
 from kemari.errors import KemariError
 
 
@@ -21,9 +22,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kemari {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # Command families register themselves here (one import per module).
-    from kemari.cli import command_modules
-
     for module in command_modules():
         module.add_parser(subparsers)
     return parser

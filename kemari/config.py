@@ -1,0 +1,276 @@
+"""The VM configuration: one typed, validated description of a protected VM.
+
+A configuration comes from a TOML file, from ``kemari run`` flags, or both (flags
+win).  Everything is validated here, before any process or socket exists, so a
+bad value is one clear :class:`~kemari.errors.ConfigError` and nothing to clean up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kemari.errors import ConfigError
+
+ACCELS = ("auto", "kvm", "tcg")
+WORKLOADS = ("ticks", "records", "diskload", "shell")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
+_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MIN_MEMORY_MIB = 64
+MAX_MEMORY_MIB = 1 << 20
+MAX_VCPUS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskConfig:
+    """A raw image file that Kemari serves to the guest over NBD (virtio-blk)."""
+
+    path: Path
+    read_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class NicConfig:
+    """A virtio-net NIC whose frames Kemari carries to a host tap device."""
+
+    mac: str
+    tap: str
+    bridge: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class VMConfig:
+    """Everything Kemari needs to run one VM; immutable once validated."""
+
+    name: str
+    memory_mib: int = 256
+    vcpus: int = 1
+    accel: str = "auto"
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    workload: str | None = None
+    guest_ip: str | None = None
+    disks: tuple[DiskConfig, ...] = ()
+    nics: tuple[NicConfig, ...] = ()
+    monitor: Path | None = None
+    serial_log: Path | None = None
+    runtime_dir: Path | None = None
+
+    @property
+    def uses_built_image(self) -> bool:
+        """True when kernel/initrd come from ``kemari image build`` (no kernel given)."""
+        return self.kernel is None
+
+    def kernel_command_line(self) -> str:
+        """The guest kernel command line: console, Kemari guest options, then ``append``."""
+        parts = ["console=ttyS0"]
+        if self.workload is not None:
+            parts.append(f"kemari.workload={self.workload}")
+        if self.guest_ip is not None:
+            parts.append(f"kemari.ip={self.guest_ip}")
+        if self.append:
+            parts.append(self.append)
+        return " ".join(parts)
+
+    def resolved_runtime_dir(self) -> Path:
+        """Where this VM's sockets live: ``runtime_dir`` or ``/run/kemari/NAME``."""
+        return self.runtime_dir if self.runtime_dir is not None else Path("/run/kemari") / self.name
+
+    def resolved_monitor(self) -> Path:
+        """The Kemari monitor socket path."""
+        if self.monitor is not None:
+            return self.monitor
+        return self.resolved_runtime_dir() / "monitor.sock"
+
+    def resolved_serial_log(self) -> Path:
+        """The file receiving the guest serial console."""
+        if self.serial_log is not None:
+            return self.serial_log
+        return self.resolved_runtime_dir() / "serial.log"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-able) form, e.g. for status output and config comparison."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, tuple):
+                return [plain(item) for item in value]
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return value
+
+        result: dict[str, Any] = plain(self)
+        return result
+
+
+def parse_size_mib(value: object, what: str) -> int:
+    """Parse ``256``, ``"256M"``, ``"1G"`` or ``"1GiB"`` into MiB (bare numbers are MiB)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size like 256M or 1G, got {value!r}")
+    if isinstance(value, int):
+        number, unit = value, ""
+    elif isinstance(value, str) and (match := _SIZE_RE.match(value.strip())):
+        number, unit = int(match.group(1)), match.group(2).upper()
+    else:
+        raise ConfigError(f"{what}: expected a size like 256M or 1G, got {value!r}")
+    size_bytes = number * _SIZE_UNITS[unit]
+    if size_bytes % (1 << 20):
+        raise ConfigError(f"{what}: {value!r} is not a whole number of MiB")
+    return size_bytes >> 20
+
+
+def _expect(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = raw[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}{key}: expected {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}unknown key(s): {', '.join(unknown)}")
+
+
+def _disk_from(raw: object, index: int) -> DiskConfig:
+    where = f"disk[{index}]."
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"disk[{index}]: expected a table with 'path'")
+    _check_keys(raw, {"path", "read_only"}, where)
+    if "path" not in raw:
+        raise ConfigError(f"{where}path: missing")
+    path = Path(_expect(raw, "path", str, where))
+    read_only = bool(_expect(raw, "read_only", bool, where)) if "read_only" in raw else False
+    return DiskConfig(path=path, read_only=read_only)
+
+
+def _nic_from(raw: object, index: int, vm_name: str) -> NicConfig:
+    where = f"nic[{index}]."
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"nic[{index}]: expected a table with 'mac'")
+    _check_keys(raw, {"mac", "tap", "bridge"}, where)
+    mac = _default_mac(vm_name, index)
+    if "mac" in raw:
+        mac = str(_expect(raw, "mac", str, where)).lower()
+    tap = str(_expect(raw, "tap", str, where)) if "tap" in raw else f"kt-{vm_name[:9]}-{index}"
+    bridge = str(_expect(raw, "bridge", str, where)) if "bridge" in raw else None
+    return NicConfig(mac=mac, tap=tap, bridge=bridge)
+
+
+def _default_mac(vm_name: str, index: int) -> str:
+    """A stable locally administered MAC derived from the VM name and NIC index."""
+    digest = sum((i + 1) * ord(c) for i, c in enumerate(vm_name)) & 0xFFFF
+    return f"52:54:00:{digest >> 8:02x}:{digest & 0xFF:02x}:{index & 0xFF:02x}"
+
+
+def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
+    """Build and validate a :class:`VMConfig` from plain data (a parsed TOML document)."""
+    allowed = {
+        "name", "memory", "vcpus", "accel", "kernel", "initrd", "append", "workload",
+        "guest_ip", "disk", "nic", "monitor", "serial_log", "runtime_dir",
+    }  # fmt: skip
+    _check_keys(raw, allowed, "")
+    if "name" not in raw:
+        raise ConfigError("name: missing (every VM needs a name)")
+    name = _expect(raw, "name", str, "")
+    optional_paths = {
+        key: Path(_expect(raw, key, str, ""))
+        for key in ("kernel", "initrd", "monitor", "serial_log", "runtime_dir")
+        if key in raw
+    }
+    disks = raw.get("disk", [])
+    nics = raw.get("nic", [])
+    if not isinstance(disks, list) or not isinstance(nics, list):
+        raise ConfigError("disk and nic must be arrays of tables ([[disk]], [[nic]])")
+    config = VMConfig(
+        name=name,
+        memory_mib=parse_size_mib(raw["memory"], "memory") if "memory" in raw else 256,
+        vcpus=_expect(raw, "vcpus", int, "") if "vcpus" in raw else 1,
+        accel=_expect(raw, "accel", str, "") if "accel" in raw else "auto",
+        append=_expect(raw, "append", str, "") if "append" in raw else "",
+        workload=_expect(raw, "workload", str, "") if "workload" in raw else None,
+        guest_ip=_expect(raw, "guest_ip", str, "") if "guest_ip" in raw else None,
+        disks=tuple(_disk_from(d, i) for i, d in enumerate(disks)),
+        nics=tuple(_nic_from(n, i, name) for i, n in enumerate(nics)),
+        **optional_paths,
+    )
+    validate(config)
+    return config
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config file into plain data (validated later by :func:`config_from_mapping`)."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+
+
+def validate(config: VMConfig) -> None:
+    """Check every value and every cross-field rule; raise :class:`ConfigError` on the first."""
+    if not _NAME_RE.match(config.name):
+        raise ConfigError(
+            f"name: {config.name!r} must be 1-20 characters of a-z, 0-9 and '-', "
+            "starting with a letter or digit"
+        )
+    if not MIN_MEMORY_MIB <= config.memory_mib <= MAX_MEMORY_MIB:
+        raise ConfigError(f"memory: {config.memory_mib} MiB is outside {MIN_MEMORY_MIB}M..1T")
+    if not 1 <= config.vcpus <= MAX_VCPUS:
+        raise ConfigError(f"vcpus: {config.vcpus} is outside 1..{MAX_VCPUS}")
+    if config.accel not in ACCELS:
+        raise ConfigError(f"accel: {config.accel!r} is not one of {', '.join(ACCELS)}")
+    if config.workload is not None and config.workload not in WORKLOADS:
+        raise ConfigError(f"workload: {config.workload!r} is not one of {', '.join(WORKLOADS)}")
+    if config.guest_ip is not None:
+        try:
+            ipaddress.IPv4Interface(config.guest_ip)
+        except ValueError as exc:
+            raise ConfigError(f"guest_ip: {config.guest_ip!r} is not ADDRESS/PREFIX") from exc
+        if "/" not in config.guest_ip:
+            raise ConfigError(f"guest_ip: {config.guest_ip!r} needs a prefix, e.g. /24")
+    if config.initrd is not None and config.kernel is None:
+        raise ConfigError("initrd: given without a kernel")
+    if config.kernel is not None and not config.kernel.is_file():
+        raise ConfigError(f"kernel: {config.kernel} does not exist")
+    if config.initrd is not None and not config.initrd.is_file():
+        raise ConfigError(f"initrd: {config.initrd} does not exist")
+    for index, disk in enumerate(config.disks):
+        if not disk.path.is_file():
+            raise ConfigError(f"disk[{index}].path: {disk.path} is not an existing image file")
+    seen_paths = [disk.path.resolve() for disk in config.disks]
+    if len(set(seen_paths)) != len(seen_paths):
+        raise ConfigError("disk: the same image is given twice")
+    for index, nic in enumerate(config.nics):
+        if not _MAC_RE.match(nic.mac):
+            raise ConfigError(f"nic[{index}].mac: {nic.mac!r} is not a MAC like 52:54:00:12:34:56")
+        if int(nic.mac[:2], 16) & 1:
+            raise ConfigError(f"nic[{index}].mac: {nic.mac} is a multicast address")
+        if not _IFNAME_RE.match(nic.tap):
+            raise ConfigError(f"nic[{index}].tap: {nic.tap!r} is not a valid interface name")
+        if nic.bridge is not None and not _IFNAME_RE.match(nic.bridge):
+            raise ConfigError(f"nic[{index}].bridge: {nic.bridge!r} is not a valid interface name")
+    if len({nic.mac for nic in config.nics}) != len(config.nics):
+        raise ConfigError("nic: two NICs share a MAC address")
+    if len({nic.tap for nic in config.nics}) != len(config.nics):
+        raise ConfigError("nic: two NICs share a tap name")

@@ -1,0 +1,109 @@
+"""The agent side of the monitor: a unix-socket server dispatching commands to handlers.
+
+Handlers are registered by the words they answer to (``("info", "status")``);
+the longest registered prefix of a request wins and receives the remaining
+words as arguments.  A handler raising :class:`KemariError` becomes an error
+reply; the connection and the server keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from kemari.errors import KemariError, MonitorError
+from kemari.monitor import protocol
+from kemari.sockets import claim_socket_path
+
+Handler = Callable[[list[str]], Awaitable[protocol.Reply]]
+log = logging.getLogger(__name__)
+
+
+class MonitorServer:
+    """Serves the Kemari monitor on a unix socket until :meth:`close`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handlers: dict[tuple[str, ...], tuple[Handler, str]] = {}
+        self._server: asyncio.base_events.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+        self.register(("help",), self._help, "list monitor commands")
+
+    def register(self, words: tuple[str, ...], handler: Handler, summary: str) -> None:
+        """Make ``handler`` answer requests starting with ``words``."""
+        self._handlers[words] = (handler, summary)
+
+    async def start(self) -> None:
+        """Claim the socket path (refusing a live one) and start listening."""
+        claim_socket_path(self.path)
+        self._server = await asyncio.start_unix_server(self._serve_client, path=str(self.path))
+
+    async def close(self) -> None:
+        """Stop listening, end client connections and remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for task in list(self._clients):
+            task.cancel()
+        for task in list(self._clients):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def dispatch(self, words: list[str]) -> protocol.Reply:
+        """Run the handler registered for the longest prefix of ``words``."""
+        for length in range(len(words), 0, -1):
+            entry = self._handlers.get(tuple(words[:length]))
+            if entry is not None:
+                return await entry[0](words[length:])
+        raise MonitorError(f"unknown command {' '.join(words)!r} (try 'help')")
+
+    async def _help(self, args: list[str]) -> protocol.Reply:
+        del args
+        rows = sorted((" ".join(words), summary) for words, (_, summary) in self._handlers.items())
+        text = "\n".join(f"{words:<20} {summary}" for words, summary in rows)
+        return protocol.Reply(data=dict(rows), text=text)
+
+    def _track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._clients.add(task)
+            task.add_done_callback(self._clients.discard)
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._track()
+        try:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError:
+                    return
+                except asyncio.LimitOverrunError:
+                    writer.write(protocol.encode_error("MonitorError", "request line too long"))
+                    await writer.drain()
+                    return
+                writer.write(await self._answer(line))
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            return
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _answer(self, line: bytes) -> bytes:
+        try:
+            words = protocol.decode_request(line)
+            return protocol.encode_reply(await self.dispatch(words))
+        except KemariError as exc:
+            return protocol.encode_error(type(exc).__name__, str(exc))
+        except Exception as exc:  # a handler bug must not kill the monitor
+            log.exception("monitor command failed")
+            return protocol.encode_error("InternalError", f"{type(exc).__name__}: {exc}")
