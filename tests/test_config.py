@@ -1,0 +1,100 @@
+"""VM configuration: parsing, validation and the flag/TOML equivalence."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kemari.config import config_from_mapping, load_config_file, parse_size_mib
+from kemari.errors import ConfigError
+
+
+def test_minimal_config_gets_defaults() -> None:
+    config = config_from_mapping({"name": "vm1"})
+    assert (config.memory_mib, config.vcpus, config.accel) == (256, 1, "auto")
+    assert config.uses_built_image
+    assert config.resolved_monitor() == Path("/run/kemari/vm1/monitor.sock")
+
+
+def test_full_toml_file(tmp_path: Path) -> None:
+    disk = tmp_path / "data.img"
+    disk.write_bytes(b"\0" * 4096)
+    path = tmp_path / "vm.toml"
+    path.write_text(
+        f"""
+name = "web"
+memory = "1G"
+vcpus = 2
+accel = "tcg"
+workload = "records"
+guest_ip = "10.213.0.2/24"
+append = "quiet"
+[[disk]]
+path = "{disk}"
+[[nic]]
+mac = "52:54:00:AA:BB:01"
+tap = "kt-web0"
+bridge = "br0"
+"""
+    )
+    config = config_from_mapping(load_config_file(path))
+    assert config.memory_mib == 1024
+    assert config.nics[0].mac == "52:54:00:aa:bb:01"
+    assert config.disks[0].path == disk
+    assert config.kernel_command_line() == (
+        "console=ttyS0 kemari.workload=records kemari.ip=10.213.0.2/24 quiet"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({}, "name: missing"),
+        ({"name": "Bad Name"}, "name:"),
+        ({"name": "a", "memory": "12X"}, "memory: expected a size"),
+        ({"name": "a", "memory": "32M"}, "outside"),
+        ({"name": "a", "vcpus": 0}, "vcpus"),
+        ({"name": "a", "vcpus": True}, "vcpus: expected an integer"),
+        ({"name": "a", "accel": "xen"}, "accel"),
+        ({"name": "a", "workload": "mine"}, "workload"),
+        ({"name": "a", "guest_ip": "10.0.0.300/24"}, "guest_ip"),
+        ({"name": "a", "guest_ip": "10.0.0.3"}, "needs a prefix"),
+        ({"name": "a", "kernel": "/nonexistent/vmlinuz"}, "kernel: /nonexistent/vmlinuz"),
+        ({"name": "a", "disk": [{"path": "/nonexistent.img"}]}, "disk[0].path"),
+        ({"name": "a", "nic": [{"mac": "01:00:00:00:00:01"}]}, "multicast"),
+        ({"name": "a", "nic": [{"mac": "zz"}]}, "nic[0].mac"),
+        ({"name": "a", "nic": [{"tap": "x" * 16}]}, "nic[0].tap"),
+        ({"name": "a", "nic": [{}, {"tap": "kt-a-0"}]}, "share a tap"),
+        ({"name": "a", "colour": "red"}, "unknown key(s): colour"),
+        ({"name": "a", "disk": {"path": "x"}}, "arrays of tables"),
+    ],
+)
+def test_invalid_values_are_refused(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_mapping(raw)
+
+
+def test_broken_toml_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("name = \n")
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
+        load_config_file(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config_file(tmp_path / "missing.toml")
+
+
+@given(st.integers(min_value=1, max_value=1 << 20), st.sampled_from(["M", "MiB", "G", "g"]))
+def test_size_parsing_units(number: int, unit: str) -> None:
+    factor = 1024 if unit.upper().startswith("G") else 1
+    assert parse_size_mib(f"{number}{unit}", "x") == number * factor
+
+
+@given(st.text())
+def test_size_parsing_never_crashes(text: str) -> None:
+    with contextlib.suppress(ConfigError):
+        parse_size_mib(text, "x")
