@@ -1,0 +1,1 @@
+"""QEMU supervision: accelerator choice, binary choice, command line and the running machine."""
