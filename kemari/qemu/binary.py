@@ -1,6 +1,6 @@
 """Which ``qemu-system-x86_64`` Kemari runs, and why.
 
-:func:`select_qemu` is the single place that chooses the binary; every caller
+:func:`qemu_binary` is the single place that chooses the binary; every caller
 (``kemari run``, failover, ``kemari doctor``) goes through it.  Today it is
 Debian's ``qemu-system-x86`` for every accelerator.
 """
@@ -28,7 +28,7 @@ class QemuBinary:
     reason: str
 
 
-def select_qemu(accel: Accel) -> QemuBinary:
+def qemu_binary(accel: Accel) -> QemuBinary:
     """Choose the QEMU executable for a guest running under ``accel``.
 
     Raises :class:`QemuError` (with the package to install) when there is none.
