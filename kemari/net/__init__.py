@@ -1,0 +1,1 @@
+"""Kemari's guest network path: QEMU stream framing, the host tap, and the bridge between them."""
