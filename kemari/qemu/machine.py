@@ -186,6 +186,9 @@ class QemuMachine:
         self._subscriptions: list[EventSubscription] = []
         self._stop_requested = False
         self._shutdown_reason: str | None = None
+        # Set once start() stopped touching the QMP client (connected or not);
+        # the reaper waits for it, so connect and disconnect never overlap.
+        self._qmp_settled = asyncio.Event()
 
     # -- life cycle ------------------------------------------------------------
 
@@ -234,11 +237,14 @@ class QemuMachine:
         self._output_task = asyncio.create_task(self._collect_output(self._process))
         self._reaper_task = asyncio.create_task(self._reap(self._process))
         try:
-            await self._connect_qmp()
-            self._event_task = asyncio.create_task(self._watch_events())
+            try:
+                await self._connect_qmp(self._process)
+                self._event_task = asyncio.create_task(self._watch_events())
+            finally:
+                self._qmp_settled.set()
             status = await self.query_status()
         except BaseException as exc:
-            exited_by_itself = self._reaper_task.done()
+            exited_by_itself = self._process.returncode is not None
             await self._abort_start()
             if exited_by_itself:
                 exit_info = self._reaper_task.result()
@@ -248,14 +254,13 @@ class QemuMachine:
         if self.run_state is RunState.STARTING:
             self.run_state = RunState.RUNNING if status.running else RunState.PAUSED
 
-    async def _connect_qmp(self) -> None:
+    async def _connect_qmp(self, process: asyncio.subprocess.Process) -> None:
         """Connect to QEMU's QMP server, retrying until the socket listens or QEMU exits."""
-        assert self._reaper_task is not None
         deadline = time.monotonic() + self.start_timeout_s
         path = str(self.spec.qmp_socket)
         loop = asyncio.get_running_loop()
         while True:
-            if self._reaper_task.done():
+            if process.returncode is not None:
                 raise QemuError("QEMU exited during start-up")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.setblocking(False)
@@ -356,6 +361,7 @@ class QemuMachine:
             # QEMU's output ends when it exits (nothing else holds the pipe).
             with contextlib.suppress(asyncio.CancelledError):
                 await self._output_task
+        await self._qmp_settled.wait()
         await self._drain_qmp()
         exit_info = MachineExit(
             returncode=returncode,
@@ -384,8 +390,9 @@ class QemuMachine:
         # cancelling it lost nothing; the rest are still queued in the listener.
         while not self._qmp.events.empty():
             self._handle_event(await self._qmp.events.get())
-        with contextlib.suppress(QMPError, OSError, EOFError):
-            await self._qmp.disconnect()
+        if self._qmp.runstate is not QmpRunstate.IDLE:
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                await self._qmp.disconnect()
 
     async def _watch_events(self) -> None:
         async for message in self._qmp.events:
