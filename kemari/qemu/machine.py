@@ -49,6 +49,7 @@ DEFAULT_START_TIMEOUT_S = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
 _CONNECT_RETRY_S = 0.02
 _OUTPUT_CHUNK_BYTES = 4096
+_REFUSAL_GRACE_S = 1.0
 _QMP_EOF_TIMEOUT_S = 2.0
 _PR_SET_PDEATHSIG = 1
 # Shutdown reasons (QMP SHUTDOWN event) that mean the guest ended itself normally.
@@ -244,7 +245,9 @@ class QemuMachine:
                 self._qmp_settled.set()
             status = await self.query_status()
         except BaseException as exc:
-            exited_by_itself = self._process.returncode is not None
+            # A QEMU refusing its command line may already have broken the QMP
+            # handshake while still exiting: give it a moment to say so itself.
+            exited_by_itself = await _exits_within(self._process, _REFUSAL_GRACE_S)
             await self._abort_start()
             if exited_by_itself:
                 exit_info = self._reaper_task.result()
@@ -467,6 +470,13 @@ def _event_from_message(message: Mapping[str, Any]) -> QemuEvent:
         data=data if isinstance(data, dict) else {},
         timestamp=timestamp,
     )
+
+
+async def _exits_within(process: asyncio.subprocess.Process, timeout_s: float) -> bool:
+    """True when ``process`` has exited or does so within ``timeout_s``."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(process.wait()), timeout_s)
+    return process.returncode is not None
 
 
 def _remove_socket(path: Path) -> None:
