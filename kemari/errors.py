@@ -32,3 +32,7 @@ class NetError(KemariError):
 
 class MonitorError(KemariError):
     """The Kemari monitor channel failed or a command was invalid."""
+
+
+class StreamError(KemariError):
+    """A QEMU migration stream is malformed, unsupported or cut short."""
