@@ -60,6 +60,7 @@ def test_minimal_spec_argv() -> None:
     assert "-no-reboot" in argv
     assert "-S" not in argv
     assert "-kernel" not in argv
+    assert "-bios" not in argv
     assert "-incoming" not in argv
 
 
@@ -68,6 +69,7 @@ def test_full_spec_argv() -> None:
         spec(
             memory_mib=512,
             vcpus=2,
+            bios=Path("/usr/share/qemu/qboot.rom"),
             kernel=Path("/img/vmlinuz"),
             initrd=Path("/img/initrd"),
             append="console=ttyS0 quiet",
@@ -85,6 +87,7 @@ def test_full_spec_argv() -> None:
     )
     assert option_after(argv, "-m") == "512M"
     assert option_after(argv, "-smp") == "2"
+    assert option_after(argv, "-bios") == "/usr/share/qemu/qboot.rom"
     assert option_after(argv, "-kernel") == "/img/vmlinuz"
     assert option_after(argv, "-initrd") == "/img/initrd"
     assert option_after(argv, "-append") == "console=ttyS0 quiet"
@@ -142,6 +145,7 @@ def test_incoming_uri(incoming: IncomingDefer | IncomingTcp, uri: str) -> None:
         ({"initrd": Path("/i")}, "initrd given without a kernel"),
         ({"append": "quiet"}, "without a kernel"),
         ({"kernel": Path("")}, "kernel"),
+        ({"bios": "qboot.rom"}, "bios"),
         ({"kernel": "/boot/vmlinuz"}, "expected a path"),
         ({"qmp_socket": Path("/" + "s" * MAX_UNIX_SOCKET_PATH_BYTES)}, "longer than"),
         ({"nics": (StreamNic("52:54:00:12:34", Path("/n")),)}, "MAC"),

@@ -117,6 +117,58 @@ def test_refused_command_line_reports_qemu_stderr(
     run(scenario)
 
 
+def reset_rom(directory: Path) -> Path:
+    """A 64 KiB firmware whose reset vector asks the chipset for a hard reset (port 0xcf9).
+
+    With ``-no-reboot`` this is a guest-initiated end: QEMU reports SHUTDOWN
+    with reason ``guest-reset`` and exits 0.
+    """
+    # mov al, 6; mov dx, 0xcf9; out dx, al; hlt; jmp $-1
+    code = bytes([0xB0, 0x06, 0xBA, 0xF9, 0x0C, 0xEE, 0xF4, 0xEB, 0xFD])
+    rom = bytearray(0x10000)
+    # The ROM ends at 4 GiB; the CPU starts 16 bytes below the end (the reset vector).
+    rom[0xFFF0 : 0xFFF0 + len(code)] = code
+    path = directory / "reset.rom"
+    path.write_bytes(rom)
+    return path
+
+
+def test_guest_initiated_end_is_clean(tmp_path: Path) -> None:
+    spec = paused_spec(tmp_path, bios=reset_rom(tmp_path), no_reboot=True)
+
+    async def scenario() -> None:
+        async with QemuMachine(spec, QEMU) as machine:
+            with machine.subscribe("SHUTDOWN") as events:
+                await machine.execute("cont")
+                shutdown = await events.get()
+                assert shutdown.data["guest"] is True
+                assert shutdown.data["reason"] == "guest-reset"
+                exit_info = await machine.wait()
+            assert exit_info.clean
+            assert not exit_info.requested
+            assert exit_info.shutdown_reason == "guest-reset"
+            assert state(machine) is RunState.EXITED
+        assert not spec.qmp_socket.exists()
+
+    run(scenario)
+
+
+def test_guest_reset_without_no_reboot_keeps_running(tmp_path: Path) -> None:
+    spec = paused_spec(tmp_path, bios=reset_rom(tmp_path), no_reboot=False)
+
+    async def scenario() -> None:
+        async with QemuMachine(spec, QEMU) as machine:
+            with machine.subscribe("RESET") as events:
+                await machine.execute("cont")
+                first = await events.get()
+                second = await events.get()  # the firmware resets again after each reset
+                assert first.data["reason"] == second.data["reason"] == "guest-reset"
+            assert state(machine) is RunState.RUNNING
+        assert (await machine.wait()).clean
+
+    run(scenario)
+
+
 def test_sigkill_is_reported_and_leaves_nothing(tmp_path: Path) -> None:
     spec = paused_spec(tmp_path)
 

@@ -95,6 +95,7 @@ class MachineSpec:
     qmp_socket: Path
     memory_mib: int = 256
     vcpus: int = 1
+    bios: Path | None = None  # firmware ROM (e.g. qboot.rom); None: QEMU's SeaBIOS
     kernel: Path | None = None
     initrd: Path | None = None
     append: str = ""
@@ -122,6 +123,8 @@ def validate_spec(spec: MachineSpec) -> None:
     _check_int("memory", spec.memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB, "MiB")
     _check_int("vcpus", spec.vcpus, 1, MAX_VCPUS, "")
     _check_socket_path("qmp socket", spec.qmp_socket)
+    if spec.bios is not None:
+        _check_path("bios", spec.bios)
     if spec.kernel is None:
         if spec.initrd is not None:
             raise ConfigError("initrd given without a kernel")
@@ -281,6 +284,8 @@ def build_argv(spec: MachineSpec) -> list[str]:
             "-serial",
             "chardev:serial0",
         ]
+    if spec.bios is not None:
+        argv += ["-bios", str(spec.bios)]
     if spec.kernel is not None:
         argv += ["-kernel", str(spec.kernel)]
         if spec.initrd is not None:
