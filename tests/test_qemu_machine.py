@@ -260,6 +260,26 @@ def test_qmp_error_is_typed(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_pass_fd_hands_a_descriptor_to_qemu(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        read_end, write_end = os.pipe()
+        try:
+            async with QemuMachine(paused_spec(tmp_path), QEMU) as machine:
+                await machine.pass_fd("migration_out", write_end)
+                # QEMU holds the descriptor under that name until closefd ...
+                await machine.execute("closefd", {"fdname": "migration_out"})
+                # ... and then no longer.
+                with pytest.raises(QmpCommandError, match="migration_out"):
+                    await machine.execute("closefd", {"fdname": "migration_out"})
+                with pytest.raises(QemuError, match="fd name"):
+                    await machine.pass_fd("1bad", write_end)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
+    run(scenario)
+
+
 def test_missing_binary_is_reported(tmp_path: Path) -> None:
     async def scenario() -> None:
         machine = QemuMachine(paused_spec(tmp_path), tmp_path / "no-qemu")

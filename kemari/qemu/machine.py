@@ -28,6 +28,7 @@ import ctypes
 import dataclasses
 import enum
 import os
+import re
 import signal
 import socket
 import stat
@@ -50,6 +51,7 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
 _CONNECT_RETRY_S = 0.02
 _OUTPUT_CHUNK_BYTES = 4096
 _REFUSAL_GRACE_S = 1.0
+_FD_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 _QMP_EOF_TIMEOUT_S = 2.0
 _PR_SET_PDEATHSIG = 1
 # Shutdown reasons (QMP SHUTDOWN event) that mean the guest ended itself normally.
@@ -190,6 +192,7 @@ class QemuMachine:
         # Set once start() stopped touching the QMP client (connected or not);
         # the reaper waits for it, so connect and disconnect never overlap.
         self._qmp_settled = asyncio.Event()
+        self._fd_lock = asyncio.Lock()
 
     # -- life cycle ------------------------------------------------------------
 
@@ -450,6 +453,22 @@ class QemuMachine:
             raise QemuError(f"QMP {command}: connection to QEMU lost") from exc
         except QMPError as exc:
             raise QemuError(f"QMP {command}: {exc}") from exc
+
+    async def pass_fd(self, name: str, fd: int) -> None:
+        """Give QEMU a duplicate of ``fd`` under ``name`` (QMP ``getfd``), e.g. for ``fd:NAME``.
+
+        ``fd`` stays open here; the caller closes its own copy.
+        """
+        if not _FD_NAME_RE.match(name):
+            raise QemuError(f"fd name {name!r} must be a letter or '_' then letters, digits, '_-'")
+        # QEMU pairs a received descriptor with the next getfd; the lock keeps
+        # two concurrent pass_fd calls from swapping descriptors.
+        async with self._fd_lock:
+            try:
+                self._qmp.send_fd_scm(fd)
+            except (QMPError, OSError) as exc:
+                raise QemuError(f"cannot pass fd {fd} to QEMU: {exc}") from exc
+            await self.execute("getfd", {"fdname": name})
 
     async def query_status(self) -> VmStatus:
         """QEMU's own run state (``running``, ``paused``, ``prelaunch``, ``inmigrate``, ...)."""
