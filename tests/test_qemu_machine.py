@@ -22,7 +22,7 @@ import pytest
 from kemari.errors import ConfigError, QemuError
 from kemari.qemu.binary import qemu_binary
 from kemari.qemu.cmdline import MachineSpec, NbdDisk
-from kemari.qemu.machine import QemuMachine, QmpCommandError, RunState
+from kemari.qemu.machine import MachineExit, QemuMachine, QmpCommandError, RunState
 
 QEMU = qemu_binary("tcg").path
 
@@ -323,3 +323,26 @@ def test_qemu_dies_with_its_supervisor(tmp_path: Path) -> None:
     finally:
         supervisor.kill()
         supervisor.wait()
+
+
+@pytest.mark.parametrize(
+    ("returncode", "requested", "reason", "clean", "described"),
+    [
+        (0, True, "host-qmp-quit", True, "exit status 0"),
+        (0, False, "guest-shutdown", True, "guest-shutdown"),
+        (0, False, "guest-reset", True, "guest-reset"),
+        (0, False, "host-signal", False, "host-signal"),
+        (0, False, "guest-panic", False, "guest-panic"),
+        (0, False, None, False, "exit status 0"),
+        (1, True, None, False, "exit status 1"),
+        (-9, True, None, False, "SIGKILL"),
+        (-40, False, None, False, "signal 40"),
+    ],
+)
+def test_exit_judgement(
+    returncode: int, requested: bool, reason: str | None, clean: bool, described: str
+) -> None:
+    exit_info = MachineExit(returncode, requested, reason, ("", "last line"))
+    assert exit_info.clean is clean
+    assert described in exit_info.describe()
+    assert exit_info.describe().endswith(": last line")

@@ -1,8 +1,8 @@
 """One supervised QEMU process and its QMP connection.
 
 :class:`QemuMachine` starts QEMU from a :class:`~kemari.qemu.cmdline.MachineSpec`,
-connects to its QMP socket (QEMU is the server, so Kemari can reconnect and the
-socket path marks the machine as taken while it lives), tracks its run state
+connects to its QMP socket (QEMU is the server, so the socket path marks the
+machine as taken for as long as it lives), tracks its run state
 from QMP events, and always reaps the child and removes its socket::
 
     async with QemuMachine(spec, binary) as machine:
@@ -105,7 +105,7 @@ class MachineExit:
     def describe(self) -> str:
         """One line: how it ended, then QEMU's last output lines."""
         if self.returncode < 0:
-            how = f"killed by {signal.Signals(-self.returncode).name}"
+            how = f"killed by {_signal_name(-self.returncode)}"
         else:
             how = f"exit status {self.returncode}"
         if self.shutdown_reason is not None:
@@ -478,12 +478,22 @@ class QemuMachine:
         return VmStatus(status=reply["status"], running=bool(reply.get("running")))
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _event_from_message(message: Mapping[str, Any]) -> QemuEvent:
+    """A typed event from a QMP message; odd fields degrade to defaults, never raise."""
     data = message.get("data")
     stamp = message.get("timestamp")
     timestamp = 0.0
     if isinstance(stamp, dict):
-        timestamp = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+        seconds, micros = stamp.get("seconds"), stamp.get("microseconds")
+        if isinstance(seconds, int) and isinstance(micros, int):
+            timestamp = seconds + micros / 1e6
     return QemuEvent(
         name=str(message.get("event")),
         data=data if isinstance(data, dict) else {},
