@@ -7,7 +7,6 @@ with ``-incoming`` whose guest RAM already lies in shared memory-backend-file(s)
 whose migration capability x-ignore-shared is on (layout in docs/stream.md).
 """
 
-import json
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -36,9 +35,6 @@ from kemari.stream.format import (
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
-
-# The smallest vmdesc QEMU accepts after QEMU_VM_EOF (the loader reads and discards it).
-EMPTY_VMDESC = json.dumps({"page_size": PAGE_SIZE, "devices": []}, separators=(",", ":")).encode()
 
 
 def _name(text: str) -> bytes:
@@ -176,8 +172,8 @@ def failover_stream(
     ram_section_id: int,
     blocks: Iterable[RamBlock],
     device_state: bytes,
+    vmdesc: bytes,
     pages: Iterable[FailoverPage] = (),
-    vmdesc: bytes = EMPTY_VMDESC,
 ) -> Iterator[bytes | memoryview]:
     """The incoming stream for a fresh QEMU with x-ignore-shared and shared RAM backends.
 
@@ -185,7 +181,9 @@ def failover_stream(
     the GPA of shared blocks); pages are only sent for non-shared blocks (``pages``),
     because the shared ones already hold the replica.  ``device_state`` is the last
     committed buffer (FULL sections, no EOF); ``ram_section_id`` must be the primary's,
-    so it cannot collide with the section ids inside ``device_state``.
+    so it cannot collide with the section ids inside ``device_state``.  ``vmdesc`` is the
+    JSON captured at the initial sync: QEMU's loader reads and discards it after the EOF
+    (savevm.c qemu_loadvm_state) and would otherwise block waiting for it.
     """
     block_list = tuple(blocks)
     sizes = {block.name: block.used_length for block in block_list}
