@@ -1,0 +1,1 @@
+"""Kemari's NBD server: guest disks are served from Kemari's own process."""

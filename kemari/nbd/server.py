@@ -1,0 +1,388 @@
+"""Kemari's NBD server: one export of a :class:`~kemari.nbd.backend.Backend` on a unix socket.
+
+Each connection goes through two phases (:class:`Phase`): the fixed newstyle
+handshake (options one at a time, strictly request/reply) and transmission,
+where many requests are in flight at once.  In transmission the connection's
+reader task decodes and validates requests and spawns one task per valid
+request; each task performs its I/O on the backend and writes its own reply.
+
+Invariants:
+
+* a reply (header plus READ data) is handed to the transport by synchronous
+  ``write`` calls with no ``await`` in between, so replies never interleave
+  even though they may leave in a different order than requests arrived;
+* the reader stops reading while the connection's in-flight requests exceed
+  :data:`MAX_IN_FLIGHT_REQUESTS` or :data:`MAX_IN_FLIGHT_BYTES`, which bounds
+  memory per connection (a lone oversized request is always admitted);
+* an invalid request (bad bounds, flags, command, length) gets an error reply
+  and the connection keeps serving; only a broken framing (bad magic, bad
+  handshake) closes the connection, and never the server;
+* on NBD_CMD_DISC, EOF, a violation, or server close, in-flight requests are
+  completed before the socket is closed.
+
+The server never waits on anything outside itself and its backend before
+answering (see the backend contract).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import itertools
+import logging
+from pathlib import Path
+
+from kemari.errors import NbdError
+from kemari.nbd import protocol
+from kemari.nbd.backend import Backend
+from kemari.nbd.protocol import (
+    Command,
+    CommandFlag,
+    Errno,
+    Info,
+    Option,
+    OptionReply,
+    ProtocolViolation,
+    TransmissionFlag,
+)
+from kemari.sockets import claim_socket_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPORT_NAME = "disk"
+MAX_IN_FLIGHT_REQUESTS = 128
+MAX_IN_FLIGHT_BYTES = 128 * 1024 * 1024
+_DISCARD_CHUNK = 1024 * 1024
+_HANDSHAKE_FLAGS = protocol.HandshakeFlag.FIXED_NEWSTYLE | protocol.HandshakeFlag.NO_ZEROES
+
+
+class Phase(enum.Enum):
+    """Where a connection is in the protocol."""
+
+    HANDSHAKE = "handshake"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+class _InFlightLimit:
+    """Admission control for one connection: a request count and a byte budget."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._requests = 0
+        self._bytes = 0
+
+    async def acquire(self, cost: int) -> None:
+        async with self._changed:
+            # An empty pipeline admits anything, so a request larger than the
+            # byte budget still runs (alone) instead of waiting forever.
+            await self._changed.wait_for(
+                lambda: (
+                    self._requests == 0
+                    or (
+                        self._requests < MAX_IN_FLIGHT_REQUESTS
+                        and self._bytes + cost <= MAX_IN_FLIGHT_BYTES
+                    )
+                )
+            )
+            self._requests += 1
+            self._bytes += cost
+
+    async def release(self, cost: int) -> None:
+        async with self._changed:
+            self._requests -= 1
+            self._bytes -= cost
+            self._changed.notify_all()
+
+
+class NbdServer:
+    """Serves one export of ``backend`` on the unix socket ``socket_path``.
+
+    The caller owns the backend: it must outlive the server and be closed after
+    :meth:`close`.  Requests for the default export (empty name) and for
+    ``export_name`` reach the same backend.
+    """
+
+    def __init__(
+        self, backend: Backend, socket_path: Path, export_name: str = DEFAULT_EXPORT_NAME
+    ) -> None:
+        if not export_name or len(export_name.encode()) > protocol.MAX_NAME or "\0" in export_name:
+            raise NbdError(f"invalid export name {export_name!r}")
+        self.backend = backend
+        self.socket_path = socket_path
+        self.export_name = export_name
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+
+    @property
+    def transmission_flags(self) -> TransmissionFlag:
+        """Flags advertised for the export.
+
+        CAN_MULTI_CONN holds because every connection shares one backend whose
+        flush covers writes completed on any connection.
+        """
+        flags = (
+            TransmissionFlag.HAS_FLAGS
+            | TransmissionFlag.SEND_FLUSH
+            | TransmissionFlag.SEND_FUA
+            | TransmissionFlag.CAN_MULTI_CONN
+        )
+        if self.backend.read_only:
+            return flags | TransmissionFlag.READ_ONLY
+        return flags | TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
+
+    async def start(self) -> None:
+        """Claim the socket path (a live listener is refused) and start accepting clients."""
+        claim_socket_path(self.socket_path)
+        try:
+            self._server = await asyncio.start_unix_server(self._accept, path=str(self.socket_path))
+        except OSError as exc:
+            raise NbdError(f"cannot listen on {self.socket_path}: {exc.strerror}") from exc
+
+    async def close(self) -> None:
+        """Stop accepting, finish in-flight requests, drop clients and remove the socket."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+        for task in list(self._connections):
+            task.cancel()
+        for task in list(self._connections):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+        connection = _Connection(self, next(self._ids), reader, writer)
+        await connection.serve()
+
+
+class _Connection:
+    """One client: handshake, then concurrent transmission until DISC or EOF."""
+
+    def __init__(
+        self,
+        server: NbdServer,
+        number: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.server = server
+        self.backend = server.backend
+        self.name = f"nbd connection {number}"
+        self.phase = Phase.HANDSHAKE
+        self._reader = reader
+        self._writer = writer
+        self._no_zeroes = False
+        self._limit = _InFlightLimit()
+        self._requests: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        log.debug("%s: opened", self.name)
+        try:
+            if await self._negotiate():
+                self.phase = Phase.TRANSMISSION
+                await self._transmit()
+        except ProtocolViolation as exc:
+            log.warning(
+                "%s: closing after protocol violation in %s: %s", self.name, self.phase.value, exc
+            )
+        except asyncio.IncompleteReadError:
+            log.debug("%s: client closed the connection in %s", self.name, self.phase.value)
+        except ConnectionError as exc:
+            log.debug("%s: connection lost: %s", self.name, exc)
+        finally:
+            await self._finish()
+
+    async def _finish(self) -> None:
+        # In-flight requests complete (and reply if the client is still there)
+        # before the socket closes; they are never cancelled half-way.
+        if self._requests:
+            await asyncio.gather(*self._requests, return_exceptions=True)
+        self.phase = Phase.CLOSED
+        self._writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()
+        log.debug("%s: closed", self.name)
+
+    # --- handshake -----------------------------------------------------------
+
+    async def _negotiate(self) -> bool:
+        """Run option haggling; True when the client entered transmission."""
+        self._writer.write(protocol.encode_greeting(_HANDSHAKE_FLAGS))
+        await self._writer.drain()
+        raw_flags = await self._reader.readexactly(protocol.CLIENT_FLAGS_SIZE)
+        client_flags = protocol.decode_client_flags(raw_flags, _HANDSHAKE_FLAGS)
+        self._no_zeroes = bool(client_flags & protocol.ClientFlag.NO_ZEROES)
+        while True:
+            header = protocol.decode_option_header(
+                await self._reader.readexactly(protocol.OPTION_HEADER_SIZE)
+            )
+            if header.length > protocol.MAX_OPTION_DATA:
+                if header.option == Option.EXPORT_NAME:
+                    raise ProtocolViolation(f"export name of {header.length} bytes")
+                await self._discard(header.length)
+                self._reply_option(header.option, OptionReply.ERR_TOO_BIG, b"option too large")
+                await self._writer.drain()
+                continue
+            data = await self._reader.readexactly(header.length)
+            entered = self._answer_option(header.option, data)
+            await self._writer.drain()
+            if entered is not None:
+                return entered
+
+    def _answer_option(self, option: int, data: bytes) -> bool | None:
+        """Reply to one option; True = transmission begins, False = close, None = continue."""
+        if option == Option.EXPORT_NAME:
+            # This option cannot fail politely: an unknown name ends the session.
+            name = protocol.decode_name(data)
+            if not self._is_our_export(name):
+                raise ProtocolViolation(f"unknown export {name!r} requested by EXPORT_NAME")
+            self._writer.write(
+                protocol.encode_export_name_reply(
+                    self.backend.size, self.server.transmission_flags, self._no_zeroes
+                )
+            )
+            return True
+        if option in (Option.INFO, Option.GO):
+            return self._answer_info(option, data)
+        if option == Option.LIST:
+            if data:
+                self._reply_option(option, OptionReply.ERR_INVALID, b"LIST takes no data")
+                return None
+            export = protocol.encode_rep_server(self.server.export_name)
+            self._reply_option(option, OptionReply.SERVER, export)
+            self._reply_option(option, OptionReply.ACK)
+            return None
+        if option == Option.ABORT:
+            self._reply_option(option, OptionReply.ACK)
+            return False
+        # STRUCTURED_REPLY, STARTTLS, meta contexts, extended headers...: the
+        # client falls back to simple replies without them.
+        self._reply_option(option, OptionReply.ERR_UNSUP, b"option not supported")
+        return None
+
+    def _answer_info(self, option: int, data: bytes) -> bool | None:
+        try:
+            request = protocol.decode_info_request(data)
+        except ProtocolViolation as exc:
+            self._reply_option(option, OptionReply.ERR_INVALID, str(exc).encode())
+            return None
+        if not self._is_our_export(request.name):
+            message = f"no export named {request.name!r}".encode()
+            self._reply_option(option, OptionReply.ERR_UNKNOWN, message)
+            return None
+        info = protocol.encode_info_export(self.backend.size, self.server.transmission_flags)
+        self._reply_option(option, OptionReply.INFO, info)
+        # Block sizes are the spec's defaults; sending them unasked is allowed.
+        sizes = protocol.encode_info_block_size(
+            protocol.MIN_BLOCK_SIZE, protocol.PREFERRED_BLOCK_SIZE, protocol.MAX_PAYLOAD
+        )
+        self._reply_option(option, OptionReply.INFO, sizes)
+        if Info.NAME in request.items:
+            canonical = protocol.encode_info_name(self.server.export_name)
+            self._reply_option(option, OptionReply.INFO, canonical)
+        self._reply_option(option, OptionReply.ACK)
+        return True if option == Option.GO else None
+
+    def _is_our_export(self, name: str) -> bool:
+        return name in ("", self.server.export_name)
+
+    def _reply_option(self, option: int, reply: OptionReply, data: bytes = b"") -> None:
+        self._writer.write(protocol.encode_option_reply(option, reply, data))
+
+    # --- transmission --------------------------------------------------------
+
+    async def _transmit(self) -> None:
+        log.debug("%s: transmission", self.name)
+        size = self.backend.size
+        read_only = self.backend.read_only
+        while True:
+            request = protocol.decode_request(await self._reader.readexactly(protocol.REQUEST_SIZE))
+            if request.command == Command.DISC:
+                log.debug("%s: client disconnected", self.name)
+                return
+            error = protocol.check_request(request, size, read_only)
+            carries_payload = request.command == Command.WRITE
+            if error != Errno.OK:
+                if carries_payload:
+                    # Keep the stream in sync: the payload follows regardless.
+                    await self._discard(request.length)
+                log.debug("%s: %s refused with %s", self.name, request, error.name)
+                self._send_reply(error, request.handle)
+                await self._writer.drain()
+                continue
+            cost = request.length if request.command in (Command.READ, Command.WRITE) else 0
+            await self._limit.acquire(cost)
+            try:
+                payload = await self._reader.readexactly(request.length) if carries_payload else b""
+            except BaseException:
+                await self._limit.release(cost)
+                raise
+            task = asyncio.create_task(self._execute(request, payload, cost))
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
+
+    async def _execute(self, request: protocol.Request, payload: bytes, cost: int) -> None:
+        data = b""
+        try:
+            data = await self._perform(request, payload)
+            error = Errno.OK
+        except OSError as exc:
+            error = protocol.errno_to_nbd(exc.errno)
+            log.warning("%s: %s failed: %s", self.name, Command(request.command).name, exc)
+        except Exception:  # a backend bug must not kill the connection
+            error = Errno.EIO
+            log.exception("%s: %s failed", self.name, Command(request.command).name)
+        try:
+            self._send_reply(error, request.handle, data)
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
+        finally:
+            await self._limit.release(cost)
+
+    async def _perform(self, request: protocol.Request, payload: bytes) -> bytes:
+        command = Command(request.command)
+        fua = bool(request.flags & CommandFlag.FUA)
+        if command is Command.FLUSH:
+            await self.backend.flush()
+            return b""
+        if request.length == 0:  # legal but pointless; nothing to touch
+            return b""
+        if command is Command.READ:
+            return await self.backend.read(request.offset, request.length)
+        if command is Command.WRITE:
+            await self.backend.write(request.offset, payload, fua=fua)
+        elif command is Command.TRIM:
+            await self.backend.trim(request.offset, request.length, fua=fua)
+        elif command is Command.WRITE_ZEROES:
+            may_trim = not request.flags & CommandFlag.NO_HOLE
+            await self.backend.write_zeroes(
+                request.offset, request.length, may_trim=may_trim, fua=fua
+            )
+        else:  # check_request admits no other command
+            raise OSError(errno.EINVAL, f"command {command.name} not served")
+        return b""
+
+    def _send_reply(self, error: Errno, handle: int, data: bytes = b"") -> None:
+        if self._writer.is_closing():
+            return
+        # Header and data go to the transport with no await in between, so
+        # this reply is never interleaved with another request's reply.
+        self._writer.write(protocol.encode_simple_reply(error, handle))
+        if data:
+            self._writer.write(data)
+
+    async def _discard(self, length: int) -> None:
+        """Read and drop ``length`` bytes in bounded chunks."""
+        while length:
+            chunk = await self._reader.readexactly(min(length, _DISCARD_CHUNK))
+            length -= len(chunk)
