@@ -36,3 +36,11 @@ class MonitorError(KemariError):
 
 class StreamError(KemariError):
     """A QEMU migration stream is malformed, unsupported or cut short."""
+
+
+class TransactionError(KemariError):
+    """The ft-transaction protocol between active and standby hosts was violated or cut."""
+
+
+class ReplicaError(KemariError):
+    """The standby's replica (RAM files, journal, metadata) is invalid, in use or unwritable."""
