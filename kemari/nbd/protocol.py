@@ -201,7 +201,7 @@ def decode_client_flags(data: bytes, offered: HandshakeFlag) -> ClientFlag:
     allowed = ClientFlag.FIXED_NEWSTYLE
     if offered & HandshakeFlag.NO_ZEROES:
         allowed |= ClientFlag.NO_ZEROES
-    if raw & ~allowed:
+    if raw & ~int(allowed):  # int(): ~ on an IntFlag only covers its defined bits
         raise ProtocolViolation(f"client sent unknown or unoffered flags {raw:#x}")
     return ClientFlag(raw)
 
@@ -405,7 +405,7 @@ def check_request(request: Request, size: int, read_only: bool) -> Errno:
     except ValueError:
         return Errno.EINVAL
     accepted = _ACCEPTED_FLAGS.get(command)
-    if accepted is None or request.flags & ~accepted:
+    if accepted is None or request.flags & ~int(accepted):
         return Errno.EINVAL
     if read_only and command in _WRITING:
         return Errno.EPERM
