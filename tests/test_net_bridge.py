@@ -268,3 +268,46 @@ def test_qemu_nic_frames_reach_the_host_bridge(testbed, tmp_path):
     assert counters["connections"] == 1
     assert counters["framing_errors"] == 0
     assert flow(counters, "guest_to_host")[0] >= 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--tap", "ktap0", "--bridge", "nosuchbr"], "master nosuchbr"),
+        (["--tap", "bad name"], "invalid interface name"),
+        (["--tap", "br0"], "cannot create tap br0"),
+    ],
+)
+def test_bad_settings_fail_with_one_line_and_leave_nothing(testbed, tmp_path, extra, message):
+    host, _ = testbed
+    socket_path = tmp_path / "n0.sock"
+    command = [
+        sys.executable,
+        "-m",
+        "kemari.cli.main",
+        "net",
+        "bridge",
+        "--socket",
+        str(socket_path),
+    ]
+    result = host.run([*command, *extra], check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("kemari: error: ")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+    assert not socket_path.exists()
+    assert host.run(["ip", "link", "show", "ktap0"], check=False).returncode != 0
+
+
+def test_occupied_socket_is_refused(testbed, tmp_path):
+    host, _ = testbed
+    with running_bridge(host, tmp_path) as bridge:
+        command = [
+            sys.executable, "-m", "kemari.cli.main", "net", "bridge",
+            "--socket", str(bridge.socket), "--tap", "ktap1",
+        ]  # fmt: skip
+        result = host.run(command, check=False)
+        assert bridge.process.poll() is None
+        bridge.stop()
+    assert result.returncode == 1
+    assert "in use by a running process" in result.stderr

@@ -24,7 +24,7 @@ _IFNAMSIZ = 16
 _IFREQ = struct.Struct("16sH")
 # Linux accepts most bytes in names; we only allow ones that are safe on a command line.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
-# Large enough for any frame the kernel hands a tap (64 KiB GSO-free maximum).
+# Larger than any frame a tap without IFF_VNET_HDR can deliver (MTU is at most 65535).
 READ_SIZE = 65536 + 4096
 
 
