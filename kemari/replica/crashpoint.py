@@ -1,0 +1,45 @@
+"""Test-only hook that SIGKILLs the process at a named point of a commit (docs/replica.md).
+
+``KEMARI_REPLICA_TEST_CRASH=<point>`` or ``<point>=<count>`` makes the process kill itself
+with a real SIGKILL when it reaches ``point`` (for counted points: once ``count`` units
+are done).  Unset, every check is one comparison against None.  The points:
+
+- ``journal-bytes=N``: after the first N bytes of a checkpoint's journal are written;
+- ``journal-complete``: the commit record is written, nothing applied yet;
+- ``apply-pages=N``: after N journaled pages/fills were applied in place;
+- ``state-written``: the new state file is renamed into place, journal not yet marked;
+- ``initial-pages=N``: after N pages of the first (unjournaled) checkpoint were written.
+"""
+
+import os
+import signal
+
+ENVIRONMENT_VARIABLE = "KEMARI_REPLICA_TEST_CRASH"
+
+
+def _parse(value: str | None) -> tuple[str, int] | None:
+    if not value:
+        return None
+    name, _, count = value.partition("=")
+    return name, int(count) if count else 0
+
+
+_TARGET = _parse(os.environ.get(ENVIRONMENT_VARIABLE))
+
+
+def limit(point: str) -> int | None:
+    """The count at which ``point`` kills the process, or None when it is not armed."""
+    if _TARGET is None or _TARGET[0] != point:
+        return None
+    return _TARGET[1]
+
+
+def reached(point: str) -> None:
+    """Kill the process now if ``point`` is the armed one."""
+    if _TARGET is not None and _TARGET[0] == point:
+        kill()
+
+
+def kill() -> None:
+    """SIGKILL this process: no cleanup, no flush, exactly like an external kill -9."""
+    os.kill(os.getpid(), signal.SIGKILL)

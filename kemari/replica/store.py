@@ -1,0 +1,691 @@
+"""The standby's committed replica: RAM files, last device state, epoch, and atomic checkpoints.
+
+Directory layout (docs/replica.md has the reasoning)::
+
+    replica.json   written once by create(): format, config digest, blocks, RAM directory
+    state.bin      committed epoch, commit time, device state (replaced by rename)
+    journal        redo journal of the last checkpoint (kemari.replica.journal)
+    lock           flock'ed by the one process that has the replica open
+    <ram dir>/NNN-<name>.ram   one file per RAM block, offset = block offset
+
+Invariants:
+- The RAM files, state.bin and the journal together always describe exactly one epoch E
+  (state.bin's, or the complete journal's, which is redone by open()).
+- Nothing of a checkpoint touches the RAM files or state.bin before its journal is
+  complete; the exception is the very first checkpoint, written straight into the RAM
+  files while no epoch is committed (epoch 0), with the rule "epoch 0 means all-zero RAM"
+  restored by discard() and open().
+"""
+
+import enum
+import fcntl
+import json
+import os
+import re
+import struct
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from kemari.errors import ReplicaError
+from kemari.replica import crashpoint
+from kemari.replica.journal import Entry, Journal, JournalRecord, JournalState, PageData, ScanResult
+from kemari.replica.ramfile import PAGE_SIZE, RamFile, fsync_directory, is_volatile
+from kemari.stream.writer import FailoverPage
+
+FORMAT = 1
+LAYOUT_FILE = "replica.json"
+STATE_FILE = "state.bin"
+JOURNAL_FILE = "journal"
+LOCK_FILE = "lock"
+RAM_SUBDIRECTORY = "ram"
+
+# hw/i386/pc.c: mc->default_ram_id, the main RAM block of the pc and q35 machines.
+MAIN_RAM_BLOCK = "pc.ram"
+MAX_BLOCKS = 1024
+MAX_BLOCK_NAME = 255  # QEMU sends block names with a u8 length (ram.c)
+MAX_EPOCH = (1 << 63) - 1
+MAX_DEVICE_STATE = 256 << 20
+MAX_CONFIG_DIGEST = 128
+
+_STATE_HEADER = struct.Struct("<4sIQdQI")
+_STATE_MAGIC = b"KMRS"
+_FILLED_PAGES = [bytes([fill]) * PAGE_SIZE for fill in range(256)]
+
+
+class RecoveryAction(enum.Enum):
+    """What open() found in the journal."""
+
+    NONE = "none"  # nothing was pending
+    REPLAYED = "replayed"  # a committed checkpoint was redone: the replica is at its epoch
+    DROPPED = "dropped"  # a checkpoint cut short before its commit record was dropped
+
+
+class StageState(enum.Enum):
+    """Lifecycle of a StagedCheckpoint."""
+
+    OPEN = "open"
+    COMMITTED = "committed"
+    DISCARDED = "discarded"
+
+
+class BlockInfo:
+    """One RAM block of the replica and its file."""
+
+    __slots__ = ("index", "name", "path", "shared", "size")
+
+    def __init__(self, index: int, name: str, size: int, shared: bool, path: Path) -> None:
+        self.index = index
+        self.name = name
+        self.size = size
+        self.shared = shared
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"BlockInfo({self.name!r}, size={self.size:#x}, shared={self.shared})"
+
+
+def _check_block_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise ReplicaError(f"RAM block name {name!r} is not a non-empty string")
+    encoded = name.encode("utf-8", errors="replace")
+    if len(encoded) > MAX_BLOCK_NAME or "\0" in name:
+        raise ReplicaError(f"RAM block name {name!r} is longer than 255 bytes or has a NUL")
+    return name
+
+
+def _check_block_size(name: str, size: object) -> int:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % PAGE_SIZE:
+        raise ReplicaError(f"RAM block {name!r}: size {size!r} is not a positive multiple of 4096")
+    return size
+
+
+def _file_name(index: int, name: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip("._")[:80] or "block"
+    return f"{index:03d}-{safe}.ram"
+
+
+def _check_epoch(epoch: object) -> int:
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 < epoch <= MAX_EPOCH:
+        raise ReplicaError(f"epoch {epoch!r} is not an integer in 1..2**63-1")
+    return epoch
+
+
+def _write_atomically(path: Path, data: bytes, *, durable: bool) -> None:
+    """Replace ``path`` with ``data``: readers see the old or the new file, never a mix."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+        if durable:
+            fsync_directory(path.parent)
+    except OSError as exc:
+        raise ReplicaError(f"cannot write {path}: {exc}") from exc
+
+
+def _encode_state(epoch: int, committed_at: float, device_state: bytes) -> bytes:
+    fields = (_STATE_MAGIC, FORMAT, epoch, committed_at, len(device_state))
+    head = struct.pack("<4sIQdQ", *fields)
+    crc = zlib.crc32(device_state, zlib.crc32(head))
+    return _STATE_HEADER.pack(*fields, crc) + device_state
+
+
+def _decode_state(path: Path) -> tuple[int, float, bytes]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ReplicaError(f"cannot read {path}: {exc}") from exc
+    if len(data) < _STATE_HEADER.size:
+        raise ReplicaError(f"{path} is truncated")
+    magic, version, epoch, committed_at, length, crc = _STATE_HEADER.unpack_from(data)
+    device_state = data[_STATE_HEADER.size :]
+    if magic != _STATE_MAGIC or version != FORMAT or length != len(device_state):
+        raise ReplicaError(f"{path} is not a version {FORMAT} replica state file")
+    if zlib.crc32(device_state, zlib.crc32(data[: _STATE_HEADER.size - 4])) != crc:
+        raise ReplicaError(f"{path} fails its checksum")
+    return epoch, committed_at, device_state
+
+
+class StagedCheckpoint:
+    """One checkpoint being received: pages, fills and device state, kept apart until commit().
+
+    Use as a context manager: leaving the block without commit() discards it.
+    """
+
+    def __init__(self, replica: "Replica", epoch: int, *, direct: bool) -> None:
+        self._replica = replica
+        self.epoch = epoch
+        # direct: the first checkpoint, written straight into the (all-zero) RAM files.
+        self.direct = direct
+        self.state = StageState.OPEN
+        self._entries: dict[tuple[int, int], PageData | int] = {}
+        self._direct_pages = 0
+        self._device_state: bytes | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.state is StageState.OPEN:
+            self.discard()
+
+    @property
+    def page_count(self) -> int:
+        """Distinct pages staged so far (pages and fills)."""
+        return self._direct_pages if self.direct else len(self._entries)
+
+    def _locate(self, block: str, offset: int) -> BlockInfo:
+        if self.state is not StageState.OPEN:
+            raise ReplicaError(f"checkpoint {self.epoch} is already {self.state.value}")
+        info = self._replica.block(block)
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise ReplicaError(f"offset {offset!r} in {block!r} is not an integer")
+        if offset < 0 or offset % PAGE_SIZE or offset >= info.size:
+            raise ReplicaError(
+                f"offset {offset:#x} in {block!r} is not page-aligned inside 0..{info.size:#x}"
+            )
+        return info
+
+    def put_page(self, block: str, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Stage one 4096-byte page of ``block`` at byte ``offset``."""
+        info = self._locate(block, offset)
+        view = memoryview(data)
+        if view.nbytes != PAGE_SIZE:
+            raise ReplicaError(f"page {block!r}@{offset:#x} has {view.nbytes} bytes, not 4096")
+        if not view.c_contiguous:
+            raise ReplicaError(f"page {block!r}@{offset:#x} is not a contiguous buffer")
+        if self.direct:
+            self._replica.ram_file(info.index).map[offset : offset + PAGE_SIZE] = view.cast("B")
+            self._direct_pages += 1
+            limit = crashpoint.limit("initial-pages")
+            if limit is not None and self._direct_pages >= limit:
+                crashpoint.kill()
+            return
+        # Immutable bytes are kept by reference (the parser hands out views of its
+        # immutable input chunks); anything mutable is copied now.
+        owner = data if isinstance(data, bytes) else view.obj
+        page: PageData = view.cast("B") if isinstance(owner, bytes) else bytes(view)
+        self._entries[(info.index, offset)] = page
+
+    def put_zero(self, block: str, offset: int, fill: int = 0) -> None:
+        """Stage a page of ``block`` at ``offset`` whose every byte is ``fill``."""
+        info = self._locate(block, offset)
+        if isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill <= 255:
+            raise ReplicaError(f"fill {fill!r} for {block!r}@{offset:#x} is not a byte")
+        if self.direct:
+            self._replica.ram_file(info.index).map[offset : offset + PAGE_SIZE] = _FILLED_PAGES[
+                fill
+            ]
+            self._direct_pages += 1
+            return
+        self._entries[(info.index, offset)] = fill
+
+    def set_device_state(self, data: bytes | bytearray | memoryview) -> None:
+        """Stage the checkpoint's device-state buffer (opaque to the replica)."""
+        if self.state is not StageState.OPEN:
+            raise ReplicaError(f"checkpoint {self.epoch} is already {self.state.value}")
+        state = bytes(data)
+        if len(state) > MAX_DEVICE_STATE:
+            raise ReplicaError(f"device state of {len(state)} bytes exceeds {MAX_DEVICE_STATE}")
+        self._device_state = state
+
+    def commit(self, *, defer_apply: bool = False) -> None:
+        """Make this checkpoint the replica's committed epoch, atomically.
+
+        Returns once the checkpoint is durable in the journal (the commit point) and,
+        unless ``defer_apply``, applied to the RAM files.  With ``defer_apply`` the caller
+        may acknowledge the commit first and call :meth:`Replica.apply_pending` later;
+        begin(), failover_pages() and close() apply it anyway before they proceed.
+        """
+        if self.state is not StageState.OPEN:
+            raise ReplicaError(f"checkpoint {self.epoch} is already {self.state.value}")
+        if self._device_state is None:
+            raise ReplicaError(f"checkpoint {self.epoch} has no device state; cannot commit")
+        entries: list[Entry] = [(key[0], key[1], value) for key, value in self._entries.items()]
+        self._entries = {}
+        try:
+            self._replica._commit(self, entries, self._device_state, defer_apply=defer_apply)
+        except BaseException:
+            # Either nothing was committed (journal cut short), or the commit point was
+            # passed and only the apply failed (the replica then demands a reopen).
+            self.state = StageState.DISCARDED
+            raise
+        self.state = StageState.COMMITTED
+
+    def discard(self) -> None:
+        """Forget this checkpoint; the committed replica is exactly as before."""
+        if self.state is not StageState.OPEN:
+            raise ReplicaError(f"checkpoint {self.epoch} is already {self.state.value}")
+        self.state = StageState.DISCARDED
+        self._entries = {}
+        self._replica._discard(self)
+
+
+class Replica:
+    """A committed replica of a guest on the standby; one process opens it at a time."""
+
+    def __init__(
+        self,
+        directory: Path,
+        layout: dict[str, Any],
+        *,
+        create: bool,
+    ) -> None:
+        self.directory = directory
+        self.config_digest: str = layout["config_digest"]
+        ram_directory = Path(layout["ram_directory"])
+        self.durable = not (is_volatile(directory) and is_volatile(ram_directory))
+        self._closed = False
+        self._broken: str | None = None
+        self._staged: StagedCheckpoint | None = None
+        self._pending: JournalRecord | None = None
+        self._ram: list[RamFile] = []
+        self._journal: Journal | None = None
+        self.recovery = RecoveryAction.NONE
+        self._lock_fd = -1
+        self._lock_fd = self._lock()
+        try:
+            self.blocks = tuple(
+                BlockInfo(i, b["name"], b["size"], b["shared"], ram_directory / b["file"])
+                for i, b in enumerate(layout["blocks"])
+            )
+            self._by_name = {info.name: info for info in self.blocks}
+            for info in self.blocks:
+                self._ram.append(RamFile(info.path, info.size, create=create))
+            self._journal = Journal(directory / JOURNAL_FILE, durable=self.durable)
+            if create:
+                self.committed_epoch = 0
+                self.committed_at = 0.0
+                self.device_state = b""
+                _write_atomically(
+                    directory / STATE_FILE, _encode_state(0, 0.0, b""), durable=self.durable
+                )
+            else:
+                self.committed_epoch, self.committed_at, self.device_state = _decode_state(
+                    directory / STATE_FILE
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    # ----- creation and recovery -------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        directory: str | os.PathLike[str],
+        blocks: Iterable[tuple[str, int]],
+        shared_blocks: set[str] | None = None,
+        *,
+        config_digest: str = "",
+        ram_directory: str | os.PathLike[str] | None = None,
+    ) -> "Replica":
+        """Create an empty replica (epoch 0, all-zero RAM) for ``blocks`` (name, used length).
+
+        ``shared_blocks`` are the blocks the failover QEMU maps as share=on
+        memory-backend-files (x-ignore-shared skips them in the stream); None means the
+        main RAM block ``pc.ram`` if present.  The RAM files go to ``ram_directory``
+        (default ``<directory>/ram``); both should be on tmpfs or hugetlbfs.
+        """
+        root = Path(directory)
+        block_list = list(blocks)
+        if not block_list or len(block_list) > MAX_BLOCKS:
+            raise ReplicaError(f"a replica needs 1..{MAX_BLOCKS} RAM blocks, got {len(block_list)}")
+        names: list[str] = []
+        for entry in block_list:
+            if not isinstance(entry, tuple) or len(entry) != 2:
+                raise ReplicaError(f"RAM block {entry!r} is not a (name, size) pair")
+            name = _check_block_name(entry[0])
+            _check_block_size(name, entry[1])
+            if name in names:
+                raise ReplicaError(f"RAM block {name!r} is listed twice")
+            names.append(name)
+        if shared_blocks is None:
+            shared = {MAIN_RAM_BLOCK} & set(names)
+        else:
+            unknown = set(shared_blocks) - set(names)
+            if unknown:
+                raise ReplicaError(f"shared blocks {sorted(unknown)} are not RAM blocks")
+            shared = set(shared_blocks)
+        if not isinstance(config_digest, str) or len(config_digest) > MAX_CONFIG_DIGEST:
+            raise ReplicaError(f"config digest must be a string of at most {MAX_CONFIG_DIGEST}")
+        ram_root = Path(ram_directory) if ram_directory is not None else root / RAM_SUBDIRECTORY
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            ram_root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ReplicaError(f"cannot create replica directory: {exc}") from exc
+        if (root / LAYOUT_FILE).exists():
+            raise ReplicaError(f"{root} already holds a replica; open() it or remove it first")
+        layout = {
+            "format": FORMAT,
+            "config_digest": config_digest,
+            "ram_directory": str(ram_root.resolve()),
+            "blocks": [
+                {"name": name, "size": size, "shared": name in shared, "file": _file_name(i, name)}
+                for i, (name, size) in enumerate(block_list)
+            ],
+        }
+        # A stale journal from an earlier, unfinished create() must not be replayed later.
+        (root / JOURNAL_FILE).unlink(missing_ok=True)
+        replica = cls(root, layout, create=True)
+        try:
+            # replica.json last: its presence means every other file is complete.
+            _write_atomically(
+                root / LAYOUT_FILE,
+                json.dumps(layout, indent=1).encode(),
+                durable=replica.durable,
+            )
+            if replica.durable:
+                fsync_directory(root)
+        except BaseException:
+            replica.close()
+            raise
+        return replica
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str]) -> "Replica":
+        """Open an existing replica after a restart or crash and bring it to one epoch.
+
+        A complete journal is redone (idempotent), an incomplete one dropped; see
+        :attr:`recovery`.  At epoch 0 the RAM files are zeroed (a first checkpoint may
+        have been cut short in them).
+        """
+        root = Path(directory)
+        layout = cls._read_layout(root / LAYOUT_FILE)
+        replica = cls(root, layout, create=False)
+        try:
+            replica._recover()
+        except BaseException:
+            replica.close()
+            raise
+        return replica
+
+    @staticmethod
+    def _read_layout(path: Path) -> dict[str, Any]:
+        try:
+            layout = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ReplicaError(f"no replica at {path.parent} ({path.name} is missing)") from exc
+        except (OSError, ValueError) as exc:
+            raise ReplicaError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(layout, dict) or layout.get("format") != FORMAT:
+            raise ReplicaError(f"{path} is not a version {FORMAT} replica layout")
+        if not isinstance(layout.get("config_digest"), str) or not isinstance(
+            layout.get("ram_directory"), str
+        ):
+            raise ReplicaError(f"{path}: config_digest / ram_directory missing")
+        blocks = layout.get("blocks")
+        if not isinstance(blocks, list) or not 0 < len(blocks) <= MAX_BLOCKS:
+            raise ReplicaError(f"{path}: block list missing or too long")
+        seen: set[str] = set()
+        for index, block in enumerate(blocks):
+            if not isinstance(block, dict):
+                raise ReplicaError(f"{path}: block entry {index} is not an object")
+            name = _check_block_name(block.get("name"))
+            _check_block_size(name, block.get("size"))
+            if name in seen or not isinstance(block.get("shared"), bool):
+                raise ReplicaError(f"{path}: block {name!r} is duplicated or lacks 'shared'")
+            if block.get("file") != _file_name(index, name):
+                raise ReplicaError(f"{path}: block {name!r} has an unexpected file name")
+            seen.add(name)
+        return layout
+
+    def _lock(self) -> int:
+        path = self.directory / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ReplicaError(f"cannot open {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise ReplicaError(f"replica {self.directory} is open in another process") from exc
+        return fd
+
+    def _recover(self) -> None:
+        assert self._journal is not None
+        result, record = self._journal.scan()
+        if result is ScanResult.INCOMPLETE:
+            self._journal.mark(JournalState.DROPPED)
+            self.recovery = RecoveryAction.DROPPED
+        elif result is ScanResult.COMPLETE:
+            assert record is not None
+            # Crash before state.bin was replaced: base == committed.  After it (journal
+            # not yet marked applied): epoch == committed; redoing it again is harmless.
+            if self.committed_epoch not in (record.base_epoch, record.epoch):
+                raise ReplicaError(
+                    f"journal of epoch {record.epoch} (based on {record.base_epoch}) does not "
+                    f"follow the replica's committed epoch {self.committed_epoch}"
+                )
+            for index, offset, _ in record.entries:
+                if (
+                    index >= len(self.blocks)
+                    or offset % PAGE_SIZE
+                    or offset >= self.blocks[index].size
+                ):
+                    raise ReplicaError(f"journal entry {index}@{offset:#x} is outside the blocks")
+            self._pending = record
+            self.apply_pending()
+            self.recovery = RecoveryAction.REPLAYED
+        if self.committed_epoch == 0:
+            self._zero_ram()
+
+    # ----- checkpoints -----------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ReplicaError(f"replica {self.directory} is closed")
+        if self._broken is not None:
+            raise ReplicaError(f"replica {self.directory} must be reopened: {self._broken}")
+
+    def begin(self, epoch: int) -> StagedCheckpoint:
+        """Start staging checkpoint ``epoch`` (strictly greater than the committed one)."""
+        self._check_usable()
+        epoch = _check_epoch(epoch)
+        if self._staged is not None:
+            raise ReplicaError(f"checkpoint {self._staged.epoch} is still being staged")
+        self.apply_pending()
+        if epoch <= self.committed_epoch:
+            raise ReplicaError(
+                f"epoch {epoch} is not greater than the committed epoch {self.committed_epoch}"
+            )
+        self._staged = StagedCheckpoint(self, epoch, direct=self.committed_epoch == 0)
+        return self._staged
+
+    def _commit(
+        self,
+        staged: StagedCheckpoint,
+        entries: list[Entry],
+        device_state: bytes,
+        *,
+        defer_apply: bool,
+    ) -> None:
+        self._check_usable()
+        assert self._journal is not None and staged is self._staged
+        self._staged = None
+        committed_at = time.time()
+        if staged.direct:
+            # No committed epoch to protect: the pages are already in place.
+            try:
+                if self.durable:
+                    for ram in self._ram:
+                        ram.flush()
+                self._write_state(staged.epoch, committed_at, device_state)
+            except BaseException as exc:
+                self._broken = f"committing the first checkpoint failed: {exc}"
+                raise
+            return
+        record = JournalRecord(
+            staged.epoch, self.committed_epoch, committed_at, device_state, entries
+        )
+        try:
+            self._journal.write(record)
+        except BaseException:
+            self._journal.mark(JournalState.DROPPED)
+            raise
+        # Commit point passed: from here on the replica is at the new epoch, whatever
+        # happens; a failure below only means the redo must happen at the next open().
+        self._pending = record
+        self.committed_epoch = staged.epoch
+        self.committed_at = committed_at
+        self.device_state = device_state
+        if not defer_apply:
+            self.apply_pending()
+
+    def _discard(self, staged: StagedCheckpoint) -> None:
+        assert staged is self._staged
+        self._staged = None
+        if staged.direct:
+            self._zero_ram()
+
+    @property
+    def apply_is_pending(self) -> bool:
+        """True between a commit(defer_apply=True) and the apply."""
+        return self._pending is not None
+
+    def apply_pending(self) -> None:
+        """Redo the committed journal into the RAM files and state.bin, then mark it applied.
+
+        Idempotent: every entry is a full-page overwrite, so applying twice equals once.
+        """
+        record = self._pending
+        if record is None:
+            return
+        assert self._journal is not None
+        if self._broken is not None:
+            raise ReplicaError(f"replica {self.directory} must be reopened: {self._broken}")
+        try:
+            maps = [ram.map for ram in self._ram]
+            limit = crashpoint.limit("apply-pages")
+            if limit is None:
+                for index, offset, value in record.entries:
+                    maps[index][offset : offset + PAGE_SIZE] = (
+                        _FILLED_PAGES[value] if isinstance(value, int) else value
+                    )
+            else:
+                for done, (index, offset, value) in enumerate(record.entries):
+                    if done >= limit:
+                        crashpoint.kill()
+                    maps[index][offset : offset + PAGE_SIZE] = (
+                        _FILLED_PAGES[value] if isinstance(value, int) else value
+                    )
+            if self.durable:
+                for ram in self._ram:
+                    ram.flush()
+            self._write_state(record.epoch, record.committed_at, record.device_state)
+            crashpoint.reached("state-written")
+            self._journal.mark(JournalState.APPLIED)
+        except BaseException as exc:
+            self._broken = f"applying epoch {record.epoch} failed: {exc}"
+            raise
+        self._pending = None
+        self.committed_epoch = record.epoch
+        self.committed_at = record.committed_at
+        self.device_state = record.device_state
+
+    def _write_state(self, epoch: int, committed_at: float, device_state: bytes) -> None:
+        _write_atomically(
+            self.directory / STATE_FILE,
+            _encode_state(epoch, committed_at, device_state),
+            durable=self.durable,
+        )
+        self.committed_epoch = epoch
+        self.committed_at = committed_at
+        self.device_state = device_state
+
+    def _zero_ram(self) -> None:
+        for ram in self._ram:
+            ram.zero()
+
+    # ----- reading ---------------------------------------------------------------------
+
+    def block(self, name: str) -> BlockInfo:
+        """The block called ``name``; ReplicaError if there is none."""
+        info = self._by_name.get(name) if isinstance(name, str) else None
+        if info is None:
+            raise ReplicaError(f"unknown RAM block {name!r}")
+        return info
+
+    def ram_file(self, index: int) -> RamFile:
+        """The RAM file of block number ``index`` (for the staging code)."""
+        return self._ram[index]
+
+    def ram_path(self, block: str) -> Path:
+        """Path of the file holding ``block`` (mem-path of its memory-backend-file)."""
+        return self.block(block).path
+
+    def read_page(self, block: str, offset: int) -> bytes:
+        """The committed page of ``block`` at ``offset`` (applies a pending commit first)."""
+        self._check_usable()
+        self.apply_pending()
+        info = self.block(block)
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise ReplicaError(f"offset {offset!r} is not an integer")
+        if offset < 0 or offset % PAGE_SIZE or offset >= info.size:
+            raise ReplicaError(f"offset {offset:#x} is not a page of {block!r}")
+        return self._ram[info.index].map[offset : offset + PAGE_SIZE]
+
+    def failover_pages(self) -> Iterator[FailoverPage]:
+        """Every page of every non-shared block, for the failover stream's RAM section.
+
+        Shared blocks are not listed: the failover QEMU maps their files directly.  Each
+        block is copied once, so the pages stay valid after the replica is closed.
+        """
+        self._check_usable()
+        self.apply_pending()
+        if self.committed_epoch == 0:
+            raise ReplicaError("no checkpoint is committed yet; there is nothing to fail over to")
+        for info in self.blocks:
+            if info.shared:
+                continue
+            contents = memoryview(self._ram[info.index].map[:])
+            for offset in range(0, info.size, PAGE_SIZE):
+                yield FailoverPage(info.name, offset, contents[offset : offset + PAGE_SIZE])
+
+    # ----- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Apply a pending commit, unmap and close everything, release the lock; idempotent."""
+        if self._closed:
+            return
+        try:
+            if self._pending is not None and self._broken is None:
+                self.apply_pending()
+        finally:
+            self._closed = True
+            self._staged = None
+            for ram in self._ram:
+                ram.close()
+            if self._journal is not None:
+                self._journal.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
