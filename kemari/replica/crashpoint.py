@@ -4,7 +4,8 @@
 with a real SIGKILL when it reaches ``point`` (for counted points: once ``count`` units
 are done).  Unset, every check is one comparison against None.  The points:
 
-- ``journal-bytes=N``: after the first N bytes of a checkpoint's journal are written;
+- ``journal-bytes=N``: after N bytes of a checkpoint's journal are written, counted in
+  write order (header, tables, pages, device state, commit record; padding not counted);
 - ``journal-complete``: the commit record is written, nothing applied yet;
 - ``apply-pages=N``: after N journaled pages/fills were applied in place;
 - ``state-written``: the new state file is renamed into place, journal not yet marked;
