@@ -1,0 +1,158 @@
+"""Throughput and latency of the ft-transaction protocol for 4 KiB page batches.
+
+Prints, for several batch sizes:
+- encode + decode in memory (checksums included): MB/s of page data and frames/s;
+- whole checkpoints over loopback TCP (BEGIN, page batches, device state, COMMIT, then
+  wait for COMMIT_ACK) with the real session layer, the standby in its own process:
+  p50/p99 latency and MB/s.  Page data is prepared before the clock starts.
+
+Usage: .venv/bin/python benchmarks/transaction_throughput.py [--pages 1000] [--rounds 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import statistics
+import time
+import zlib
+from multiprocessing.connection import Connection
+
+from kemari.stream.format import PAGE_SIZE
+from kemari.transaction.session import Committed, Identity, PrimarySession, StandbySession
+from kemari.transaction.transport import Listener, connect
+from kemari.transaction.wire import (
+    Begin,
+    DeviceState,
+    FrameDecoder,
+    FrameEncoder,
+    RamBlock,
+    RamBlocks,
+    RamPages,
+    page_indices,
+)
+
+MIB = 1 << 20
+IDENTITY = Identity("bench", bytes(32))
+BLOCK = RamBlock("pc.ram", 256 * MIB)
+DEVICE_STATE = os.urandom(64 << 10)
+
+
+def _batches(pages: int, batch: int, epoch: int) -> list[RamPages]:
+    data = os.urandom(pages * PAGE_SIZE)
+    stride = BLOCK.size // PAGE_SIZE // pages
+    result = []
+    for start in range(0, pages, batch):
+        count = min(batch, pages - start)
+        indices = page_indices([(start + n) * stride for n in range(count)])
+        chunk = data[start * PAGE_SIZE : (start + count) * PAGE_SIZE]
+        result.append(RamPages(epoch, 0, indices, page_indices(()), chunk))
+    return result
+
+
+def bench_codec(pages: int, batch: int, seconds: float = 1.0) -> None:
+    batches = _batches(pages, batch, 1)
+    encoder = FrameEncoder()
+    decoder = FrameDecoder()
+    frames = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for item in batches:
+            parts = encoder.encode(item)
+            # One buffer per frame, as the reader receives them (header, then payload).
+            decoder.feed(bytes(parts[0]))
+            decoder.feed(b"".join(parts[1:]))
+            frames += 1
+    elapsed = time.perf_counter() - start
+    rate = frames * batch * PAGE_SIZE / elapsed / MIB
+    print(f"  codec   batch {batch:5d}: {rate:8.0f} MB/s  {frames / elapsed:9.0f} frames/s")
+
+
+async def _standby(listener_uri: str, ready: Connection) -> None:
+    """The standby end, run in its own process as it would be on its own host."""
+    listener = Listener(listener_uri)
+    await listener.start()
+    ready.send(str(listener.bound))
+    transport = await listener.accept()
+    session = await StandbySession.handshake(transport, IDENTITY, timeout=5)
+    try:
+        while True:
+            event = await session.receive()
+            if isinstance(event, Committed):
+                await session.acknowledge(event)
+            elif not isinstance(event, Begin | RamBlocks | RamPages | DeviceState):
+                return
+    finally:
+        await transport.close()
+        await listener.close()
+
+
+def _run_standby(ready: Connection) -> None:
+    asyncio.run(_standby("kemari:tcp:127.0.0.1:0", ready))
+
+
+async def _checkpoint_loop(uri: str, pages: int, batch: int, rounds: int) -> list[float]:
+    transport = await connect(uri, timeout=5)
+    session = await PrimarySession.handshake(transport, IDENTITY, timeout=5)
+    await session.send(Begin(0))
+    await session.send(RamBlocks(0, (BLOCK,)))
+    await session.commit(timeout=5)
+    latencies = []
+    for epoch in range(1, rounds + 1):
+        batches = _batches(pages, batch, epoch)
+        started = time.perf_counter()
+        await session.send(Begin(epoch))
+        for item in batches:
+            await session.send(item)
+        await session.send(DeviceState(epoch, DEVICE_STATE))
+        await session.commit(timeout=5)
+        latencies.append(time.perf_counter() - started)
+    await session.close("benchmark done")
+    return latencies
+
+
+def bench_tcp(pages: int, batch: int, rounds: int) -> None:
+    receive_end, send_end = multiprocessing.Pipe(duplex=False)
+    standby = multiprocessing.Process(target=_run_standby, args=(send_end,))
+    standby.start()
+    try:
+        uri = receive_end.recv()
+        latencies = asyncio.run(_checkpoint_loop(uri, pages, batch, rounds))
+    finally:
+        standby.join(timeout=10)
+        if standby.is_alive():
+            standby.kill()
+    ms = sorted(x * 1000 for x in latencies)
+    p50 = statistics.median(ms)
+    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+    volume = pages * PAGE_SIZE + len(DEVICE_STATE)
+    rate = volume * len(ms) / (sum(ms) / 1000) / MIB
+    print(
+        f"  tcp     batch {batch:5d}: {pages} pages + 64 KiB device state, BEGIN..COMMIT_ACK: "
+        f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  {rate:6.0f} MB/s"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pages", type=int, default=1000, help="dirty pages per checkpoint")
+    parser.add_argument("--rounds", type=int, default=200, help="checkpoints over TCP")
+    args = parser.parse_args()
+    sample = os.urandom(4 * MIB)
+    started = time.perf_counter()
+    for _ in range(20):
+        zlib.crc32(sample)
+    crc_rate = 80 / (time.perf_counter() - started)
+    print(f"zlib.crc32 alone: {crc_rate:.0f} MB/s")
+    for batch in (1, 64, 256, 1000):
+        bench_codec(args.pages, batch)
+    for pages in sorted({10, 100, args.pages}):
+        print(f"{pages} dirty pages per checkpoint:")
+        for batch in (64, 256):
+            bench_tcp(pages, batch, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
