@@ -42,6 +42,7 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 _UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV})
 
 _ZERO_CHUNK = 1024 * 1024
+_INLINE_READ_MAX = 256 * 1024
 _IO_THREADS = 4
 
 _T = TypeVar("_T")
@@ -113,6 +114,7 @@ class RawFileBackend:
         self._read_only = read_only
         self._executor = ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="nbd-io")
         self._closed = False
+        self._nowait_reads = True
 
     @classmethod
     def open(cls, path: Path, *, read_only: bool = False) -> RawFileBackend:
@@ -149,7 +151,23 @@ class RawFileBackend:
         return self._read_only
 
     async def read(self, offset: int, length: int) -> bytes:
-        """Read exactly ``length`` bytes at ``offset``."""
+        """Read exactly ``length`` bytes at ``offset``.
+
+        Small reads first try ``RWF_NOWAIT``, which succeeds only when the
+        data is already in the page cache and so cannot block the event loop;
+        anything else goes to the I/O threads.
+        """
+        if self._nowait_reads and length <= _INLINE_READ_MAX:
+            buffer = bytearray(length)
+            try:
+                if os.preadv(self._fd, [buffer], offset, os.RWF_NOWAIT) == length:
+                    return bytes(buffer)
+            except BlockingIOError:
+                pass  # not cached: read it in a thread
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self._nowait_reads = False  # this file system cannot; stop trying
         return await self._run(self._read_sync, offset, length)
 
     async def write(self, offset: int, data: bytes, *, fua: bool) -> None:

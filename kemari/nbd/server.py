@@ -55,6 +55,7 @@ DEFAULT_EXPORT_NAME = "disk"
 MAX_IN_FLIGHT_REQUESTS = 128
 MAX_IN_FLIGHT_BYTES = 128 * 1024 * 1024
 _DISCARD_CHUNK = 1024 * 1024
+_JOIN_LIMIT = 64 * 1024
 _HANDSHAKE_FLAGS = protocol.HandshakeFlag.FIXED_NEWSTYLE | protocol.HandshakeFlag.NO_ZEROES
 
 
@@ -67,34 +68,36 @@ class Phase(enum.Enum):
 
 
 class _InFlightLimit:
-    """Admission control for one connection: a request count and a byte budget."""
+    """Admission control for one connection: a request count and a byte budget.
+
+    Only the connection's reader task calls :meth:`acquire`, so at most one
+    task ever waits; request tasks call :meth:`release` when their reply is out.
+    """
 
     def __init__(self) -> None:
-        self._changed = asyncio.Condition()
         self._requests = 0
         self._bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _admits(self, cost: int) -> bool:
+        # An empty pipeline admits anything, so a request larger than the
+        # byte budget still runs (alone) instead of waiting forever.
+        return self._requests == 0 or (
+            self._requests < MAX_IN_FLIGHT_REQUESTS and self._bytes + cost <= MAX_IN_FLIGHT_BYTES
+        )
 
     async def acquire(self, cost: int) -> None:
-        async with self._changed:
-            # An empty pipeline admits anything, so a request larger than the
-            # byte budget still runs (alone) instead of waiting forever.
-            await self._changed.wait_for(
-                lambda: (
-                    self._requests == 0
-                    or (
-                        self._requests < MAX_IN_FLIGHT_REQUESTS
-                        and self._bytes + cost <= MAX_IN_FLIGHT_BYTES
-                    )
-                )
-            )
-            self._requests += 1
-            self._bytes += cost
+        while not self._admits(cost):
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        self._requests += 1
+        self._bytes += cost
 
-    async def release(self, cost: int) -> None:
-        async with self._changed:
-            self._requests -= 1
-            self._bytes -= cost
-            self._changed.notify_all()
+    def release(self, cost: int) -> None:
+        self._requests -= 1
+        self._bytes -= cost
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 class NbdServer:
@@ -325,7 +328,7 @@ class _Connection:
             try:
                 payload = await self._reader.readexactly(request.length) if carries_payload else b""
             except BaseException:
-                await self._limit.release(cost)
+                self._limit.release(cost)
                 raise
             task = asyncio.create_task(self._execute(request, payload, cost))
             self._requests.add(task)
@@ -347,7 +350,7 @@ class _Connection:
             with contextlib.suppress(ConnectionError):
                 await self._writer.drain()
         finally:
-            await self._limit.release(cost)
+            self._limit.release(cost)
 
     async def _perform(self, request: protocol.Request, payload: bytes) -> bytes:
         command = Command(request.command)
@@ -375,10 +378,14 @@ class _Connection:
     def _send_reply(self, error: Errno, handle: int, data: bytes = b"") -> None:
         if self._writer.is_closing():
             return
-        # Header and data go to the transport with no await in between, so
-        # this reply is never interleaved with another request's reply.
-        self._writer.write(protocol.encode_simple_reply(error, handle))
-        if data:
+        # One reply = synchronous writes with no await in between, so it is
+        # never interleaved with another request's reply.  Small replies are
+        # joined into one send; large READ data is not copied again.
+        header = protocol.encode_simple_reply(error, handle)
+        if len(data) <= _JOIN_LIMIT:
+            self._writer.write(header + data)
+        else:
+            self._writer.write(header)
             self._writer.write(data)
 
     async def _discard(self, length: int) -> None:
