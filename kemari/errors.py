@@ -44,3 +44,7 @@ class TransactionError(KemariError):
 
 class ReplicaError(KemariError):
     """The standby's replica (RAM files, journal, metadata) is invalid, in use or unwritable."""
+
+
+class CheckpointError(KemariError):
+    """Checkpointing the primary failed or protection ended (the guest runs unprotected)."""

@@ -1,0 +1,23 @@
+"""The primary's checkpoint core: QEMU's x-colo stream to a sink, and when checkpoints happen."""
+
+from kemari.checkpoint.source import (
+    CheckpointRecord,
+    CheckpointSink,
+    CheckpointSource,
+    PageBatch,
+    PageRecord,
+    SourceState,
+    SyncRecord,
+)
+from kemari.checkpoint.trigger import CheckpointTrigger
+
+__all__ = [
+    "CheckpointRecord",
+    "CheckpointSink",
+    "CheckpointSource",
+    "CheckpointTrigger",
+    "PageBatch",
+    "PageRecord",
+    "SourceState",
+    "SyncRecord",
+]

@@ -1,0 +1,447 @@
+"""The primary's QEMU-facing half of checkpointing: QEMU's x-colo stream in, a sink out.
+
+:class:`CheckpointSource` turns on QEMU's ``x-colo`` migration capability, hands QEMU one
+end of a socket pair (``getfd`` + ``migrate fd:NAME``), reads the stream with
+:class:`~kemari.stream.StreamParser` and plays the COLO *secondary* on the same socket.
+Everything QEMU sends goes to a :class:`CheckpointSink` (the ft-transaction sender):
+
+    initial sync   begin_sync(config, blocks) → sync_pages(batch)… → end_sync(device, vmdesc)
+                   then Kemari sends CHECKPOINT_READY and the guest runs (protected)
+    checkpoint N   REQUEST → Kemari answers REPLY (QEMU stops the VM) → begin(N) →
+                   pages(batch)… → device_state(N, data) → Kemari answers RECEIVED →
+                   commit(N) → Kemari answers LOADED (QEMU resumes the VM)
+
+Invariants:
+
+* CHECKPOINT_READY is sent only after ``end_sync`` returned and VMSTATE_LOADED only after
+  ``commit(N)`` returned, so the guest never runs ahead of the state the standby holds.
+* A checkpoint requested at time *t* is served by the first checkpoint whose REQUEST Kemari
+  had not yet seen at *t*: QEMU stops the VM only after Kemari's REPLY, hence after *t*.
+* When the sink fails (standby lost), the stream breaks or :meth:`close` is called, the
+  guest keeps running: QMP ``x-colo-lost-heartbeat`` ends COLO mode on the primary (QEMU
+  then marks the migration completed and restarts the VM), or ``migrate_cancel`` during
+  the initial sync.  The source ends UNPROTECTED, or FAILED when QEMU itself is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import enum
+import socket
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from kemari.errors import CheckpointError, KemariError
+from kemari.qemu.machine import QemuMachine, QmpCommandError
+from kemari.stream import (
+    ColoEvent,
+    ColoMessage,
+    Configuration,
+    DeviceState,
+    RamBlockList,
+    RamPage,
+    RamZeroPage,
+    StreamEvent,
+    StreamParser,
+    VmDescription,
+    encode_colo_message,
+)
+
+PageRecord = RamPage | RamZeroPage
+PageBatch = Sequence[PageRecord]
+
+FD_NAME = "kemari_colo"
+# Large reads keep the initial sync cheap; a checkpoint arrives in whatever QEMU flushed.
+_RECV_BYTES = 1 << 20
+# QEMU's rate limit applies to the initial sync only (checkpoints are sent unthrottled);
+# the default of 128 MiB/s would make a 1 GiB guest's sync take 8 s for no reason.
+_MAX_BANDWIDTH = 16 << 30
+_RELEASE_TIMEOUT_S = 10.0
+_RELEASE_POLL_S = 0.01
+RECENT_CHECKPOINTS = 256
+# query-migrate statuses in which ``migrate_cancel`` ends the initial sync.
+_PRECOPY_STATUSES = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug"})
+_ENDED_STATUSES = frozenset({"none", "completed", "failed", "cancelled"})
+
+_REPLY = encode_colo_message(ColoMessage.CHECKPOINT_REPLY)
+_READY = encode_colo_message(ColoMessage.CHECKPOINT_READY)
+_RECEIVED = encode_colo_message(ColoMessage.VMSTATE_RECEIVED)
+_LOADED = encode_colo_message(ColoMessage.VMSTATE_LOADED)
+
+
+class CheckpointSink(Protocol):
+    """Where the source delivers the guest's state; every call may raise to mean "standby lost".
+
+    Page records hold memoryviews into immutable input chunks, so a sink may keep them.
+    Calls come strictly in the order described in the module docstring.
+    """
+
+    async def begin_sync(self, configuration: Configuration, blocks: RamBlockList) -> None:
+        """The initial sync starts: the machine's configuration and its RAM blocks."""
+
+    async def sync_pages(self, batch: PageBatch) -> None:
+        """Pages of the initial sync (every block's pages, possibly several times)."""
+
+    async def end_sync(self, device_state: bytes, vmdesc: bytes) -> None:
+        """The initial device state; return only when the standby holds the whole sync."""
+
+    async def begin(self, epoch: int) -> None:
+        """Checkpoint ``epoch`` (1, 2, ...) starts; the VM is stopping."""
+
+    async def pages(self, batch: PageBatch) -> None:
+        """Pages dirtied since the previous checkpoint."""
+
+    async def device_state(self, epoch: int, data: bytes) -> None:
+        """The device state of checkpoint ``epoch`` (FULL sections, no final EOF byte)."""
+
+    async def commit(self, epoch: int) -> None:
+        """Return only when the standby has committed ``epoch``; the guest resumes after."""
+
+
+class SourceState(enum.Enum):
+    """Where the primary's protection is."""
+
+    IDLE = "idle"  # not started
+    SYNCING = "syncing"  # initial sync (precopy) running; the guest runs unprotected
+    PROTECTED = "protected"  # in COLO mode; every checkpoint is committed before resume
+    RELEASING = "releasing"  # protection is being dropped; the guest is being resumed
+    UNPROTECTED = "unprotected"  # protection ended; the guest runs without a replica
+    FAILED = "failed"  # QEMU is gone or did not resume; the guest's fate is unknown
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckpointRecord:
+    """What one committed checkpoint cost."""
+
+    epoch: int
+    pause_s: float  # VMSTATE_SEND received → VMSTATE_LOADED sent (the VM is stopped)
+    commit_s: float  # time spent in the sink's commit()
+    pages: int  # page records (data and zero pages)
+    stream_bytes: int  # bytes QEMU sent for this checkpoint, COLO messages included
+    device_bytes: int
+    committed_at: float  # time.monotonic() when LOADED was sent
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SyncRecord:
+    """What the initial sync cost."""
+
+    duration_s: float  # migrate issued → CHECKPOINT_READY sent
+    pages: int
+    stream_bytes: int
+    ram_bytes: int  # guest RAM described by the block list
+
+
+class CheckpointSource:
+    """Protect a running primary ``QemuMachine`` by streaming its checkpoints to ``sink``."""
+
+    def __init__(self, machine: QemuMachine, sink: CheckpointSink, *, epoch_ms: int) -> None:
+        if not 0 < epoch_ms < 1 << 32:
+            raise CheckpointError(f"checkpoint epoch {epoch_ms} ms is not a positive u32")
+        self.machine = machine
+        self.sink = sink
+        self.epoch_ms = epoch_ms
+        self._state = SourceState.IDLE
+        self._reason = ""
+        self._parser = StreamParser()
+        self._sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._configuration: Configuration | None = None
+        self._ram_bytes = 0
+        self._initial_device_state: bytes | None = None
+        self._requested = 0  # CHECKPOINT_REQUESTs seen
+        self._committed = 0  # checkpoints committed and resumed (LOADED sent)
+        self._pages = 0  # page records of the sync / checkpoint in progress
+        self._received = 0  # stream bytes so far
+        self._received_at_mark = 0  # stream bytes when the last sync/checkpoint ended
+        self._started_at = 0.0
+        self._stopped_at = 0.0
+        self._sync: SyncRecord | None = None
+        self._recent: collections.deque[CheckpointRecord] = collections.deque(
+            maxlen=RECENT_CHECKPOINTS
+        )
+        # Replaced on every change; waiters hold the old one (cheap, no lock needed).
+        self._progress = asyncio.Event()
+
+    # -- status ----------------------------------------------------------------
+
+    @property
+    def state(self) -> SourceState:
+        return self._state
+
+    @property
+    def reason(self) -> str:
+        """Why protection ended (empty while it has not)."""
+        return self._reason
+
+    @property
+    def requested_epoch(self) -> int:
+        """The last checkpoint QEMU has requested (0: none yet)."""
+        return self._requested
+
+    @property
+    def committed_epoch(self) -> int:
+        """The last checkpoint the standby committed and the guest resumed from."""
+        return self._committed
+
+    @property
+    def sync(self) -> SyncRecord | None:
+        """The initial sync's cost, once it is done."""
+        return self._sync
+
+    def recent(self) -> list[CheckpointRecord]:
+        """The last :data:`RECENT_CHECKPOINTS` committed checkpoints, oldest first."""
+        return list(self._recent)
+
+    @property
+    def in_checkpoint(self) -> bool:
+        """A checkpoint has been requested and is not committed yet."""
+        return self._requested > self._committed
+
+    async def wait_progress(self, timeout_s: float | None = None) -> None:
+        """Return at the next state change, request or commit (or after ``timeout_s``)."""
+        event = self._progress
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout_s)
+
+    async def wait_committed(self, epoch: int) -> None:
+        """Return once checkpoint ``epoch`` is committed; CheckpointError if protection ends."""
+        while self._committed < epoch:
+            if self._state not in (SourceState.SYNCING, SourceState.PROTECTED):
+                raise CheckpointError(
+                    f"checkpoint {epoch} will not be committed: source is {self._state.value}"
+                    + (f" ({self._reason})" if self._reason else "")
+                )
+            await self._progress.wait()
+
+    def _signal_progress(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    # -- life cycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the initial sync; it proceeds in the background (see :attr:`state`)."""
+        if self._state is not SourceState.IDLE:
+            raise CheckpointError(f"checkpoint source already started ({self._state.value})")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        try:
+            machine = self.machine
+            await machine.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "x-colo", "state": True}]},
+            )
+            await machine.execute(
+                "migrate-set-parameters",
+                {"x-checkpoint-delay": self.epoch_ms, "max-bandwidth": _MAX_BANDWIDTH},
+            )
+            await machine.pass_fd(FD_NAME, theirs.fileno())
+            self._started_at = time.monotonic()
+            await machine.execute("migrate", {"uri": f"fd:{FD_NAME}"})
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            # QEMU holds its own duplicate now (or never got one).
+            theirs.close()
+        self._sock = ours
+        self._state = SourceState.SYNCING
+        self._task = asyncio.create_task(self._run(ours), name="checkpoint-source")
+        self._signal_progress()
+
+    async def set_epoch(self, epoch_ms: int) -> None:
+        """Change the checkpoint period; in COLO mode QEMU also checkpoints at once."""
+        if not 0 < epoch_ms < 1 << 32:
+            raise CheckpointError(f"checkpoint epoch {epoch_ms} ms is not a positive u32")
+        await self.machine.execute("migrate-set-parameters", {"x-checkpoint-delay": epoch_ms})
+        self.epoch_ms = epoch_ms
+
+    async def close(self) -> None:
+        """Stop protecting: the guest keeps running unprotected; the socket is closed."""
+        task = self._task
+        if task is not None and not task.done():
+            if self._state is SourceState.RELEASING:
+                # The task is already resuming the guest; let it finish that.
+                await asyncio.shield(task)
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._state in (SourceState.SYNCING, SourceState.PROTECTED):
+            await self._lose_protection("protection stopped by Kemari")
+        self._close_socket()
+
+    async def __aenter__(self) -> CheckpointSource:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # -- the stream ----------------------------------------------------------------
+
+    async def _run(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await loop.sock_recv(sock, _RECV_BYTES)
+                if not data:
+                    raise CheckpointError("QEMU closed the migration stream")
+                self._received += len(data)
+                await self._dispatch(self._parser.feed(data), sock)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Any failure of the sink (its code is not ours), of the stream or of the
+            # socket means the standby cannot be trusted to follow: drop protection.
+            await self._lose_protection(f"{type(exc).__name__}: {exc}")
+
+    async def _dispatch(self, events: list[StreamEvent], sock: socket.socket) -> None:
+        batch: list[PageRecord] = []
+        for event in events:
+            if isinstance(event, RamPage | RamZeroPage):
+                batch.append(event)
+                continue
+            if batch:
+                await self._deliver_pages(batch)
+                batch = []
+            await self._handle(event, sock)
+        if batch:
+            await self._deliver_pages(batch)
+
+    async def _deliver_pages(self, batch: list[PageRecord]) -> None:
+        self._pages += len(batch)
+        if self._state is SourceState.SYNCING:
+            await self.sink.sync_pages(batch)
+        else:
+            await self.sink.pages(batch)
+
+    async def _handle(self, event: StreamEvent, sock: socket.socket) -> None:
+        if isinstance(event, ColoEvent):
+            await self._colo_event(event, sock)
+        elif isinstance(event, DeviceState):
+            if self._state is SourceState.SYNCING:
+                self._initial_device_state = event.data
+            else:
+                await self._finish_checkpoint(event.data, sock)
+        elif isinstance(event, Configuration):
+            self._configuration = event
+        elif isinstance(event, RamBlockList):
+            if self._configuration is None:
+                raise CheckpointError("RAM block list before the configuration section")
+            self._ram_bytes = sum(block.used_length for block in event.blocks)
+            await self.sink.begin_sync(self._configuration, event)
+        elif isinstance(event, VmDescription):
+            await self._finish_sync(event.json, sock)
+        # Header, Command, SectionEnd and LiveStateEnd need no action: the parser
+        # has validated them and the sink learns what it needs from the others.
+
+    async def _finish_sync(self, vmdesc: bytes, sock: socket.socket) -> None:
+        if not self._parser.colo_enabled:
+            raise CheckpointError("QEMU migrated without enabling COLO (x-colo refused?)")
+        if self._initial_device_state is None:
+            raise CheckpointError("initial sync ended without device state")
+        await self.sink.end_sync(self._initial_device_state, vmdesc)
+        self._initial_device_state = None
+        # Ordering: READY only now, so the guest runs only once the standby holds epoch 0.
+        await asyncio.get_running_loop().sock_sendall(sock, _READY)
+        self._sync = SyncRecord(
+            duration_s=time.monotonic() - self._started_at,
+            pages=self._pages,
+            stream_bytes=self._received,
+            ram_bytes=self._ram_bytes,
+        )
+        self._pages = 0
+        self._received_at_mark = self._received
+        self._state = SourceState.PROTECTED
+        self._signal_progress()
+
+    async def _colo_event(self, event: ColoEvent, sock: socket.socket) -> None:
+        message = event.message
+        if message is ColoMessage.CHECKPOINT_REQUEST:
+            self._requested += 1
+            # Answer first: QEMU stops the VM only after reading the REPLY.
+            await asyncio.get_running_loop().sock_sendall(sock, _REPLY)
+            self._signal_progress()
+            await self.sink.begin(self._requested)
+        elif message is ColoMessage.VMSTATE_SEND:
+            self._stopped_at = time.monotonic()
+        # VMSTATE_SIZE: the parser reads the buffer it announces.
+
+    async def _finish_checkpoint(self, device_state: bytes, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        epoch = self._requested
+        await loop.sock_sendall(sock, _RECEIVED)
+        await self.sink.device_state(epoch, device_state)
+        commit_started = time.monotonic()
+        await self.sink.commit(epoch)
+        # Ordering: LOADED (QEMU resumes the guest) only after the standby committed.
+        await loop.sock_sendall(sock, _LOADED)
+        now = time.monotonic()
+        self._recent.append(
+            CheckpointRecord(
+                epoch=epoch,
+                pause_s=now - self._stopped_at,
+                commit_s=now - commit_started,
+                pages=self._pages,
+                stream_bytes=self._received - self._received_at_mark,
+                device_bytes=len(device_state),
+                committed_at=now,
+            )
+        )
+        self._pages = 0
+        self._received_at_mark = self._received
+        self._committed = epoch
+        self._signal_progress()
+
+    # -- losing protection ----------------------------------------------------------
+
+    async def _lose_protection(self, reason: str) -> None:
+        """End COLO (or the initial sync) so QEMU resumes the guest; state UNPROTECTED."""
+        self._reason = reason
+        self._state = SourceState.RELEASING
+        self._signal_progress()
+        try:
+            await self._release_guest()
+        except KemariError as exc:
+            self._reason = f"{reason}; guest not resumed: {exc}"
+            self._state = SourceState.FAILED
+        else:
+            self._state = SourceState.UNPROTECTED
+        finally:
+            self._close_socket()
+            self._signal_progress()
+
+    async def _release_guest(self) -> None:
+        machine = self.machine
+        deadline = time.monotonic() + _RELEASE_TIMEOUT_S
+        heartbeat_lost = False
+        while True:
+            info = await machine.execute("query-migrate")
+            status = info.get("status") if isinstance(info, dict) else None
+            if status == "colo" and not heartbeat_lost:
+                # QEMU stops the VM if needed, shuts the stream down, marks the migration
+                # completed, and its migration thread then restarts the VM.
+                with contextlib.suppress(QmpCommandError):
+                    await machine.execute("x-colo-lost-heartbeat")
+                    heartbeat_lost = True
+            elif status in _PRECOPY_STATUSES:
+                await machine.execute("migrate_cancel")
+            elif status in _ENDED_STATUSES and (await machine.query_status()).running:
+                return
+            if time.monotonic() > deadline:
+                raise CheckpointError(
+                    f"QEMU did not resume the guest within {_RELEASE_TIMEOUT_S:g} s "
+                    f"(migration status {status!r})"
+                )
+            await asyncio.sleep(_RELEASE_POLL_S)

@@ -1,0 +1,117 @@
+"""When checkpoints happen: QEMU's periodic timer, plus on-demand requests that coalesce.
+
+Periodic checkpoints are QEMU's own: ``x-checkpoint-delay`` (the epoch, in ms) arms a timer
+in the primary.  Setting that parameter while QEMU is in COLO state also wakes its
+checkpoint thread at once (migration.c ``colo_checkpoint_notify``) and restarts the timer;
+:class:`CheckpointTrigger` uses that for on-demand checkpoints.
+
+Coalescing: :meth:`CheckpointTrigger.request_checkpoint` only records which checkpoint would
+cover the caller (the first one whose REQUEST the source has not seen yet) and wakes one
+background task.  That task asks QEMU for a checkpoint only while none is in flight, so any
+number of requests made during a checkpoint are served together by the next one.
+
+QEMU resets its checkpoint event after reading VMSTATE_RECEIVED; a wake-up that lands just
+before that reset is lost.  The task therefore asks again when no REQUEST followed within
+``retry_s`` (an extra request costs one extra checkpoint, never a missed one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from kemari.checkpoint.source import CheckpointSource, SourceState
+from kemari.errors import KemariError
+
+DEFAULT_RETRY_S = 0.05
+
+
+class CheckpointTrigger:
+    """On-demand checkpoints for one :class:`CheckpointSource` (``async with`` or start/close)."""
+
+    def __init__(self, source: CheckpointSource, *, retry_s: float = DEFAULT_RETRY_S) -> None:
+        if retry_s <= 0:
+            raise ValueError(f"retry interval {retry_s} must be positive")
+        self.source = source
+        self.retry_s = retry_s
+        self._wanted = 0  # the highest checkpoint someone asked for
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.kicks = 0  # times QEMU was asked for a checkpoint
+        self.last_error = ""
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._serve_forever(), name="checkpoint-trigger")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> CheckpointTrigger:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def request_checkpoint(self) -> int:
+        """Ask for a checkpoint that covers everything the guest did until now.
+
+        Returns its epoch; ``await wait_committed(epoch)`` to know it is safe.  Cheap and
+        synchronous: calls made while that checkpoint is pending share it.
+        """
+        # QEMU stops the VM for checkpoint N only after Kemari answered its REQUEST, and
+        # Kemari has not seen that REQUEST yet, so the stop happens after this call.
+        target = self.source.requested_epoch + 1
+        if target > self._wanted:
+            self._wanted = target
+            self._wake.set()
+        return target
+
+    async def checkpoint(self) -> int:
+        """Request a checkpoint and wait until it is committed; returns its epoch."""
+        epoch = self.request_checkpoint()
+        await self.source.wait_committed(epoch)
+        return epoch
+
+    async def wait_committed(self, epoch: int) -> None:
+        """Return once checkpoint ``epoch`` or a later one is committed (CheckpointError if
+        protection ends first)."""
+        await self.source.wait_committed(epoch)
+
+    async def _serve_forever(self) -> None:
+        while True:
+            # Cleared before serving: a request arriving meanwhile sets it again.
+            self._wake.clear()
+            await self._serve()
+            await self._wake.wait()
+
+    async def _serve(self) -> None:
+        source = self.source
+        while self._wanted > source.requested_epoch:
+            if source.state is SourceState.SYNCING or source.in_checkpoint:
+                await source.wait_progress()
+                continue
+            if source.state is not SourceState.PROTECTED:
+                # Protection ended: waiters learn it from wait_committed.
+                return
+            requested = source.requested_epoch
+            try:
+                await source.machine.execute(
+                    "migrate-set-parameters", {"x-checkpoint-delay": source.epoch_ms}
+                )
+                self.kicks += 1
+            except KemariError as exc:
+                # QEMU left COLO state or is gone; the source notices and reports it.
+                self.last_error = str(exc)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.retry_s
+            while source.requested_epoch == requested and source.state is SourceState.PROTECTED:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await source.wait_progress(remaining)

@@ -1,0 +1,345 @@
+"""CheckpointSource and CheckpointTrigger against a real TCG QEMU running the ticker firmware.
+
+The sink here is a real consumer: it keeps a replica of guest RAM (initial sync, then each
+committed checkpoint applied as a whole) and records every protocol violation it sees.
+The ticker guest stores its counter into pages from 1 MiB on and prints ``tick N`` on
+COM1 after storing, so a committed replica must hold a counter at least as large as the
+last tick printed before the checkpoint was requested.
+
+Checkpoints need Kemari's patched QEMU (``kemari qemu build``): stock 7.2 deadlocks at the
+first checkpoint under TCG.  The initial-sync failure test also runs on Debian's QEMU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from ticker_rom import ticker_rom, ticks
+
+from kemari.checkpoint import CheckpointSource, CheckpointTrigger, PageBatch, SourceState
+from kemari.errors import CheckpointError
+from kemari.qemu.build import patched_qemu
+from kemari.qemu.cmdline import MachineSpec, MemoryFile
+from kemari.qemu.machine import QemuMachine
+from kemari.stream import Configuration, RamBlock, RamBlockList, RamPage
+from kemari.stream.format import PAGE_SIZE
+
+_patched = patched_qemu()
+PATCHED_QEMU = _patched.binary if _patched is not None else None
+_stock = shutil.which("qemu-system-x86_64")
+STOCK_QEMU = Path(_stock) if _stock is not None else None
+needs_patched = pytest.mark.skipif(
+    PATCHED_QEMU is None, reason="patched QEMU not built (kemari qemu build)"
+)
+needs_qemu = pytest.mark.skipif(STOCK_QEMU is None, reason="qemu-system-x86_64 not installed")
+pytestmark = pytest.mark.guest
+
+MEMORY_MIB = 64
+TICKER_BASE = 1 << 20  # where the ticker stores its counter (pc.ram offset = GPA here)
+TICKER_PAGES = 16
+TIMEOUT_S = 120.0
+
+Key = tuple[str, int]
+
+
+class ReplicaSink:
+    """Keeps a replica of guest RAM and checks the order and content of every call."""
+
+    def __init__(self) -> None:
+        self.violations: list[str] = []
+        self.configuration: Configuration | None = None
+        self.blocks: dict[str, RamBlock] = {}
+        self.synced = False
+        self.sync_offsets: dict[str, set[int]] = {}
+        self.initial_device_state = b""
+        self.vmdesc: dict[str, object] = {}
+        self.replica: dict[Key, bytes] = {}
+        self.open_epoch: int | None = None
+        self.staged: dict[Key, bytes] = {}
+        self.staged_device = b""
+        self.committed: list[int] = []
+        self.checkpoint_pages: dict[int, int] = {}
+        # Hooks a test can set to make commit slow or failing at one epoch.
+        self.on_commit: Callable[[int], Awaitable[None]] | None = None
+
+    def _check(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.violations.append(what)
+            raise AssertionError(what)
+
+    def _take(self, batch: PageBatch, into: dict[Key, bytes]) -> None:
+        for record in batch:
+            block = self.blocks.get(record.block)
+            self._check(block is not None, f"page of unknown block {record.block}")
+            assert block is not None
+            self._check(
+                record.offset % PAGE_SIZE == 0 and record.offset < block.used_length,
+                f"page {record.block}+{record.offset:#x} outside its block",
+            )
+            if isinstance(record, RamPage):
+                self._check(len(record.data) == PAGE_SIZE, "short page")
+                into[record.block, record.offset] = bytes(record.data)
+            else:
+                into[record.block, record.offset] = bytes([record.fill]) * PAGE_SIZE
+
+    async def begin_sync(self, configuration: Configuration, blocks: RamBlockList) -> None:
+        self._check(self.configuration is None, "second begin_sync")
+        self.configuration = configuration
+        self.blocks = {block.name: block for block in blocks.blocks}
+
+    async def sync_pages(self, batch: PageBatch) -> None:
+        self._check(self.configuration is not None and not self.synced, "sync pages out of order")
+        self._take(batch, self.replica)
+        for record in batch:
+            self.sync_offsets.setdefault(record.block, set()).add(record.offset)
+
+    async def end_sync(self, device_state: bytes, vmdesc: bytes) -> None:
+        self._check(not self.synced and bool(device_state), "end_sync out of order or empty")
+        self.initial_device_state = device_state
+        self.vmdesc = json.loads(vmdesc)
+        self.synced = True
+
+    async def begin(self, epoch: int) -> None:
+        last = self.committed[-1] if self.committed else 0
+        self._check(self.synced and self.open_epoch is None, f"begin({epoch}) out of order")
+        self._check(epoch == last + 1, f"epoch {epoch} after {last}")
+        self.open_epoch = epoch
+        self.staged = {}
+        self.staged_device = b""
+
+    async def pages(self, batch: PageBatch) -> None:
+        self._check(self.open_epoch is not None, "checkpoint pages outside a checkpoint")
+        self._take(batch, self.staged)
+
+    async def device_state(self, epoch: int, data: bytes) -> None:
+        self._check(epoch == self.open_epoch and bool(data), f"device_state({epoch}) invalid")
+        self.staged_device = data
+
+    async def commit(self, epoch: int) -> None:
+        self._check(epoch == self.open_epoch and bool(self.staged_device), f"commit({epoch})")
+        if self.on_commit is not None:
+            await self.on_commit(epoch)
+        # A checkpoint is applied whole, only here: the replica never mixes two epochs.
+        self.replica.update(self.staged)
+        self.checkpoint_pages[epoch] = len(self.staged)
+        self.committed.append(epoch)
+        self.open_epoch = None
+
+    def counter(self) -> int:
+        """The ticker's counter in the committed replica."""
+        (value,) = struct.unpack_from("<I", self.replica["pc.ram", TICKER_BASE])
+        return int(value)
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(TIMEOUT_S):
+            await scenario()
+
+    asyncio.run(bounded())
+
+
+@contextlib.asynccontextmanager
+async def ticker_primary(tmp_path: Path, binary: Path) -> AsyncIterator[QemuMachine]:
+    spec = MachineSpec(
+        name="primary",
+        accel="tcg",
+        qmp_socket=tmp_path / "qmp.sock",
+        memory_mib=MEMORY_MIB,
+        bios=ticker_rom(tmp_path / "ticker.rom", pages=TICKER_PAGES, delay_tsc=50_000_000),
+        serial_log=tmp_path / "serial.log",
+        memory_file=MemoryFile(tmp_path / "ram"),
+    )
+    async with QemuMachine(spec, binary) as machine:
+        yield machine
+
+
+def state_of(source: CheckpointSource) -> SourceState:
+    """The state read through a call, so the type checker does not pin it between awaits."""
+    return source.state
+
+
+async def wait_state(source: CheckpointSource, *states: SourceState) -> None:
+    while source.state not in states:
+        await source.wait_progress(1.0)
+
+
+async def ticks_advance(serial: Path) -> None:
+    """Return once the guest printed a new tick (the caller's timeout bounds the wait)."""
+    before = ticks(serial)
+    while ticks(serial)[-1:] == before[-1:] or not ticks(serial):
+        await asyncio.sleep(0.02)
+
+
+@needs_patched
+def test_initial_sync_and_on_demand_checkpoints_track_the_guest(tmp_path: Path) -> None:
+    assert PATCHED_QEMU is not None
+    serial = tmp_path / "serial.log"
+
+    async def scenario() -> None:
+        sink = ReplicaSink()
+        async with ticker_primary(tmp_path, PATCHED_QEMU) as machine:
+            # A long period: every checkpoint below is an on-demand one.
+            source = CheckpointSource(machine, sink, epoch_ms=60_000)
+            async with source, CheckpointTrigger(source) as trigger:
+                await wait_state(source, SourceState.PROTECTED, SourceState.UNPROTECTED)
+                assert source.state is SourceState.PROTECTED, source.reason
+
+                # The initial sync described every page of every block, and device state.
+                assert sink.configuration is not None
+                assert sink.configuration.machine_type.startswith("pc-i440fx-")
+                assert sink.blocks["pc.ram"].used_length == MEMORY_MIB << 20
+                for name, block in sink.blocks.items():
+                    expected = set(range(0, block.used_length, PAGE_SIZE))
+                    assert sink.sync_offsets.get(name) == expected, name
+                assert b"cpu" in sink.initial_device_state
+                assert sink.vmdesc["page_size"] == PAGE_SIZE
+                sync = source.sync
+                assert sync is not None and sync.ram_bytes >= MEMORY_MIB << 20
+
+                for _ in range(12):
+                    await ticks_advance(serial)
+                    printed = ticks(serial)[-1]
+                    epoch = await trigger.checkpoint()
+                    assert source.committed_epoch >= epoch
+                    # The committed state is at least as new as what the guest had done.
+                    assert sink.counter() >= printed
+
+                # Requests made together are served by one checkpoint.
+                epochs = {trigger.request_checkpoint() for _ in range(50)}
+                assert len(epochs) == 1
+                await trigger.wait_committed(epochs.pop())
+
+                assert source.state is SourceState.PROTECTED, source.reason
+                assert sink.violations == []
+                assert sink.committed == list(range(1, source.committed_epoch + 1))
+                # Each tick dirties the ticker's pages, so checkpoints carry them.
+                ticker_keys = {("pc.ram", TICKER_BASE + i * PAGE_SIZE) for i in range(16)}
+                assert ticker_keys <= set(sink.replica)
+                assert max(sink.checkpoint_pages.values()) >= TICKER_PAGES
+                records = source.recent()
+                assert [r.epoch for r in records] == sink.committed
+                assert all(r.device_bytes > 0 and r.stream_bytes > 0 for r in records)
+            # Closing the source leaves the guest running, unprotected.
+            assert state_of(source) is SourceState.UNPROTECTED
+            assert (await machine.query_status()).running
+            await ticks_advance(serial)
+
+    run(scenario)
+
+
+@needs_patched
+def test_guest_stays_paused_until_commit_returns(tmp_path: Path) -> None:
+    assert PATCHED_QEMU is not None
+
+    async def scenario() -> None:
+        sink = ReplicaSink()
+        seen: list[tuple[int, str, bool]] = []
+        async with ticker_primary(tmp_path, PATCHED_QEMU) as machine:
+
+            async def slow_commit(epoch: int) -> None:
+                # QEMU is waiting for VMSTATE_LOADED: the VM must stay stopped meanwhile.
+                before = await machine.query_status()
+                await asyncio.sleep(0.3)
+                after = await machine.query_status()
+                seen.append((epoch, before.status, before.running or after.running))
+
+            sink.on_commit = slow_commit
+            source = CheckpointSource(machine, sink, epoch_ms=60_000)
+            async with source, CheckpointTrigger(source) as trigger:
+                await wait_state(source, SourceState.PROTECTED, SourceState.UNPROTECTED)
+                for _ in range(3):
+                    await trigger.checkpoint()
+                    # Resumed only after the commit: the guest ticks again.
+                    await ticks_advance(tmp_path / "serial.log")
+                assert source.state is SourceState.PROTECTED, source.reason
+        assert [(epoch, running) for epoch, _, running in seen] == [
+            (1, False),
+            (2, False),
+            (3, False),
+        ]
+        assert {status for _, status, _ in seen} == {"colo"}
+
+    run(scenario)
+
+
+@needs_patched
+def test_standby_lost_during_a_checkpoint_leaves_the_guest_running(tmp_path: Path) -> None:
+    assert PATCHED_QEMU is not None
+    serial = tmp_path / "serial.log"
+
+    async def scenario() -> None:
+        sink = ReplicaSink()
+
+        async def lose_standby(epoch: int) -> None:
+            if epoch == 3:
+                raise ConnectionResetError("standby went away")
+
+        sink.on_commit = lose_standby
+        async with ticker_primary(tmp_path, PATCHED_QEMU) as machine:
+            source = CheckpointSource(machine, sink, epoch_ms=60_000)
+            async with source, CheckpointTrigger(source) as trigger:
+                await wait_state(source, SourceState.PROTECTED, SourceState.UNPROTECTED)
+                assert await trigger.checkpoint() == 1
+                assert await trigger.checkpoint() == 2
+                with pytest.raises(CheckpointError, match="unprotected"):
+                    await trigger.checkpoint()
+                assert source.state is SourceState.UNPROTECTED
+                assert "standby went away" in source.reason
+                assert source.committed_epoch == 2
+                assert (await machine.query_status()).running
+                await ticks_advance(serial)
+                migration = await machine.execute("query-migrate")
+                assert migration["status"] == "completed"
+
+            # Protection can be started again on the same running guest.
+            again = ReplicaSink()
+            source = CheckpointSource(machine, again, epoch_ms=60_000)
+            async with source, CheckpointTrigger(source) as trigger:
+                await wait_state(source, SourceState.PROTECTED, SourceState.UNPROTECTED)
+                assert source.state is SourceState.PROTECTED, source.reason
+                await ticks_advance(serial)
+                printed = ticks(serial)[-1]
+                assert await trigger.checkpoint() == 1
+                assert again.counter() >= printed
+                assert again.violations == []
+            await ticks_advance(serial)
+
+    run(scenario)
+
+
+@needs_qemu
+def test_standby_lost_during_the_initial_sync_leaves_the_guest_running(tmp_path: Path) -> None:
+    # Debian's QEMU is enough here: no checkpoint is ever taken.
+    assert STOCK_QEMU is not None
+
+    class FailingSync(ReplicaSink):
+        async def sync_pages(self, batch: PageBatch) -> None:
+            raise BrokenPipeError("standby closed the connection")
+
+    async def scenario() -> None:
+        async with ticker_primary(tmp_path, STOCK_QEMU) as machine:
+            source = CheckpointSource(machine, FailingSync(), epoch_ms=100)
+            async with source:
+                await wait_state(source, SourceState.UNPROTECTED, SourceState.FAILED)
+                assert source.state is SourceState.UNPROTECTED, source.reason
+                assert "standby closed the connection" in source.reason
+                with pytest.raises(CheckpointError):
+                    await source.wait_committed(1)
+                assert (await machine.query_status()).running
+                await ticks_advance(tmp_path / "serial.log")
+
+    run(scenario)
+
+
+def test_epoch_must_be_a_positive_u32() -> None:
+    for bad in (0, -5, 1 << 32):
+        with pytest.raises(CheckpointError, match="epoch"):
+            CheckpointSource(None, ReplicaSink(), epoch_ms=bad)  # type: ignore[arg-type]
