@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -25,7 +26,14 @@ from kemari.transaction.session import (
     TransactionState,
     TransactionTracker,
 )
-from kemari.transaction.transport import Listener, TcpAddress, Transport, connect, parse_uri
+from kemari.transaction.transport import (
+    Listener,
+    TcpAddress,
+    Transport,
+    TransportClosed,
+    connect,
+    parse_uri,
+)
 from kemari.transaction.wire import (
     Abort,
     Begin,
@@ -430,14 +438,59 @@ def test_silent_peer_times_out_the_handshake():
 
 def test_sockets_carry_low_latency_options():
     async def standby(transport: Transport) -> int:
-        sock = transport._socket  # type: ignore[attr-defined]
+        sock = transport._transport.get_extra_info("socket")  # type: ignore[attr-defined]
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
     async def primary(transport: Transport) -> int:
-        sock = transport._socket  # type: ignore[attr-defined]
+        sock = transport._transport.get_extra_info("socket")  # type: ignore[attr-defined]
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
     assert asyncio.run(_pair(standby, primary)) == (1, 1)
+
+
+def test_mixed_reads_return_the_stream_in_order():
+    """Exact reads land straight in their buffer, partial reads come from staging; the
+    byte stream must come out whole and in order either way (8 MiB, uneven sizes)."""
+    sent = os.urandom(8 << 20)
+    sizes = [36, 1000, 500_000, 36, 2_000_000, 10, 3_000_000, 300_000]
+
+    async def receiver(transport: Transport) -> bytes:
+        received = bytearray()
+        for n in itertools.cycle(range(len(sizes))):
+            size = min(sizes[n], len(sent) - len(received))
+            if size == 0:
+                return bytes(received)
+            if n % 2:
+                received += await transport.read_exactly(size)
+            else:
+                received += await transport.read_some(size)
+        raise AssertionError("unreachable")
+
+    async def sender(transport: Transport) -> None:
+        for start in range(0, len(sent), 1 << 20):
+            transport.write(memoryview(sent)[start : start + (1 << 20)])
+            await transport.drain()
+        await transport.read_some(1)  # wait for the receiver to finish and close
+
+    received, _ = asyncio.run(_pair(receiver, sender))
+    assert received == sent
+
+
+def test_exact_read_cut_short_reports_how_much_arrived():
+    async def receiver(transport: Transport) -> BaseException | None:
+        try:
+            await transport.read_exactly(100)
+        except TransportClosed as exc:
+            return exc
+        return None
+
+    async def sender(transport: Transport) -> None:
+        transport.write(b"x" * 60)
+        await transport.drain()
+
+    error, _ = asyncio.run(_pair(receiver, sender))
+    assert isinstance(error, TransportClosed)
+    assert "after 60 of 100 bytes" in str(error)
 
 
 def test_connect_to_a_closed_port_fails_clearly():

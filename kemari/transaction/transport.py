@@ -16,12 +16,12 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kemari.errors import TransactionError
 
 URI_SCHEME = "kemari"
-_READ_CHUNK = 256 << 10
 
 
 class TransportClosed(TransactionError):
@@ -109,8 +109,9 @@ class Transport(abc.ABC):
         """Up to ``limit`` bytes as soon as any arrive; ``b""`` once the peer closed."""
 
     @abc.abstractmethod
-    async def read_exactly(self, size: int) -> bytes:
-        """Exactly ``size`` bytes; :class:`TransportClosed` if the stream ends first."""
+    async def read_exactly(self, size: int) -> bytes | bytearray:
+        """Exactly ``size`` bytes in a new buffer the caller owns (the transport never
+        touches it again); :class:`TransportClosed` if the stream ends first."""
 
     @abc.abstractmethod
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -125,82 +126,215 @@ class Transport(abc.ABC):
         """Close the stream; safe to call more than once."""
 
 
-class TcpTransport(Transport):
-    """:class:`Transport` over an asyncio TCP stream with low-latency socket options."""
+class _TcpProtocol(asyncio.BufferedProtocol):
+    """Receives straight into the buffer a pending :meth:`TcpTransport.read_exactly` wants.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._socket: socket.socket | None = writer.get_extra_info("socket")
-        peer = writer.get_extra_info("peername")
+    Bytes that arrive while no exact read is pending go to a staging buffer; reading
+    pauses while staging is full.  Invariant: ``get_buffer`` never returns an empty
+    buffer (a completed target is detached in ``buffer_updated``, and a full staging
+    buffer pauses reading before another receive can happen).
+    """
+
+    def __init__(self, on_connected: Callable[[TcpTransport], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._on_connected = on_connected
+        self._staging = bytearray(_STAGING_SIZE)
+        self._start = 0
+        self._end = 0
+        self._target: bytearray | None = None
+        self._filled = 0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._eof = False
+        self._lost: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self._on_connected is not None:
+            self._on_connected(TcpTransport(self))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target is not None:
+            return memoryview(self._target)[self._filled :]
+        if self._end == len(self._staging):
+            # Move the unread bytes to the front; reading was paused if nothing was read.
+            unread = self._end - self._start
+            self._staging[:unread] = self._staging[self._start : self._end]
+            self._start, self._end = 0, unread
+        return memoryview(self._staging)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.rearm_quickack()
+        if self._target is not None:
+            self._filled += nbytes
+            if self._filled == len(self._target):
+                self._target = None
+                self._wake()
+            return
+        self._end += nbytes
+        if self._end - self._start == len(self._staging):
+            self._pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._lost = exc if exc is not None else ConnectionResetError("connection closed")
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- used by TcpTransport
+    def rearm_quickack(self) -> None:
+        # Linux-only option; the socket may already be gone.
+        sock = None if self.transport is None else self.transport.get_extra_info("socket")
+        if sock is not None and hasattr(socket, "TCP_QUICKACK"):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and self._reading_paused and not self._eof:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    async def _wait(self) -> None:
+        if self._waiter is not None:
+            raise TransactionError("two reads at once on one transport")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _take_staged(self, limit: int) -> bytes:
+        end = min(self._end, self._start + limit)
+        taken = bytes(memoryview(self._staging)[self._start : end])
+        self._start += len(taken)
+        if self._start == self._end:
+            self._start = self._end = 0
+        self._resume_reading()
+        return taken
+
+    async def read_some(self, limit: int) -> bytes:
+        while self._start == self._end and not self._eof:
+            await self._wait()
+        return self._take_staged(limit)
+
+    async def read_exactly(self, size: int) -> bytearray:
+        target = bytearray(size)
+        staged = self._take_staged(size)
+        target[: len(staged)] = staged
+        if len(staged) == size:
+            return target
+        self._target, self._filled = target, len(staged)
+        while self._target is not None and not self._eof:
+            await self._wait()
+        if self._target is not None:
+            filled, self._target = self._filled, None
+            raise TransportClosed(f"connection closed after {filled} of {size} bytes")
+        return target
+
+    async def drain(self) -> None:
+        if self._lost is not None:
+            raise TransportClosed(f"connection lost: {self._lost}")
+        if self._writing_paused:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+            if self._lost is not None:
+                raise TransportClosed(f"connection lost: {self._lost}")
+
+
+class TcpTransport(Transport):
+    """:class:`Transport` over TCP with low-latency socket options.
+
+    Built on :class:`asyncio.BufferedProtocol`: a payload read with
+    :meth:`read_exactly` is received by the kernel straight into the buffer returned
+    (no intermediate stream buffer, no copy).
+    """
+
+    def __init__(self, protocol: _TcpProtocol) -> None:
+        if protocol.transport is None:
+            raise TransactionError("TCP transport is not connected")
+        self._protocol = protocol
+        self._transport = protocol.transport
+        peer = self._transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        if self._socket is not None:
-            self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._rearm_quickack()
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        protocol.rearm_quickack()
 
     @property
     def peer(self) -> str:
         return self._peer
 
-    def _rearm_quickack(self) -> None:
-        # Linux-only option; the socket may already be closed by the peer.
-        if self._socket is not None and hasattr(socket, "TCP_QUICKACK"):
-            with contextlib.suppress(OSError):
-                self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-
     async def read_some(self, limit: int) -> bytes:
-        try:
-            data = await self._reader.read(min(limit, _READ_CHUNK))
-        except OSError as exc:
-            raise TransportClosed(f"connection to {self._peer} broke: {exc}") from exc
-        self._rearm_quickack()
-        return data
+        return await self._protocol.read_some(limit)
 
-    async def read_exactly(self, size: int) -> bytes:
+    async def read_exactly(self, size: int) -> bytearray:
         try:
-            data = await self._reader.readexactly(size)
-        except asyncio.IncompleteReadError as exc:
-            raise TransportClosed(
-                f"{self._peer} closed the connection after {len(exc.partial)} of {size} bytes"
-            ) from exc
-        except OSError as exc:
-            raise TransportClosed(f"connection to {self._peer} broke: {exc}") from exc
-        self._rearm_quickack()
-        return data
+            return await self._protocol.read_exactly(size)
+        except TransportClosed as exc:
+            raise TransportClosed(f"{self._peer}: {exc}") from exc
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._writer.write(data)
+        self._transport.write(data)
 
     async def drain(self) -> None:
         try:
-            await self._writer.drain()
-        except OSError as exc:
-            raise TransportClosed(f"connection to {self._peer} broke: {exc}") from exc
+            await self._protocol.drain()
+        except TransportClosed as exc:
+            raise TransportClosed(f"{self._peer}: {exc}") from exc
 
     async def close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
+        self._transport.close()
+        await self._protocol.closed
 
 
-# asyncio's default StreamReader limit (64 KiB) would pause the socket on every
-# page batch; a few MiB keeps a whole batch flowing.
-_STREAM_LIMIT = 4 << 20
+# Unread bytes kept while no exact read is pending (headers, small frames).
+_STAGING_SIZE = 256 << 10
 
 
 async def connect(uri: str, timeout: float) -> Transport:
     """Open a transport to the listener at ``uri`` within ``timeout`` seconds."""
     address = parse_uri(uri)
+    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                address.host, address.port, limit=_STREAM_LIMIT
-            )
+            _, protocol = await loop.create_connection(_TcpProtocol, address.host, address.port)
     except TimeoutError as exc:
         raise TransactionError(f"connecting to {address} timed out after {timeout} s") from exc
     except OSError as exc:
         raise TransactionError(f"cannot connect to {address}: {exc.strerror or exc}") from exc
-    return TcpTransport(reader, writer)
+    return TcpTransport(protocol)
 
 
 class Listener:
@@ -224,19 +358,17 @@ class Listener:
         return TcpAddress(self.address.host, port)
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            self._server = await asyncio.start_server(
-                self._on_connection, self.address.host, self.address.port, limit=_STREAM_LIMIT
+            self._server = await loop.create_server(
+                lambda: _TcpProtocol(self._pending.put_nowait),
+                self.address.host,
+                self.address.port,
             )
         except OSError as exc:
             raise TransactionError(
                 f"cannot listen on {self.address}: {exc.strerror or exc}"
             ) from exc
-
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await self._pending.put(TcpTransport(reader, writer))
 
     async def accept(self) -> Transport:
         """The next connected transport, waiting for one if needed."""

@@ -632,8 +632,10 @@ class FrameDecoder:
     resynchronisation point) and frames completed earlier in the failing chunk are
     dropped with it: the session is over and its open transaction is discarded.
 
-    Payloads decoded from a chunk that held them whole are memoryviews into that chunk
-    (``feed`` requires immutable ``bytes`` for that reason); others are copied once.
+    Payloads decoded from a chunk that held them whole are memoryviews into that chunk:
+    ``feed`` takes ownership of the chunk, which must never be modified afterwards (a
+    ``bytes``, or a ``bytearray`` fresh from ``Transport.read_exactly``).  Payloads
+    assembled from several chunks are copied once.
     """
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
@@ -662,8 +664,8 @@ class FrameDecoder:
             return HEADER_SIZE - len(self._buffer)
         return self._header.length - len(self._buffer)
 
-    def feed(self, data: bytes) -> list[Frame]:
-        """Consume ``data``; return every frame it completed, in stream order."""
+    def feed(self, data: bytes | bytearray) -> list[Frame]:
+        """Consume ``data`` (taking ownership); return every frame it completed, in order."""
         if self._failed is not None:
             raise TransactionError(f"frame stream already failed: {self._failed}")
         try:
@@ -674,7 +676,7 @@ class FrameDecoder:
             self._header = None
             raise
 
-    def _feed(self, data: bytes) -> list[Frame]:
+    def _feed(self, data: bytes | bytearray) -> list[Frame]:
         view = memoryview(data)
         pos = 0
         frames: list[Frame] = []
