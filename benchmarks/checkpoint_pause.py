@@ -1,0 +1,208 @@
+"""Checkpoint pause, rate and size through CheckpointSource on a real TCG guest.
+
+The guest is the ticker firmware (tests/ticker_rom.py) dirtying ``--pages`` pages about
+every millisecond, so every checkpoint carries those pages plus QEMU's own few.  The sink
+keeps references to the pages and commits at once: this measures QEMU plus Kemari's
+source, not the network or the standby.
+
+Printed per mode (periodic 200/50/20 ms for ``--seconds`` each, then ``--on-demand``
+back-to-back requested checkpoints):
+  pause   QMP STOP -> RESUME event timestamps (what the guest sees), p50/p99
+  kemari  VMSTATE_SEND received -> VMSTATE_LOADED sent (inside that pause), p50/p99
+  rate    committed checkpoints per second; pages and stream bytes per checkpoint
+  request on demand only: request_checkpoint() -> committed, p50/p99
+and the initial sync time of the ``--memory`` MiB guest.
+
+Needs Kemari's patched QEMU (``kemari qemu build``).
+Usage: python benchmarks/checkpoint_pause.py [--memory 256] [--pages 1000] [--seconds 3]
+       [--on-demand 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from kemari.checkpoint import CheckpointSource, CheckpointTrigger, PageBatch, SourceState
+from kemari.qemu.build import patched_qemu
+from kemari.qemu.cmdline import MachineSpec, MemoryFile
+from kemari.qemu.machine import EventSubscription, QemuMachine
+from kemari.stream import Configuration, RamBlockList
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from ticker_rom import ticker_rom
+
+PERIODS_MS = (200, 50, 20)
+ON_DEMAND_EPOCH_MS = 60_000
+TICK_DELAY_TSC = 2_000_000  # about 1 ms of host TSC
+
+
+class HoldingSink:
+    """Holds the last checkpoint's pages (as a sender would until sent) and commits at once."""
+
+    def __init__(self) -> None:
+        self.held: list[PageBatch] = []
+
+    async def begin_sync(self, configuration: Configuration, blocks: RamBlockList) -> None:
+        pass
+
+    async def sync_pages(self, batch: PageBatch) -> None:
+        pass
+
+    async def end_sync(self, device_state: bytes, vmdesc: bytes) -> None:
+        pass
+
+    async def begin(self, epoch: int) -> None:
+        self.held = []
+
+    async def pages(self, batch: PageBatch) -> None:
+        self.held.append(batch)
+
+    async def device_state(self, epoch: int, data: bytes) -> None:
+        pass
+
+    async def commit(self, epoch: int) -> None:
+        pass
+
+
+def percentiles_ms(values: Sequence[float]) -> str:
+    if not values:
+        return "n/a"
+    ordered = sorted(values)
+    p50 = statistics.median(ordered)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return f"p50 {p50 * 1e3:6.2f} ms  p99 {p99 * 1e3:6.2f} ms"
+
+
+class PauseRecorder:
+    """STOP -> RESUME durations from QEMU's event timestamps, collected in the background."""
+
+    def __init__(self, events: EventSubscription) -> None:
+        self.pauses: list[float] = []
+        self._task = asyncio.create_task(self._collect(events))
+
+    async def _collect(self, events: EventSubscription) -> None:
+        stopped: float | None = None
+        async for event in events:
+            if event.name == "STOP":
+                stopped = event.timestamp
+            elif event.name == "RESUME" and stopped is not None:
+                self.pauses.append(event.timestamp - stopped)
+                stopped = None
+
+    def take(self) -> list[float]:
+        """The pauses recorded since the last call."""
+        taken, self.pauses = self.pauses, []
+        return taken
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+def report(
+    name: str,
+    source: CheckpointSource,
+    first_epoch: int,
+    elapsed_s: float,
+    pauses: list[float],
+    requests: list[float] | None = None,
+) -> None:
+    records = [r for r in source.recent() if r.epoch > first_epoch]
+    count = len(records)
+    print(f"{name}: {count} checkpoints in {elapsed_s:.2f} s = {count / elapsed_s:7.1f}/s")
+    print(f"  pause  {percentiles_ms(pauses)}   (QMP STOP -> RESUME, {len(pauses)} pairs)")
+    print(f"  kemari {percentiles_ms([r.pause_s for r in records])}   (VMSTATE_SEND -> LOADED)")
+    if requests is not None:
+        print(f"  request->committed {percentiles_ms(requests)}")
+    if records:
+        pages = statistics.mean(r.pages for r in records)
+        stream = statistics.mean(r.stream_bytes for r in records)
+        device = statistics.mean(r.device_bytes for r in records)
+        print(
+            f"  per checkpoint: {pages:.0f} pages, {stream / 1024:.0f} KiB stream "
+            f"({device / 1024:.1f} KiB device state)"
+        )
+
+
+async def measure(args: argparse.Namespace, binary: Path, workdir: Path) -> None:
+    spec = MachineSpec(
+        name="bench-primary",
+        accel="tcg",
+        qmp_socket=workdir / "qmp.sock",
+        memory_mib=args.memory,
+        bios=ticker_rom(workdir / "ticker.rom", pages=args.pages, delay_tsc=TICK_DELAY_TSC),
+        serial_log=workdir / "serial.log",
+        memory_file=MemoryFile(workdir / "ram"),
+    )
+    async with QemuMachine(spec, binary) as machine:
+        # Let the guest touch its pages before protection starts.
+        await asyncio.sleep(0.5)
+        source = CheckpointSource(machine, HoldingSink(), epoch_ms=ON_DEMAND_EPOCH_MS)
+        async with source, CheckpointTrigger(source) as trigger:
+            while source.state is SourceState.SYNCING:
+                await source.wait_progress(1.0)
+            sync = source.sync
+            if source.state is not SourceState.PROTECTED or sync is None:
+                raise SystemExit(f"protection failed: {source.state.value} {source.reason}")
+            print(
+                f"initial sync: {sync.ram_bytes >> 20} MiB guest in {sync.duration_s:.2f} s "
+                f"({sync.stream_bytes / sync.duration_s / 2**20:.0f} MiB/s on the wire, "
+                f"{sync.stream_bytes >> 20} MiB, {sync.pages} page records)"
+            )
+            with machine.subscribe("STOP", "RESUME") as events:
+                recorder = PauseRecorder(events)
+                for period in PERIODS_MS:
+                    await source.set_epoch(period)
+                    await asyncio.sleep(0.3)  # settle into the new period
+                    recorder.take()
+                    first = source.committed_epoch
+                    started = time.monotonic()
+                    await asyncio.sleep(args.seconds)
+                    elapsed = time.monotonic() - started
+                    report(f"periodic {period} ms", source, first, elapsed, recorder.take())
+
+                await source.set_epoch(ON_DEMAND_EPOCH_MS)
+                await trigger.checkpoint()
+                recorder.take()
+                first = source.committed_epoch
+                requests: list[float] = []
+                started = time.monotonic()
+                for _ in range(args.on_demand):
+                    asked = time.monotonic()
+                    await trigger.checkpoint()
+                    requests.append(time.monotonic() - asked)
+                elapsed = time.monotonic() - started
+                report("on demand", source, first, elapsed, recorder.take(), requests)
+                print(f"  QEMU asked {trigger.kicks} times in all")
+                await recorder.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory", type=int, default=256, help="guest MiB (default 256)")
+    parser.add_argument("--pages", type=int, default=1000, help="pages dirtied per tick")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per periodic mode")
+    parser.add_argument("--on-demand", type=int, default=200, help="on-demand checkpoints")
+    args = parser.parse_args()
+    patched = patched_qemu()
+    if patched is None:
+        print("patched QEMU not built: run `kemari qemu build` first", file=sys.stderr)
+        return 2
+    print(f"QEMU: {patched.version}")
+    print(f"guest: {args.memory} MiB, ticker dirtying {args.pages} pages per ~1 ms tick")
+    with tempfile.TemporaryDirectory(prefix="kemari-bench-") as tmp:
+        asyncio.run(measure(args, patched.binary, Path(tmp)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
