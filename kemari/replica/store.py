@@ -205,22 +205,32 @@ class StagedCheckpoint:
     def put_page(self, block: str, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Stage one 4096-byte page of ``block`` at byte ``offset``."""
         info = self._locate(block, offset)
-        view = memoryview(data)
-        if view.nbytes != PAGE_SIZE:
-            raise ReplicaError(f"page {block!r}@{offset:#x} has {view.nbytes} bytes, not 4096")
-        if not view.c_contiguous:
-            raise ReplicaError(f"page {block!r}@{offset:#x} is not a contiguous buffer")
+        page: PageData
+        # Immutable bytes are kept by reference (the parser hands out byte views of its
+        # immutable input chunks); anything mutable is copied now.  The two common
+        # shapes are checked first: this runs once per dirty page.
+        if (type(data) is bytes and len(data) == PAGE_SIZE) or (
+            type(data) is memoryview
+            and type(data.obj) is bytes
+            and data.nbytes == PAGE_SIZE
+            and data.format == "B"
+            and data.c_contiguous
+        ):
+            page = data
+        else:
+            view = memoryview(data)
+            if view.nbytes != PAGE_SIZE:
+                raise ReplicaError(f"page {block!r}@{offset:#x} has {view.nbytes} bytes, not 4096")
+            if not view.c_contiguous:
+                raise ReplicaError(f"page {block!r}@{offset:#x} is not a contiguous buffer")
+            page = view.cast("B") if isinstance(view.obj, bytes) else bytes(view)
         if self.direct:
-            self._replica.ram_file(info.index).map[offset : offset + PAGE_SIZE] = view.cast("B")
+            self._replica.ram_file(info.index).map[offset : offset + PAGE_SIZE] = page
             self._direct_pages += 1
             limit = crashpoint.limit("initial-pages")
             if limit is not None and self._direct_pages >= limit:
                 crashpoint.kill()
             return
-        # Immutable bytes are kept by reference (the parser hands out views of its
-        # immutable input chunks); anything mutable is copied now.
-        owner = data if isinstance(data, bytes) else view.obj
-        page: PageData = view.cast("B") if isinstance(owner, bytes) else bytes(view)
         self._entries[(info.index, offset)] = page
 
     def put_zero(self, block: str, offset: int, fill: int = 0) -> None:
