@@ -25,6 +25,7 @@ from kemari.transaction.session import (
     StandbySession,
     TransactionState,
     TransactionTracker,
+    refuse_busy,
 )
 from kemari.transaction.transport import (
     Listener,
@@ -42,6 +43,7 @@ from kemari.transaction.wire import (
     DeviceState,
     Goodbye,
     Heartbeat,
+    HeartbeatAck,
     RamBlock,
     RamBlocks,
     RamPages,
@@ -95,6 +97,7 @@ def test_tracker_commits_a_transaction_and_returns_to_idle():
         ([Begin(5), Abort(5, "x"), Begin(5)], "epoch 5 does not follow epoch 5"),
         ([Abort(0, "x")], "ABORT outside a transaction"),
         ([CommitAck(0)], "unexpected COMMIT_ACK"),
+        ([HeartbeatAck(0)], "unexpected HEARTBEAT_ACK"),
     ],
 )
 def test_tracker_rejects_rule_violations(steps, message):
@@ -280,6 +283,36 @@ def test_wrong_vm_name_is_refused():
     _, primary_error = asyncio.run(_pair(standby, primary))
     assert isinstance(primary_error, PeerRefused)
     assert primary_error.reason is RefuseReason.VM_NAME
+
+
+def test_heartbeat_measures_a_round_trip():
+    async def standby(transport: Transport) -> object:
+        session = await StandbySession.handshake(transport, STANDBY, timeout=5)
+        return await session.receive()
+
+    async def primary(transport: Transport) -> tuple[float, float]:
+        session = await PrimarySession.handshake(transport, PRIMARY, timeout=5)
+        rtts = (await session.heartbeat(timeout=5), await session.heartbeat(timeout=5))
+        await session.close("bye")
+        return rtts
+
+    ended, rtts = asyncio.run(_pair(standby, primary))
+    assert ended == SessionEnded("bye", None)
+    assert all(0 < rtt < 5 for rtt in rtts)
+
+
+def test_busy_standby_refuses_a_second_primary():
+    async def standby(transport: Transport) -> None:
+        await refuse_busy(transport, "already protecting vm1 for 10.0.0.1", timeout=5)
+
+    async def primary(transport: Transport) -> None:
+        await PrimarySession.handshake(transport, PRIMARY, timeout=5)
+
+    standby_result, primary_error = asyncio.run(_pair(standby, primary))
+    assert standby_result is None
+    assert isinstance(primary_error, PeerRefused)
+    assert primary_error.reason is RefuseReason.BUSY
+    assert "already protecting vm1" in str(primary_error)
 
 
 def test_many_pages_round_trip_in_one_transaction():

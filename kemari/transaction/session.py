@@ -179,10 +179,11 @@ class TransactionTracker:
                 return self.discard(f"primary aborted: {reason}")
             case Goodbye(message=message):
                 return self.discard(f"primary said goodbye: {message}")
-            case Heartbeat() | HeartbeatAck():
+            # HeartbeatAck subclasses Heartbeat (and HelloAck Hello): acks are matched first.
+            case Hello() | Refuse() | CommitAck() | HeartbeatAck():
+                raise TransactionError(f"unexpected {payload.TYPE.name} from the primary")
+            case Heartbeat():
                 return None
-            case Hello() | Refuse() | CommitAck():
-                raise TransactionError(f"unexpected {payload.TYPE.name} inside a session")
         return None
 
     def discard(self, reason: str) -> Discarded | None:
@@ -338,8 +339,6 @@ class PrimarySession:
             match frame.payload:
                 case CommitAck(epoch=summary.epoch):
                     return committed
-                case Heartbeat(timestamp_ns=stamp):
-                    await self._writer.send(HeartbeatAck(stamp))
                 case Goodbye(message=message):
                     raise TransactionError(f"standby said goodbye before acknowledging: {message}")
                 case _:
@@ -347,6 +346,16 @@ class PrimarySession:
                     raise TransactionError(
                         f"expected COMMIT_ACK of epoch {summary.epoch}, got {got}"
                     )
+
+    async def heartbeat(self, timeout: float) -> float:
+        """Round-trip time of one HEARTBEAT in seconds (not concurrently with commit)."""
+        sent = time.monotonic_ns()
+        await self._writer.send(Heartbeat(sent))
+        frame = await _receive_within(self._reader, timeout, "HEARTBEAT_ACK")
+        match frame.payload:
+            case HeartbeatAck(timestamp_ns=stamp) if stamp == sent:
+                return (time.monotonic_ns() - sent) / 1e9
+        raise TransactionError(f"expected HEARTBEAT_ACK of {sent}, got {frame.payload}")
 
     async def close(self, message: str = "") -> None:
         """Say GOODBYE (best effort) and close the transport."""
@@ -424,8 +433,6 @@ class StandbySession:
             match payload:
                 case Heartbeat(timestamp_ns=stamp):
                     await self._writer.send(HeartbeatAck(stamp))
-                case HeartbeatAck():
-                    pass
                 case Goodbye(message=message):
                     assert not isinstance(ended, Committed)
                     return SessionEnded(message, ended)
@@ -449,6 +456,19 @@ class StandbySession:
             pass
         finally:
             await self.transport.close()
+
+
+async def refuse_busy(transport: Transport, message: str, timeout: float) -> None:
+    """Answer another primary's HELLO with REFUSE(BUSY) and close its transport.
+
+    For a standby that already serves a session: the newcomer learns why at once
+    instead of waiting for a handshake timeout.
+    """
+    try:
+        await _receive_within(FrameReader(transport), timeout, f"HELLO from {transport.peer}")
+        await FrameWriter(transport).send(Refuse(RefuseReason.BUSY, message))
+    finally:
+        await transport.close()
 
 
 def _refusal(hello: Hello, identity: Identity) -> Refuse | None:
