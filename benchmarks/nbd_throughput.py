@@ -7,7 +7,8 @@ means 4 KiB requests with a stride of 7919 blocks (prime, so every block is
 visited once per pass in a seemingly random order); ``qemu-img bench`` has no
 truly random mode.  The direct runs use the host page cache
 (``-t writeback``), as the server's buffered ``pread``/``pwrite`` do, so the
-difference is the cost of the NBD path itself.
+difference is the cost of the NBD path itself.  ``qemu-nbd`` on the same
+image is printed as a reference for what a C server achieves here.
 
 Usage: python benchmarks/nbd_throughput.py [--size-mib 256] [--dir DIR]
 """
@@ -49,6 +50,25 @@ def kemari_server(image: Path, socket_path: Path) -> Iterator[str]:
         process.wait(30)
 
 
+@contextlib.contextmanager
+def qemu_nbd_server(image: Path, socket_path: Path) -> Iterator[str]:
+    """Run ``qemu-nbd`` (the reference C server) and yield its NBD URI."""
+    process = subprocess.Popen(
+        ["qemu-nbd", "-f", "raw", "-x", "bench", "-k", str(socket_path), "--persistent",
+         "--shared=8", str(image)],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not socket_path.exists():
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit("qemu-nbd did not start")
+            time.sleep(0.05)
+        yield f"nbd+unix:///bench?socket={socket_path}"
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
 def bench(target: str, *, write: bool, request: int, count: int, step: int) -> float:
     """One ``qemu-img bench`` run; returns MB/s from qemu-img's own timing."""
     cache = "none" if target.startswith("nbd") else "writeback"
@@ -70,6 +90,29 @@ def copy(source: str | Path, destination: str | Path, size: int) -> float:
     return size / (time.perf_counter() - started) / 1e6
 
 
+CASES = [
+    # label, write, request size, share of the image, step
+    ("sequential read, 1 MiB x32 in flight", False, MiB, 1, MiB),
+    ("sequential write, 1 MiB x32 in flight", True, MiB, 1, MiB),
+    ("sequential read, 64 KiB x32", False, 65536, 1, 65536),
+    ("scattered read, 4 KiB x32", False, 4096, 4, SCATTER_STRIDE),
+    ("scattered write, 4 KiB x32", True, 4096, 4, SCATTER_STRIDE),
+]
+
+
+def run_cases(target: str, size: int) -> list[float]:
+    """Every qemu-img bench case against ``target``, in MB/s."""
+    return [
+        bench(target, write=write, request=request, count=size // request // share, step=step)
+        for _, write, request, share, step in CASES
+    ]
+
+
+def run_copies(work: Path, source: Path, target: str, size: int) -> list[float]:
+    """Whole-image nbdcopy into and out of ``target`` (a file or an NBD URI), in MB/s."""
+    return [copy(source, target, size), copy(target, work / "out.raw", size)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256, help="image size (default 256)")
@@ -84,31 +127,18 @@ def main() -> None:
                 file.write(os.urandom(MiB))
         source = work / "source.raw"
         source.write_bytes(image.read_bytes())
-        print(f"image: {args.size_mib} MiB raw, {os.cpu_count()} CPUs; MB/s = 10^6 bytes/s")
-        print(f"{'workload':<40} {'direct file':>12} {'kemari nbd':>12} {'ratio':>7}")
-        with kemari_server(image, work / "nbd.sock") as uri:
-            blocks = size // 4096
-            cases = [
-                ("sequential read, 1 MiB x32 in flight", False, MiB, size // MiB, MiB),
-                ("sequential write, 1 MiB x32 in flight", True, MiB, size // MiB, MiB),
-                ("sequential read, 64 KiB x32", False, 65536, size // 65536, 65536),
-                ("scattered read, 4 KiB x32", False, 4096, blocks // 4, SCATTER_STRIDE),
-                ("scattered write, 4 KiB x32", True, 4096, blocks // 4, SCATTER_STRIDE),
-            ]
-            for label, write, request, count, step in cases:
-                direct, served = (
-                    bench(target, write=write, request=request, count=count, step=step)
-                    for target in (str(image), uri)
-                )
-                print(f"{label:<40} {direct:>12.1f} {served:>12.1f} {served / direct:>7.2f}")
-            copies = [
-                ("nbdcopy whole image in", source, work / "copy.raw", source, uri),
-                ("nbdcopy whole image out", image, work / "copy.raw", uri, work / "out.raw"),
-            ]
-            for label, direct_from, direct_to, served_from, served_to in copies:
-                direct = copy(direct_from, direct_to, size)
-                served = copy(served_from, served_to, size)
-                print(f"{label:<40} {direct:>12.1f} {served:>12.1f} {served / direct:>7.2f}")
+        results = {
+            "direct": run_cases(str(image), size) + run_copies(work, source, str(image), size)
+        }
+        for name, server in (("kemari", kemari_server), ("qemu-nbd", qemu_nbd_server)):
+            with server(image, work / f"{name}.sock") as uri:
+                results[name] = run_cases(uri, size) + run_copies(work, source, uri, size)
+    labels = [case[0] for case in CASES] + ["nbdcopy whole image in", "nbdcopy whole image out"]
+    print(f"image: {args.size_mib} MiB raw, {os.cpu_count()} CPUs; MB/s = 10^6 bytes/s")
+    print(f"{'workload':<40} {'direct':>9} {'kemari':>9} {'qemu-nbd':>9} {'kemari/direct':>14}")
+    for index, label in enumerate(labels):
+        direct, kemari, qemu = (results[name][index] for name in ("direct", "kemari", "qemu-nbd"))
+        print(f"{label:<40} {direct:>9.1f} {kemari:>9.1f} {qemu:>9.1f} {kemari / direct:>14.2f}")
 
 
 if __name__ == "__main__":

@@ -522,6 +522,22 @@ def test_close_ends_connected_clients_and_removes_the_socket(tmp_path: Path) -> 
     assert not server.socket.exists()
 
 
+def test_close_does_not_wait_for_a_client_that_stopped_reading(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(8 * MiB))
+    server = ServerThread(image, tmp_path / "nbd.sock")
+    with raw_client(server.socket) as stalled:
+        stalled.go()
+        # 64 MiB of READ replies: far more than the socket buffers hold.
+        for handle in range(64):
+            stalled.send(Command.READ, 0, MiB, handle=handle)
+        with raw_client(server.socket) as other:
+            other.go()
+            assert other.call(Command.READ, 0, 4) == (0, bytes(4))  # others are served
+        server.close()  # returns although nobody reads the stalled replies
+    assert not server.socket.exists()
+
+
 # --- host errors -------------------------------------------------------------
 
 

@@ -8,17 +8,21 @@ request; each task performs its I/O on the backend and writes its own reply.
 
 Invariants:
 
-* a reply (header plus READ data) is handed to the transport by synchronous
-  ``write`` calls with no ``await`` in between, so replies never interleave
-  even though they may leave in a different order than requests arrived;
+* replies leave one at a time under a per-connection send lock, each fully
+  handed to the transport and drained before the next: replies never
+  interleave (though they may leave in a different order than requests
+  arrived), and the transport buffer holds about one reply, not dozens of
+  large READs;
 * the reader stops reading while the connection's in-flight requests exceed
   :data:`MAX_IN_FLIGHT_REQUESTS` or :data:`MAX_IN_FLIGHT_BYTES`, which bounds
   memory per connection (a lone oversized request is always admitted);
 * an invalid request (bad bounds, flags, command, length) gets an error reply
   and the connection keeps serving; only a broken framing (bad magic, bad
   handshake) closes the connection, and never the server;
-* on NBD_CMD_DISC, EOF, a violation, or server close, in-flight requests are
-  completed before the socket is closed.
+* on NBD_CMD_DISC, EOF or a violation, in-flight requests complete and
+  their replies are sent before the socket closes; on server close, their
+  backend I/O completes and then the connection is aborted, so a client that
+  stopped reading cannot hold the shutdown.
 
 The server never waits on anything outside itself and its backend before
 answering (see the backend contract).
@@ -187,9 +191,36 @@ class _Connection:
         self._no_zeroes = False
         self._limit = _InFlightLimit()
         self._requests: set[asyncio.Task[None]] = set()
+        self._send_lock = asyncio.Lock()
+        self._performing = 0  # requests inside backend I/O right now
+        self._io_idle = asyncio.Event()
+        self._io_idle.set()
 
     async def serve(self) -> None:
         log.debug("%s: opened", self.name)
+        try:
+            await self._speak()
+            # Graceful end: in-flight requests finish and reply, then hang up.
+            if self._requests:
+                await asyncio.gather(*self._requests, return_exceptions=True)
+            self._writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.wait_closed()
+        except asyncio.CancelledError:
+            # Server shutdown: accepted requests finish their backend I/O
+            # (never cancelled half-way), then the link is cut hard.
+            await self._io_idle.wait()
+            self._writer.transport.abort()
+            if self._requests:
+                await asyncio.gather(*self._requests, return_exceptions=True)
+            # Not re-raised: asyncio's stream server callback (3.11) logs a
+            # cancelled connection task as an error.  close() awaits us anyway.
+        finally:
+            self.phase = Phase.CLOSED
+            log.debug("%s: closed", self.name)
+
+    async def _speak(self) -> None:
+        """Handshake and transmission; returns when the client or the protocol ends them."""
         try:
             if await self._negotiate():
                 self.phase = Phase.TRANSMISSION
@@ -202,19 +233,6 @@ class _Connection:
             log.debug("%s: client closed the connection in %s", self.name, self.phase.value)
         except ConnectionError as exc:
             log.debug("%s: connection lost: %s", self.name, exc)
-        finally:
-            await self._finish()
-
-    async def _finish(self) -> None:
-        # In-flight requests complete (and reply if the client is still there)
-        # before the socket closes; they are never cancelled half-way.
-        if self._requests:
-            await asyncio.gather(*self._requests, return_exceptions=True)
-        self.phase = Phase.CLOSED
-        self._writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self._writer.wait_closed()
-        log.debug("%s: closed", self.name)
 
     # --- handshake -----------------------------------------------------------
 
@@ -320,8 +338,7 @@ class _Connection:
                     # Keep the stream in sync: the payload follows regardless.
                     await self._discard(request.length)
                 log.debug("%s: %s refused with %s", self.name, request, error.name)
-                self._send_reply(error, request.handle)
-                await self._writer.drain()
+                await self._send_reply(error, request.handle)
                 continue
             cost = request.length if request.command in (Command.READ, Command.WRITE) else 0
             await self._limit.acquire(cost)
@@ -336,6 +353,8 @@ class _Connection:
 
     async def _execute(self, request: protocol.Request, payload: bytes, cost: int) -> None:
         data = b""
+        self._performing += 1
+        self._io_idle.clear()
         try:
             data = await self._perform(request, payload)
             error = Errno.OK
@@ -345,10 +364,12 @@ class _Connection:
         except Exception:  # a backend bug must not kill the connection
             error = Errno.EIO
             log.exception("%s: %s failed", self.name, Command(request.command).name)
+        finally:
+            self._performing -= 1
+            if not self._performing:
+                self._io_idle.set()
         try:
-            self._send_reply(error, request.handle, data)
-            with contextlib.suppress(ConnectionError):
-                await self._writer.drain()
+            await self._send_reply(error, request.handle, data)
         finally:
             self._limit.release(cost)
 
@@ -375,18 +396,21 @@ class _Connection:
             raise OSError(errno.EINVAL, f"command {command.name} not served")
         return b""
 
-    def _send_reply(self, error: Errno, handle: int, data: bytes = b"") -> None:
-        if self._writer.is_closing():
-            return
-        # One reply = synchronous writes with no await in between, so it is
-        # never interleaved with another request's reply.  Small replies are
-        # joined into one send; large READ data is not copied again.
+    async def _send_reply(self, error: Errno, handle: int, data: bytes = b"") -> None:
         header = protocol.encode_simple_reply(error, handle)
-        if len(data) <= _JOIN_LIMIT:
-            self._writer.write(header + data)
-        else:
-            self._writer.write(header)
-            self._writer.write(data)
+        async with self._send_lock:
+            if self._writer.is_closing():
+                return
+            # Small replies are joined into one send; large READ data is not
+            # copied again.  The drain inside the lock is what keeps the
+            # transport buffer to about one reply.
+            if len(data) <= _JOIN_LIMIT:
+                self._writer.write(header + data)
+            else:
+                self._writer.write(header)
+                self._writer.write(data)
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
 
     async def _discard(self, length: int) -> None:
         """Read and drop ``length`` bytes in bounded chunks."""
