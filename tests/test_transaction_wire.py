@@ -276,3 +276,42 @@ def test_whole_payload_in_one_chunk_is_not_copied():
 @given(data=st.binary(max_size=2000))
 def test_fuzz_target_accepts_any_input(data):
     TestOneInput(data)
+
+
+@settings(deadline=None)
+@given(
+    step=st.integers(0, 255),
+    pages=st.lists(st.tuples(st.integers(0, 15), st.booleans()), max_size=6),
+    noise=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), max_size=3),
+)
+def test_fuzz_target_on_mutated_valid_streams(step, pages, noise):
+    """Valid transactions reach the state machine; mutated ones must fail cleanly."""
+    blocks = (RamBlock("pc.ram", 16 * PAGE_SIZE),)
+    stream: list[Payload] = [Begin(0), RamBlocks(0, blocks)]
+    for page, zero in pages:
+        data_pages, zero_pages = ((), (page,)) if zero else ((page,), ())
+        stream.append(
+            RamPages(
+                0,
+                0,
+                page_indices(data_pages),
+                page_indices(zero_pages),
+                b"p" * len(data_pages) * PAGE_SIZE,
+            )
+        )
+    data_count = sum(not zero for _, zero in pages)
+    stream += [Commit(0, data_count, len(pages) - data_count, 0), Begin(1), Abort(1, "x")]
+    wire = bytearray(_wire(stream))
+    TestOneInput(bytes([step]) + bytes(wire))
+    for position, value in noise:
+        wire[position % len(wire)] = value
+    TestOneInput(bytes([step]) + bytes(wire))
+
+
+def test_header_error_in_a_split_header_is_a_transaction_error():
+    header = bytearray(_forged_header(100))
+    header[35] ^= 0xFF  # header checksum
+    decoder = FrameDecoder()
+    decoder.feed(bytes(header[:20]))
+    with pytest.raises(TransactionError, match="header checksum"):
+        decoder.feed(bytes(header[20:]))

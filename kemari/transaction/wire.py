@@ -694,7 +694,8 @@ class FrameDecoder:
                     if len(self._buffer) < HEADER_SIZE:
                         _check_magic_prefix(self._buffer)
                         return frames
-                    self._header = self._parse_header(memoryview(self._buffer))
+                    # A copy: no view of _buffer may outlive this call (clear() needs that).
+                    self._header = self._parse_header(memoryview(bytes(self._buffer)))
                     self._buffer.clear()
             header = self._header
             if not self._buffer and len(view) - pos >= header.length:
