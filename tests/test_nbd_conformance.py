@@ -254,6 +254,20 @@ def test_qemu_io_write_read_fua_zero_discard_flush(served: ServerThread) -> None
     assert served.image.read_bytes()[128 * 1024 : 192 * 1024] == bytes(64 * 1024)
 
 
+def test_qemu_blockdev_options_as_the_vm_uses_them(served: ServerThread) -> None:
+    # The same option spelling as -blockdev driver=nbd,server.type=unix,... for a guest disk.
+    options = (
+        "driver=raw,file.driver=nbd,file.server.type=unix,"
+        f"file.server.path={served.socket},file.export={EXPORT}"
+    )
+    output = run(
+        "qemu-io", "--image-opts", options,
+        "-c", "write -P 0x21 4k 4k", "-c", "read -P 0x21 4k 4k",
+    ).stdout  # fmt: skip
+    assert "Pattern verification failed" not in output
+    assert served.image.read_bytes()[4096:8192] == b"\x21" * 4096
+
+
 def test_qemu_io_many_aio_requests_in_flight(served: ServerThread) -> None:
     commands = []
     for index in range(32):
