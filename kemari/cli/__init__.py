@@ -6,7 +6,7 @@ import importlib
 from types import ModuleType
 
 # One entry per command module in this package; each exposes add_parser(subparsers).
-_COMMAND_MODULES: tuple[str, ...] = ("monitor", "net", "doctor", "nbd", "qemu")
+_COMMAND_MODULES: tuple[str, ...] = ("monitor", "net", "doctor", "nbd", "qemu", "image")
 
 
 def command_modules() -> list[ModuleType]:
