@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kemari.nbd import protocol
 from kemari.nbd.backend import RawFileBackend
@@ -405,6 +407,66 @@ print(json.dumps([buffers[n - 1].to_bytearray() == bytes([n]) * size for n in ra
 """,
     )
     assert results == [True] * 64
+
+
+MODEL_SIZE = 256 * 1024
+_offsets = st.integers(0, MODEL_SIZE + 4096)
+_lengths = st.integers(0, 8192)
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just(Command.WRITE), _offsets, _lengths, st.integers(1, 255)),
+        st.tuples(st.just(Command.READ), _offsets, _lengths, st.just(0)),
+        st.tuples(st.just(Command.WRITE_ZEROES), _offsets, _lengths, st.sampled_from([0, 2])),
+        st.tuples(st.just(Command.TRIM), _offsets, _lengths, st.just(0)),
+        st.tuples(st.just(Command.FLUSH), st.just(0), st.just(0), st.just(0)),
+    ),
+    max_size=25,
+)
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    directory = tmp_path_factory.mktemp("model")
+    image = directory / "disk.raw"
+    image.write_bytes(bytes(MODEL_SIZE))
+    server = ServerThread(image, directory / "nbd.sock")
+    yield server
+    server.close()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(operations)
+def test_server_matches_a_byte_array_model(
+    model_server: ServerThread, ops: list[tuple[Command, int, int, int]]
+) -> None:
+    model = bytearray(model_server.image.read_bytes())
+    with raw_client(model_server.socket) as client:
+        client.go()
+        for command, offset, length, extra in ops:
+            in_bounds = offset + length <= MODEL_SIZE
+            if command is Command.WRITE:
+                payload = bytes([extra]) * length
+                error, _ = client.call(command, offset, length, payload=payload)
+                assert error == (0 if in_bounds else Errno.ENOSPC)
+                if in_bounds:
+                    model[offset : offset + length] = payload
+            elif command is Command.READ:
+                error, data = client.call(command, offset, length)
+                assert error == (0 if in_bounds else Errno.EINVAL)
+                if in_bounds:
+                    assert data == model[offset : offset + length]
+            elif command is Command.FLUSH:
+                assert client.call(command) == (0, b"")
+            else:  # WRITE_ZEROES (extra = NO_HOLE or not) and TRIM, which zeroes here
+                error, _ = client.call(command, offset, length, flags=extra)
+                beyond = Errno.ENOSPC if command is Command.WRITE_ZEROES else Errno.EINVAL
+                assert error == (0 if in_bounds else beyond)
+                if in_bounds:
+                    model[offset : offset + length] = bytes(length)
+        client.send(Command.DISC)
+    assert model_server.image.read_bytes() == model
 
 
 # --- raw sockets: handshake details and broken clients -----------------------
