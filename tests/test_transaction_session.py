@@ -30,6 +30,7 @@ from kemari.transaction.session import (
 from kemari.transaction.transport import (
     Listener,
     TcpAddress,
+    TcpTransport,
     Transport,
     TransportClosed,
     connect,
@@ -524,6 +525,22 @@ def test_exact_read_cut_short_reports_how_much_arrived():
     error, _ = asyncio.run(_pair(receiver, sender))
     assert isinstance(error, TransportClosed)
     assert "after 60 of 100 bytes" in str(error)
+
+
+def test_close_returns_even_if_the_peer_stopped_reading():
+    async def stuck(transport: Transport) -> None:
+        await asyncio.sleep(2.5)  # never reads, closes late
+
+    async def writer(transport: Transport) -> str:
+        assert isinstance(transport, TcpTransport)
+        transport.write(bytes(32 << 20))  # far more than the socket buffers hold
+        # Without the abort, close() would wait for the stuck peer beyond this bound.
+        async with asyncio.timeout(1.5):
+            await transport.close(grace=0.2)
+        return "closed"
+
+    _, result = asyncio.run(_pair(stuck, writer))
+    assert result == "closed"
 
 
 def test_connect_to_a_closed_port_fails_clearly():

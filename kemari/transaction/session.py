@@ -28,6 +28,7 @@ from kemari.transaction.wire import (
     PROTOCOL_VERSION,
     Abort,
     Begin,
+    Buffer,
     Commit,
     CommitAck,
     DeviceState,
@@ -48,8 +49,8 @@ from kemari.transaction.wire import (
     Role,
 )
 
-# Frames up to this size are joined into one write so header and payload leave in one
-# segment; larger payloads are written as they are (no copy of page data).
+# Frame parts up to this size are joined into one write so the header does not leave in
+# a segment of its own; larger parts (page data) are written as they are, without copy.
 _JOIN_LIMIT = 64 << 10
 
 
@@ -225,12 +226,20 @@ class FrameWriter:
         self._encoder = FrameEncoder()
 
     async def send(self, payload: Payload) -> None:
+        """Send one frame; waits while the peer does not keep up (callers bound the time)."""
         parts = self._encoder.encode(payload)
-        if sum(len(part) for part in parts) <= _JOIN_LIMIT:
-            self._transport.write(b"".join(parts))
-        else:
-            for part in parts:
-                self._transport.write(part)
+        # Header and small leading parts leave together; large page data is not copied.
+        small: list[Buffer] = []
+        for part in parts:
+            if len(part) <= _JOIN_LIMIT:
+                small.append(part)
+                continue
+            if small:
+                self._transport.write(b"".join(small))
+                small = []
+            self._transport.write(part)
+        if small:
+            self._transport.write(b"".join(small))
         await self._transport.drain()
 
 

@@ -126,6 +126,12 @@ class Transport(abc.ABC):
         """Close the stream; safe to call more than once."""
 
 
+# Unread bytes kept while no exact read is pending (headers, small frames).
+_STAGING_SIZE = 256 << 10
+# Seconds close() waits for queued bytes to reach a peer before aborting.
+_CLOSE_GRACE = 2.0
+
+
 class _TcpProtocol(asyncio.BufferedProtocol):
     """Receives straight into the buffer a pending :meth:`TcpTransport.read_exactly` wants.
 
@@ -314,13 +320,18 @@ class TcpTransport(Transport):
         except TransportClosed as exc:
             raise TransportClosed(f"{self._peer}: {exc}") from exc
 
-    async def close(self) -> None:
+    async def close(self, grace: float = _CLOSE_GRACE) -> None:
+        """Close after flushing queued bytes for at most ``grace`` seconds, then abort.
+
+        Without the bound, a peer that stopped reading would keep the socket forever.
+        """
         self._transport.close()
-        await self._protocol.closed
-
-
-# Unread bytes kept while no exact read is pending (headers, small frames).
-_STAGING_SIZE = 256 << 10
+        try:
+            async with asyncio.timeout(grace):
+                await asyncio.shield(self._protocol.closed)
+        except TimeoutError:
+            self._transport.abort()
+            await self._protocol.closed
 
 
 async def connect(uri: str, timeout: float) -> Transport:
