@@ -60,6 +60,15 @@ _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _KNOWN_RAM_FLAGS = RamFlag.ZERO | RamFlag.MEM_SIZE | RamFlag.PAGE | RamFlag.EOS | RamFlag.CONTINUE
+# Plain ints for the per-page hot path: every IntFlag operation builds an enum member,
+# which costs microseconds per page record.
+_UNSUPPORTED = int(UNSUPPORTED_RAM_FLAGS)
+_UNKNOWN = PAGE_MASK & ~int(_KNOWN_RAM_FLAGS)
+_ZERO = int(RamFlag.ZERO)
+_MEM_SIZE = int(RamFlag.MEM_SIZE)
+_PAGE = int(RamFlag.PAGE)
+_EOS = int(RamFlag.EOS)
+_CONTINUE = int(RamFlag.CONTINUE)
 _VMDESC_TRAILER_HEAD = 6  # QEMU_VM_EOF byte, QEMU_VM_VMDESCRIPTION byte, be32 length
 _FOOTER_LEN = 5  # QEMU_VM_SECTION_FOOTER byte, be32 section id
 
@@ -469,22 +478,18 @@ class StreamParser:
         word = reader.be64()
         flags = word & PAGE_MASK
         address = word & ~PAGE_MASK
-        if flags & UNSUPPORTED_RAM_FLAGS:
+        if flags & _UNSUPPORTED:
             raise UnsupportedStreamError(f"RAM record flags {RamFlag(flags)!r} are not supported")
-        if flags & ~_KNOWN_RAM_FLAGS:
+        if flags & _UNKNOWN:
             raise MalformedStreamError(f"unknown RAM record flags {flags:#x}")
-        base = flags & ~RamFlag.CONTINUE
-        if (
-            section.section_type is SectionType.START
-            and not self._blocks
-            and base != RamFlag.MEM_SIZE
-        ):
+        base = flags & ~_CONTINUE
+        if section.section_type is SectionType.START and not self._blocks and base != _MEM_SIZE:
             raise MalformedStreamError("RAM SECTION_START does not begin with the block list")
-        if base == RamFlag.MEM_SIZE and not flags & RamFlag.CONTINUE:
+        if base == _MEM_SIZE and not flags & _CONTINUE:
             return [self._block_list(reader, section, address)]
-        if base in (RamFlag.ZERO, RamFlag.PAGE):
+        if base in (_ZERO, _PAGE):
             return [self._page(reader, flags, address)]
-        if flags == RamFlag.EOS and address == 0:
+        if flags == _EOS and address == 0:
             section.saw_eos = True
             return []
         raise MalformedStreamError(f"invalid RAM record {word:#018x}")
@@ -513,7 +518,7 @@ class StreamParser:
         return RamBlockList(section.section_id, tuple(blocks.values()))
 
     def _page(self, reader: _Reader, flags: int, offset: int) -> RamPage | RamZeroPage:
-        if flags & RamFlag.CONTINUE:
+        if flags & _CONTINUE:
             block = self._last_block
             if block is None:
                 raise MalformedStreamError("RAM CONTINUE record without a previous block")
@@ -528,7 +533,7 @@ class StreamParser:
                 f"RAM offset {offset:#x} beyond block {block.name} of {block.used_length:#x}"
             )
         event: RamPage | RamZeroPage
-        if flags & RamFlag.ZERO:
+        if flags & _ZERO:
             event = RamZeroPage(block.name, offset, reader.u8())
         else:
             event = RamPage(block.name, offset, reader.raw(PAGE_SIZE))
