@@ -3,9 +3,10 @@
 For 100, 1000 and 10000 dirty pages per checkpoint, on tmpfs (/dev/shm) and on the disk:
 
 - stage:   put_page() of every page (what the receiver does while the stream arrives);
-- commit:  StagedCheckpoint.commit(): journal + commit record + apply in place + state;
 - ack:     commit(defer_apply=True): only up to the commit point (what the primary waits
            for when the receiver acknowledges before applying);
+- apply:   the apply_pending() that follows such an ack (in place + state + mark);
+- commit:  StagedCheckpoint.commit(): journal + commit record + apply in place + state;
 - direct:  the same pages copied into the mapped RAM file with no journal at all (the floor
            an unprotected apply would cost).
 
@@ -13,7 +14,6 @@ Usage: .venv/bin/python benchmarks/replica_apply.py [--ram-mib 256] [--rounds 40
 """
 
 import argparse
-import mmap
 import os
 import random
 import shutil
@@ -36,7 +36,13 @@ def run(base: Path, ram_bytes: int, pages: int, rounds: int) -> dict[str, list[f
     rng = random.Random(pages)
     pool = [os.urandom(PAGE) for _ in range(256)]
     directory = Path(tempfile.mkdtemp(prefix="kemari-bench-", dir=base))
-    timings: dict[str, list[float]] = {"stage": [], "commit": [], "ack": [], "direct": []}
+    timings: dict[str, list[float]] = {
+        "stage": [],
+        "ack": [],
+        "apply": [],
+        "commit": [],
+        "direct": [],
+    }
     try:
         replica = Replica.create(directory / "r", [("pc.ram", ram_bytes), ("vga.vram", 16 << 20)])
         epoch = 1
@@ -51,8 +57,8 @@ def run(base: Path, ram_bytes: int, pages: int, rounds: int) -> dict[str, list[f
         for round_index in range(2 * rounds + 2):
             offsets = rng.sample(range(ram_bytes // PAGE), pages)
             epoch += 1
-            started = time.perf_counter()
             staged = replica.begin(epoch)
+            started = time.perf_counter()
             for number, page in enumerate(offsets):
                 staged.put_page("pc.ram", page * PAGE, pool[number % len(pool)])
             staged.set_device_state(device_state)
@@ -60,21 +66,26 @@ def run(base: Path, ram_bytes: int, pages: int, rounds: int) -> dict[str, list[f
             deferred = round_index % 2 == 1
             staged.commit(defer_apply=deferred)
             committed_at = time.perf_counter()
+            replica.apply_pending()
+            applied_at = time.perf_counter()
             if round_index < 2:
-                continue  # warm-up: first touch of journal and RAM pages
+                continue  # warm-up: first touch of the journal's pages
             timings["stage"].append(staged_at - started)
-            timings["ack" if deferred else "commit"].append(committed_at - staged_at)
+            if deferred:
+                timings["ack"].append(committed_at - staged_at)
+                timings["apply"].append(applied_at - committed_at)
+            else:
+                timings["commit"].append(committed_at - staged_at)
+        # The floor: the same copies into the replica's own (already populated) mapping.
+        mapped = replica.ram_file(0).map
+        for _ in range(rounds):
+            offsets = rng.sample(range(ram_bytes // PAGE), pages)
+            started = time.perf_counter()
+            for number, page in enumerate(offsets):
+                at = page * PAGE
+                mapped[at : at + PAGE] = pool[number % len(pool)]
+            timings["direct"].append(time.perf_counter() - started)
         replica.close()
-        with open(directory / "r" / "ram" / "000-pc.ram.ram", "r+b") as ram_file:
-            mapped = mmap.mmap(ram_file.fileno(), ram_bytes)
-            for _ in range(rounds):
-                offsets = rng.sample(range(ram_bytes // PAGE), pages)
-                started = time.perf_counter()
-                for number, page in enumerate(offsets):
-                    at = page * PAGE
-                    mapped[at : at + PAGE] = pool[number % len(pool)]
-                timings["direct"].append(time.perf_counter() - started)
-            mapped.close()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return timings
@@ -95,7 +106,7 @@ def main() -> None:
         for pages in (100, 1000, 10000):
             rounds = args.rounds if pages < 10000 else max(4, args.rounds // 4)
             timings = run(base, args.ram_mib << 20, pages, rounds)
-            for what in ("stage", "ack", "commit", "direct"):
+            for what in ("stage", "ack", "apply", "commit", "direct"):
                 samples = timings[what]
                 p50 = percentile(samples, 0.5)
                 rate = pages / statistics.median(samples)
