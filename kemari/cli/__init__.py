@@ -6,7 +6,16 @@ import importlib
 from types import ModuleType
 
 # One entry per command module in this package; each exposes add_parser(subparsers).
-_COMMAND_MODULES: tuple[str, ...] = ("monitor", "net", "doctor", "nbd", "qemu", "image")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "run",
+    "monitor",
+    "demo",
+    "image",
+    "doctor",
+    "qemu",
+    "nbd",
+    "net",
+)
 
 
 def command_modules() -> list[ModuleType]:

@@ -1,0 +1,296 @@
+"""The Kemari agent: one process per VM per host that owns the VM's QEMU and its I/O paths.
+
+Start order (each step needs the previous ones):
+
+1. lock the runtime directory, so two agents never drive one VM;
+2. start the NBD servers and network bridges, so QEMU finds its disk and NIC
+   sockets listening when it connects at start-up;
+3. start the monitor, so an operator can talk to the agent;
+4. start QEMU and wait until QMP answers.
+
+Teardown runs in exactly the reverse order, on every exit path (guest
+shutdown, ``quit``, SIGTERM/SIGINT, a QEMU that dies): QEMU is stopped before
+the servers it talks to, and every socket, tap and child is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import fcntl
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from kemari.config import VMConfig
+from kemari.errors import ConfigError, NetError, QemuError
+from kemari.image.builder import default_image
+from kemari.monitor.protocol import Reply
+from kemari.monitor.server import MonitorServer
+from kemari.nbd.backend import RawFileBackend
+from kemari.nbd.server import NbdServer
+from kemari.net.bridge import NetBridge
+from kemari.qemu.accel import choose_accel
+from kemari.qemu.binary import qemu_binary
+from kemari.qemu.cmdline import MachineSpec, NbdDisk, StreamNic
+from kemari.qemu.machine import QemuMachine
+
+NBD_EXPORT = "disk"
+
+
+class AgentState(enum.Enum):
+    """Life cycle of the agent itself (QEMU's own run state is reported separately)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Agent:
+    """Runs one VM until it shuts down, is told to quit, or its QEMU dies."""
+
+    def __init__(self, config: VMConfig, console: TextIO | None = None) -> None:
+        self.config = config
+        self.console = console
+        self.state = AgentState.STARTING
+        self.runtime_dir = config.resolved_runtime_dir()
+        self.monitor = MonitorServer(config.resolved_monitor())
+        self.nbd_servers: list[NbdServer] = []
+        self.bridges: list[NetBridge] = []
+        self.machine: QemuMachine | None = None
+        self.accel_reason = ""
+        self.binary_reason = ""
+        self.started_at = time.monotonic()
+        self._stop_requested = asyncio.Event()
+
+    async def run(self) -> int:
+        """Run the VM to the end; returns the exit status for ``kemari run``."""
+        async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(_locked_runtime_dir(self.runtime_dir, self.config.name))
+            spec = self._machine_spec()
+            for index, disk in enumerate(self.config.disks):
+                backend = RawFileBackend.open(disk.path, read_only=disk.read_only)
+                stack.push_async_callback(backend.close)
+                server = NbdServer(backend, self.runtime_dir / f"disk{index}.sock", NBD_EXPORT)
+                await server.start()
+                stack.push_async_callback(server.close)
+                self.nbd_servers.append(server)
+            for index, nic in enumerate(self.config.nics):
+                bridge = NetBridge(self.runtime_dir / f"net{index}.sock", nic.tap, nic.bridge)
+                await bridge.start()
+                stack.push_async_callback(bridge.close)
+                self.bridges.append(bridge)
+            self._register_monitor_commands()
+            await self.monitor.start()
+            stack.push_async_callback(self.monitor.close)
+            binary = qemu_binary(spec.accel)
+            self.binary_reason = binary.reason
+            self.machine = QemuMachine(spec, binary.path)
+            await stack.enter_async_context(self.machine)
+            stack.enter_context(self._signal_handlers())
+            await self._wait_for_nics()
+            if self.console is not None:
+                follower = asyncio.create_task(self._follow_serial(self.console))
+                stack.callback(follower.cancel)
+            self.state = AgentState.RUNNING
+            self._say(
+                f"VM {self.config.name} running (QEMU pid {self.machine.pid}, "
+                f"accel {spec.accel}: {self.accel_reason}); monitor at {self.monitor.path}"
+            )
+            status = await self._wait_for_end(self.machine)
+            self.state = AgentState.STOPPING
+        self.state = AgentState.STOPPED
+        return status
+
+    def _machine_spec(self) -> MachineSpec:
+        config = self.config
+        decision = choose_accel(config.accel)
+        self.accel_reason = decision.reason
+        kernel, initrd = config.kernel, config.initrd
+        if kernel is None:
+            image = default_image()
+            kernel, initrd = image.kernel, image.initrd
+        return MachineSpec(
+            name=config.name,
+            accel=decision.accel,
+            memory_mib=config.memory_mib,
+            vcpus=config.vcpus,
+            kernel=kernel,
+            initrd=initrd,
+            append=config.kernel_command_line(),
+            disks=tuple(
+                NbdDisk(
+                    socket=self.runtime_dir / f"disk{i}.sock",
+                    export=NBD_EXPORT,
+                    read_only=disk.read_only,
+                )
+                for i, disk in enumerate(config.disks)
+            ),
+            nics=tuple(
+                StreamNic(mac=nic.mac, socket=self.runtime_dir / f"net{i}.sock")
+                for i, nic in enumerate(config.nics)
+            ),
+            qmp_socket=self.runtime_dir / "qmp.sock",
+            serial_log=config.resolved_serial_log(),
+            # A guest reboot resets the machine in place (the records test relies on it).
+            no_reboot=False,
+        )
+
+    async def _wait_for_end(self, machine: QemuMachine) -> int:
+        """Wait for QEMU to exit, a stop request, or a failed I/O path; returns the exit status.
+
+        A failed NIC path (its tap vanished, say) stops the VM: a guest cut off
+        from its network must not keep running as if nothing happened.
+        """
+        exited = asyncio.create_task(machine.wait())
+        watchers: list[asyncio.Task[object]] = [
+            asyncio.create_task(self._stop_requested.wait()),
+            *(asyncio.create_task(bridge.wait_stopped()) for bridge in self.bridges),
+        ]
+        try:
+            await asyncio.wait({exited, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+        failed = [bridge.failure for bridge in self.bridges if bridge.failure is not None]
+        if not exited.done():
+            self._say(f"stopping VM {self.config.name}")
+            await machine.shutdown()
+            exited.cancel()
+            if failed:
+                raise failed[0]
+            return 0
+        end = exited.result()
+        if end.clean:
+            self._say(f"VM {self.config.name} shut down")
+            return 0
+        raise QemuError(f"QEMU ended unexpectedly: {end.describe()}")
+
+    async def _wait_for_nics(self, timeout_s: float = 10.0) -> None:
+        """QEMU 7.2 connects ``-netdev stream`` asynchronously: make sure every NIC did."""
+        deadline = time.monotonic() + timeout_s
+        while not all(bridge.guest_attached for bridge in self.bridges):
+            if time.monotonic() > deadline:
+                missing = [b.tap_name for b in self.bridges if not b.guest_attached]
+                raise NetError(f"QEMU did not connect the NIC(s) of tap {', '.join(missing)}")
+            await asyncio.sleep(0.02)
+
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, self._stop_requested.set)
+        try:
+            yield
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+
+    async def _follow_serial(self, out: TextIO) -> None:
+        """Copy the guest serial console to ``out`` as it grows."""
+        path = self.config.resolved_serial_log()
+        async for line in _tail(path):
+            out.write(line)
+            out.flush()
+
+    def _say(self, message: str) -> None:
+        print(f"kemari: {message}", file=sys.stderr, flush=True)
+
+    # -- monitor -------------------------------------------------------------
+
+    def _register_monitor_commands(self) -> None:
+        self.monitor.register(("info", "status"), self._info_status, "VM and agent status")
+        self.monitor.register(("quit",), self._quit, "stop the VM and the agent")
+
+    def status(self) -> dict[str, Any]:
+        """Plain-data status of the agent, its VM and its I/O paths."""
+        machine = self.machine
+        return {
+            "name": self.config.name,
+            "role": "standalone",
+            "agent": self.state.value,
+            "vm": machine.run_state.value if machine is not None else "not-started",
+            "qemu_pid": machine.pid if machine is not None else None,
+            "accel": machine.spec.accel if machine is not None else None,
+            "accel_reason": self.accel_reason,
+            "qemu_binary": str(machine.binary) if machine is not None else None,
+            "qemu_binary_reason": self.binary_reason,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "disks": [
+                {
+                    "image": str(disk.path),
+                    "read_only": disk.read_only,
+                    "socket": str(server.socket_path),
+                }
+                for disk, server in zip(self.config.disks, self.nbd_servers, strict=False)
+            ],
+            "nics": [bridge.counters.as_dict() for bridge in self.bridges],
+            "serial_log": str(self.config.resolved_serial_log()),
+        }
+
+    async def _info_status(self, args: list[str]) -> Reply:
+        if args:
+            raise ConfigError(f"info status takes no arguments, got {' '.join(args)!r}")
+        data = self.status()
+        lines = [
+            f"VM {data['name']}: {data['vm']} (role {data['role']}, agent {data['agent']})",
+            f"accel: {data['accel']} ({data['accel_reason']}); QEMU pid {data['qemu_pid']}",
+            f"uptime: {data['uptime_s']} s; serial log: {data['serial_log']}",
+        ]
+        lines += [f"disk{i}: {stats}" for i, stats in enumerate(data["disks"])]
+        lines += [f"nic{i}: {stats}" for i, stats in enumerate(data["nics"])]
+        return Reply(data=data, text="\n".join(lines))
+
+    async def _quit(self, args: list[str]) -> Reply:
+        del args
+        self._stop_requested.set()
+        return Reply(data={}, text=f"stopping VM {self.config.name}")
+
+
+@contextlib.contextmanager
+def _locked_runtime_dir(path: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on the VM's runtime directory; remove it when empty."""
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    lock_path = path / "agent.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(f"VM {name!r} is already running (agent pid {owner})") from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+async def _tail(path: Path, poll_s: float = 0.1) -> AsyncIterator[str]:
+    """Yield lines appended to ``path`` (which may not exist yet), forever."""
+    while not path.exists():
+        await asyncio.sleep(poll_s)
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        pending = ""
+        while True:
+            chunk = handle.read()
+            if not chunk:
+                await asyncio.sleep(poll_s)
+                continue
+            pending += chunk
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                yield line + "\n"

@@ -1,0 +1,103 @@
+"""``kemari run``: start a VM under Kemari from flags, a TOML config file, or both."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from kemari.agent import Agent
+from kemari.config import VMConfig, config_from_mapping, load_config_file
+from kemari.errors import ConfigError
+
+# Flag name -> config key for the plain scalar options.
+_SCALAR_FLAGS = {
+    "name": "name",
+    "memory": "memory",
+    "vcpus": "vcpus",
+    "accel": "accel",
+    "kernel": "kernel",
+    "initrd": "initrd",
+    "append": "append",
+    "workload": "workload",
+    "guest_ip": "guest_ip",
+    "monitor": "monitor",
+    "serial_log": "serial_log",
+    "runtime_dir": "runtime_dir",
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``kemari run``."""
+    parser = subparsers.add_parser(
+        "run",
+        help="run a VM under Kemari",
+        description="Run a VM under Kemari. Flags override values from --config.",
+    )
+    parser.add_argument("--config", "-c", type=Path, help="TOML config file (see docs/config.md)")
+    parser.add_argument("--name", help="VM name (a-z, 0-9, '-')")
+    parser.add_argument("--memory", "-m", help="guest RAM, e.g. 256M or 1G")
+    parser.add_argument("--vcpus", "--smp", type=int, help="number of vCPUs")
+    parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), help="accelerator")
+    parser.add_argument("--kernel", help="guest kernel (default: the built Kemari guest image)")
+    parser.add_argument("--initrd", help="guest initramfs")
+    parser.add_argument("--append", help="extra kernel command line")
+    parser.add_argument("--workload", help="Kemari guest workload: ticks, records, diskload, shell")
+    parser.add_argument("--guest-ip", help="guest eth0 address, e.g. 10.213.0.2/24")
+    parser.add_argument(
+        "--disk", action="append", metavar="PATH[,ro]", help="raw image served over NBD"
+    )
+    parser.add_argument(
+        "--nic",
+        action="append",
+        metavar="[mac=M][,tap=T][,bridge=B]",
+        help="virtio NIC carried by Kemari to a host tap",
+    )
+    parser.add_argument("--monitor", help="Kemari monitor socket path")
+    parser.add_argument("--serial-log", help="file receiving the guest serial console")
+    parser.add_argument("--runtime-dir", help="directory for sockets (default /run/kemari/NAME)")
+    parser.add_argument(
+        "--console", action="store_true", help="also copy the guest serial console to stdout"
+    )
+    parser.set_defaults(func=_run)
+
+
+def config_from_args(args: argparse.Namespace) -> VMConfig:
+    """Merge the config file (if any) and the flags into a validated :class:`VMConfig`."""
+    raw: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    for flag, key in _SCALAR_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            raw[key] = value
+    if args.disk:
+        raw["disk"] = [_parse_disk_flag(text) for text in args.disk]
+    if args.nic:
+        raw["nic"] = [_parse_nic_flag(text) for text in args.nic]
+    return config_from_mapping(raw)
+
+
+def _parse_disk_flag(text: str) -> dict[str, Any]:
+    path, _, options = text.partition(",")
+    if not path:
+        raise ConfigError(f"--disk {text!r}: missing path")
+    if options not in ("", "ro", "rw"):
+        raise ConfigError(f"--disk {text!r}: options are 'ro' or 'rw'")
+    return {"path": path, "read_only": options == "ro"}
+
+
+def _parse_nic_flag(text: str) -> dict[str, Any]:
+    nic: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("mac", "tap", "bridge") or not value:
+            raise ConfigError(f"--nic {text!r}: expected mac=..,tap=..,bridge=..")
+        nic[key] = value
+    return nic
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    agent = Agent(config, console=sys.stdout if args.console else None)
+    return asyncio.run(agent.run())

@@ -1,0 +1,139 @@
+"""Client of the guest's ``records`` service (protocol in docs/guest.md).
+
+Used by the tests and the demo from inside a client network namespace:
+``python -m kemari.testbed.records HOST:PORT put COUNT [--prefix P]`` stores
+records and prints the acknowledged ones as JSON; ``... get`` prints every
+stored record; ``... reboot`` asks the guest to reboot cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import sys
+import time
+from collections.abc import Sequence
+
+from kemari.errors import KemariError
+
+RECORDS_PORT = 7000
+MAX_REPLY_LINE = 64 * 1024
+
+
+class RecordsError(KemariError):
+    """The records service answered something unexpected, or not at all."""
+
+
+class RecordsClient:
+    """One TCP connection to the records service."""
+
+    def __init__(self, host: str, port: int = RECORDS_PORT, timeout: float = 30.0) -> None:
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._file = self._sock.makefile("rb")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._file.close()
+        self._sock.close()
+
+    def __enter__(self) -> RecordsClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def put(self, payload: str) -> int:
+        """Store one record; returns its sequence number once it is durable in the guest."""
+        if "\n" in payload or not payload:
+            raise RecordsError("a record payload is one non-empty line")
+        reply = self._call(f"PUT {payload}")
+        kind, _, seq = reply.partition(" ")
+        if kind != "OK" or not seq.isdigit():
+            raise RecordsError(f"PUT answered {reply!r}")
+        return int(seq)
+
+    def get(self) -> list[str]:
+        """Every stored record's payload, in order (``REC <seq> <payload>`` lines, then END)."""
+        self._send("GET")
+        records: list[str] = []
+        while True:
+            line = self._line()
+            if line.startswith("END "):
+                count = line[4:]
+                if not count.isdigit() or int(count) != len(records):
+                    raise RecordsError(f"GET ended with {line!r} after {len(records)} records")
+                return records
+            kind, _, rest = line.partition(" ")
+            seq, _, payload = rest.partition(" ")
+            if kind != "REC" or seq != str(len(records) + 1):
+                raise RecordsError(f"GET answered {line!r} as record {len(records) + 1}")
+            records.append(payload)
+
+    def reboot(self) -> None:
+        """Ask the guest to sync its data and reboot."""
+        self._send("REBOOT")
+        with contextlib.suppress(RecordsError, OSError):  # the guest may go down first
+            self._line()
+
+    def _call(self, request: str) -> str:
+        self._send(request)
+        return self._line()
+
+    def _send(self, request: str) -> None:
+        self._sock.sendall(request.encode() + b"\n")
+
+    def _line(self) -> str:
+        line = self._file.readline(MAX_REPLY_LINE)
+        if not line.endswith(b"\n"):
+            raise RecordsError("the records service closed the connection mid-reply")
+        return line[:-1].decode(errors="replace")
+
+
+def wait_for_service(host: str, port: int = RECORDS_PORT, timeout: float = 120.0) -> None:
+    """Wait until the service accepts connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=2.0).close()
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise RecordsError(f"records service at {host}:{port} unreachable: {exc}") from exc
+            time.sleep(0.2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry for use inside a client namespace."""
+    parser = argparse.ArgumentParser(prog="python -m kemari.testbed.records")
+    parser.add_argument("server", help="HOST:PORT or HOST")
+    parser.add_argument("action", choices=("put", "get", "reboot", "wait"))
+    parser.add_argument("count", type=int, nargs="?", default=1)
+    parser.add_argument("--prefix", default="record")
+    args = parser.parse_args(argv)
+    host, _, port_text = args.server.partition(":")
+    port = int(port_text) if port_text else RECORDS_PORT
+    try:
+        if args.action == "wait":
+            wait_for_service(host, port)
+            return 0
+        with RecordsClient(host, port) as client:
+            if args.action == "put":
+                acked = [
+                    {"seq": client.put(f"{args.prefix}-{i}"), "payload": f"{args.prefix}-{i}"}
+                    for i in range(args.count)
+                ]
+                print(json.dumps(acked))
+            elif args.action == "get":
+                print(json.dumps(client.get()))
+            else:
+                client.reboot()
+    except (OSError, KemariError) as exc:
+        print(f"records: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

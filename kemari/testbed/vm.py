@@ -1,0 +1,127 @@
+"""A ``kemari run`` agent started as a real child process, for tests and the demo.
+
+The child is the real CLI (no in-process shortcuts): it is optionally placed in
+a network namespace, its guest console is read from the serial log file, and
+its monitor is reached through the real monitor socket.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from kemari.errors import KemariError
+from kemari.monitor.client import run_command
+from kemari.monitor.protocol import Reply
+from kemari.testbed.topology import Namespace
+
+KEMARI_ARGV = (sys.executable, "-m", "kemari.cli.main")
+
+
+class AgentProcess:
+    """One ``kemari run`` child with its runtime directory and serial log."""
+
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        args: Sequence[str],
+        namespace: Namespace | None = None,
+    ) -> None:
+        self.name = name
+        self.runtime_dir = workdir / f"{name}-run"
+        self.serial_log = workdir / f"{name}-serial.log"
+        self.agent_log = workdir / f"{name}-agent.log"
+        self.monitor_path = self.runtime_dir / "monitor.sock"
+        argv = [
+            *KEMARI_ARGV, "run", "--name", name,
+            "--runtime-dir", str(self.runtime_dir), "--serial-log", str(self.serial_log),
+            *args,
+        ]  # fmt: skip
+        self._log_handle = self.agent_log.open("ab")
+        command = namespace.argv(argv) if namespace is not None else argv
+        self.process = subprocess.Popen(
+            command, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+
+    def __enter__(self) -> AgentProcess:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def serial_text(self) -> str:
+        """Everything the guest printed on its serial console so far."""
+        try:
+            return self.serial_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def agent_output(self) -> str:
+        """Everything the agent printed so far."""
+        return self.agent_log.read_text(errors="replace")
+
+    def wait_serial(self, pattern: str, timeout: float = 180.0, after: int = 0) -> re.Match[str]:
+        """Wait until ``pattern`` appears in the serial log past offset ``after``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.serial_text(), after)
+            if match is not None:
+                return match
+            if self.process.poll() is not None:
+                raise KemariError(
+                    f"agent {self.name} exited ({self.process.returncode}) before "
+                    f"{pattern!r} appeared: {self.agent_output()[-2000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise KemariError(
+                    f"{pattern!r} did not appear on {self.name}'s console within {timeout:.0f} s; "
+                    f"console tail: {self.serial_text()[-1500:]!r}"
+                )
+            time.sleep(0.1)
+
+    def wait_monitor(self, timeout: float = 60.0) -> None:
+        """Wait until the agent's monitor answers."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.monitor("info", "status")
+                return
+            except KemariError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
+
+    def monitor(self, *words: str) -> Reply:
+        """Send a monitor command and return the reply."""
+        return run_command(self.monitor_path, list(words))
+
+    def status(self) -> dict[str, Any]:
+        """``info status`` as data."""
+        data: dict[str, Any] = self.monitor("info", "status").data
+        return data
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """Ask the agent to stop (SIGTERM), kill it if it must; returns its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_handle.close()
+        return self.process.returncode
