@@ -8,11 +8,13 @@ request; each task performs its I/O on the backend and writes its own reply.
 
 Invariants:
 
-* replies leave one at a time under a per-connection send lock, each fully
-  handed to the transport and drained before the next: replies never
-  interleave (though they may leave in a different order than requests
-  arrived), and the transport buffer holds about one reply, not dozens of
-  large READs;
+* every reply is handed to the transport whole (header and data with no
+  ``await`` in between, or as one element of a batch of small replies), so
+  replies never interleave, though they may leave in a different order than
+  requests arrived;
+* a reply is complete only once the transport buffer is below its high-water
+  mark (``drain`` under a per-connection lock), so a client that stops
+  reading stalls its own requests instead of growing the buffer;
 * the reader stops reading while the connection's in-flight requests exceed
   :data:`MAX_IN_FLIGHT_REQUESTS` or :data:`MAX_IN_FLIGHT_BYTES`, which bounds
   memory per connection (a lone oversized request is always admitted);
@@ -192,6 +194,7 @@ class _Connection:
         self._limit = _InFlightLimit()
         self._requests: set[asyncio.Task[None]] = set()
         self._send_lock = asyncio.Lock()
+        self._batch: list[bytes] = []  # whole small replies waiting for _send_batch
         self._performing = 0  # requests inside backend I/O right now
         self._io_idle = asyncio.Event()
         self._io_idle.set()
@@ -398,19 +401,28 @@ class _Connection:
 
     async def _send_reply(self, error: Errno, handle: int, data: bytes = b"") -> None:
         header = protocol.encode_simple_reply(error, handle)
+        if len(data) > _JOIN_LIMIT:
+            async with self._send_lock:
+                self._send_batch()
+                if not self._writer.is_closing():
+                    self._writer.write(header)
+                    self._writer.write(data)
+                with contextlib.suppress(ConnectionError):
+                    await self._writer.drain()
+            return
+        # Small replies completing in the same loop iteration leave in one
+        # send: a syscall per 4 KiB reply costs more than the reply itself.
+        self._batch.append(header + data)
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._send_batch)
         async with self._send_lock:
-            if self._writer.is_closing():
-                return
-            # Small replies are joined into one send; large READ data is not
-            # copied again.  The drain inside the lock is what keeps the
-            # transport buffer to about one reply.
-            if len(data) <= _JOIN_LIMIT:
-                self._writer.write(header + data)
-            else:
-                self._writer.write(header)
-                self._writer.write(data)
             with contextlib.suppress(ConnectionError):
                 await self._writer.drain()
+
+    def _send_batch(self) -> None:
+        if self._batch and not self._writer.is_closing():
+            self._writer.write(b"".join(self._batch))
+        self._batch.clear()
 
     async def _discard(self, length: int) -> None:
         """Read and drop ``length`` bytes in bounded chunks."""
