@@ -111,9 +111,8 @@ def build_image(cache_dir: Path | None = None, force: bool = False) -> GuestImag
         )
     cache.mkdir(parents=True, exist_ok=True)
     with _locked(cache / "image.lock"):
-        kernel_meta = debs.resolve(KERNEL_META_PACKAGE)
-        kernel_pkg = debs.resolve(_real_kernel_package(kernel_meta))
-        busybox_pkg = debs.resolve(BUSYBOX_PACKAGE)
+        kernel_meta, busybox_pkg = debs.resolve(KERNEL_META_PACKAGE, BUSYBOX_PACKAGE)
+        (kernel_pkg,) = debs.resolve(_real_kernel_package(kernel_meta))
         inputs = {
             "builder_version": BUILDER_VERSION,
             "kernel_package": kernel_pkg.name,

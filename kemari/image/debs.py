@@ -39,36 +39,42 @@ class Package:
         return f"{self.name}_{self.version.replace(':', '%3a')}_amd64.deb"
 
 
-def resolve(name: str) -> Package:
-    """Return the candidate version of ``name`` from the host's apt lists."""
-    if not _NAME_RE.match(name):
-        raise ImageError(f"invalid Debian package name {name!r}")
-    output = _run(["apt-cache", "show", "--no-all-versions", name], f"look up package {name}")
-    fields = parse_control(output)
-    version = fields.get("Version", "")
-    sha256 = fields.get("SHA256", "")
-    if not _VERSION_RE.match(version) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        raise ImageError(
-            f"apt has no downloadable candidate for {name} (run 'apt-get update' first)"
-        )
-    return Package(name, version, sha256, parse_depends(fields.get("Depends", "")))
+def resolve(*names: str) -> list[Package]:
+    """Candidate versions of ``names`` from the host's apt lists (one apt-cache call)."""
+    for name in names:
+        if not _NAME_RE.match(name):
+            raise ImageError(f"invalid Debian package name {name!r}")
+    output = _run(["apt-cache", "show", "--no-all-versions", *names], f"look up {', '.join(names)}")
+    stanzas = {fields.get("Package", ""): fields for fields in parse_control(output)}
+    packages = []
+    for name in names:
+        fields = stanzas.get(name, {})
+        version = fields.get("Version", "")
+        sha256 = fields.get("SHA256", "")
+        if not _VERSION_RE.match(version) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ImageError(
+                f"apt has no downloadable candidate for {name} (run 'apt-get update' first)"
+            )
+        packages.append(Package(name, version, sha256, parse_depends(fields.get("Depends", ""))))
+    return packages
 
 
-def parse_control(text: str) -> dict[str, str]:
-    """Parse the first stanza of Debian control data (continuation lines joined)."""
+def parse_control(text: str) -> list[dict[str, str]]:
+    """Parse Debian control data into stanzas (continuation lines joined)."""
+    stanzas: list[dict[str, str]] = []
     fields: dict[str, str] = {}
     key = ""
-    for line in text.splitlines():
+    for line in [*text.splitlines(), ""]:
         if not line.strip():
             if fields:
-                break
-            continue
-        if line[0] in " \t" and key:
+                stanzas.append(fields)
+            fields, key = {}, ""
+        elif line[0] in " \t" and key:
             fields[key] += "\n" + line.strip()
         elif ":" in line:
             key, _, value = line.partition(":")
             fields[key] = value.strip()
-    return fields
+    return stanzas
 
 
 def parse_depends(value: str) -> tuple[str, ...]:

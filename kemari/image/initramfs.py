@@ -66,8 +66,11 @@ class Initramfs:
 
     def _add(self, entry: Entry) -> None:
         parent = str(PurePosixPath(entry.path).parent)
-        if parent != "." and parent not in self._entries:
-            self.add_dir(parent)
+        if parent != ".":
+            if parent not in self._entries:
+                self.add_dir(parent)
+            elif not stat.S_ISDIR(self._entries[parent].mode):
+                raise ImageError(f"initramfs: {entry.path} is inside non-directory {parent}")
         existing = self._entries.get(entry.path)
         if existing is not None and existing != entry:
             if stat.S_ISDIR(existing.mode) and stat.S_ISDIR(entry.mode):

@@ -693,6 +693,7 @@ static void dl_fill(unsigned char *blk, uint32_t blocks, uint32_t sync_every, ui
 		    uint64_t seq)
 {
 	struct dl_header h = {DL_MAGIC, blocks, sync_every, index, seq};
+	memset(blk, 0, DL_BLOCK);
 	memcpy(blk, &h, sizeof(h));
 	uint64_t x = seq * 0x9E3779B97F4A7C15ull ^ ((uint64_t)index << 32 | 0x5bd1e995u);
 	for (size_t off = sizeof(h); off + 8 <= DL_BLOCK - 4; off += 8) {
