@@ -17,6 +17,8 @@ from kemari.stream.format import PAGE_SIZE
 from kemari.transaction.session import (
     Committed,
     Discarded,
+    FrameReader,
+    FrameWriter,
     Identity,
     PeerDisconnected,
     PeerRefused,
@@ -45,10 +47,12 @@ from kemari.transaction.wire import (
     Goodbye,
     Heartbeat,
     HeartbeatAck,
+    HelloAck,
     RamBlock,
     RamBlocks,
     RamPages,
     RefuseReason,
+    Role,
     page_indices,
 )
 
@@ -272,6 +276,21 @@ def test_config_digest_mismatch_is_refused_on_both_sides():
     assert "standby refused the primary (CONFIG_DIGEST): VM config of 'vm1' differs" in str(
         primary_error
     )
+
+
+def test_primary_checks_the_standby_acknowledgement():
+    async def lying_standby(transport: Transport) -> None:
+        await FrameReader(transport).receive()
+        ack = HelloAck(Role.STANDBY, "vm1", bytes(32), ())
+        await FrameWriter(transport).send(ack)
+        await transport.read_some(1)
+
+    async def primary(transport: Transport) -> None:
+        await PrimarySession.handshake(transport, PRIMARY, timeout=5)
+
+    _, primary_error = asyncio.run(_pair(lying_standby, primary))
+    assert isinstance(primary_error, TransactionError)
+    assert "protects VM 'vm1' with another config" in str(primary_error)
 
 
 def test_wrong_vm_name_is_refused():

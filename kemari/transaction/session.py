@@ -293,12 +293,14 @@ async def _receive_within(reader: FrameReader, timeout: float, what: str) -> Fra
 class PrimarySession:
     """The active host's end: runs transactions and waits for each COMMIT_ACK."""
 
-    def __init__(self, transport: Transport, standby: HelloAck) -> None:
+    def __init__(
+        self, transport: Transport, writer: FrameWriter, reader: FrameReader, standby: HelloAck
+    ) -> None:
         self.transport = transport
         self.standby = standby
         self.tracker = TransactionTracker()
-        self._writer = FrameWriter(transport)
-        self._reader = FrameReader(transport)
+        self._writer = writer
+        self._reader = reader
 
     @classmethod
     async def handshake(
@@ -314,11 +316,10 @@ class PrimarySession:
             case Refuse(reason=reason, message=message):
                 raise PeerRefused(reason, message)
             case HelloAck(role=Role.STANDBY) as ack:
-                session = cls(transport, ack)
-                session._writer = writer
-                session._reader = reader
-                return session
-        raise TransactionError(f"expected HELLO_ACK from {transport.peer}, got {frame.payload}")
+                _check_ack(ack, identity, transport.peer)
+                return cls(transport, writer, reader, ack)
+        got = frame.payload.TYPE.name
+        raise TransactionError(f"expected HELLO_ACK of a standby from {transport.peer}, got {got}")
 
     @property
     def capabilities(self) -> tuple[str, ...]:
@@ -364,7 +365,7 @@ class PrimarySession:
         match frame.payload:
             case HeartbeatAck(timestamp_ns=stamp) if stamp == sent:
                 return (time.monotonic_ns() - sent) / 1e9
-        raise TransactionError(f"expected HEARTBEAT_ACK of {sent}, got {frame.payload}")
+        raise TransactionError(f"expected HEARTBEAT_ACK of {sent}, got {frame.payload.TYPE.name}")
 
     async def close(self, message: str = "") -> None:
         """Say GOODBYE (best effort) and close the transport."""
@@ -390,13 +391,20 @@ StandbyEvent = Begin | RamBlocks | RamPages | DeviceState | Committed | Discarde
 class StandbySession:
     """The standby's end: hands out validated transaction steps, acknowledges commits."""
 
-    def __init__(self, transport: Transport, primary: Hello, capabilities: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        writer: FrameWriter,
+        reader: FrameReader,
+        primary: Hello,
+        capabilities: tuple[str, ...],
+    ) -> None:
         self.transport = transport
         self.primary = primary
         self.capabilities = capabilities
         self.tracker = TransactionTracker()
-        self._writer = FrameWriter(transport)
-        self._reader = FrameReader(transport)
+        self._writer = writer
+        self._reader = reader
 
     @classmethod
     async def handshake(
@@ -418,10 +426,7 @@ class StandbySession:
             )
         shared = tuple(c for c in identity.capabilities if c in hello.capabilities)
         await writer.send(HelloAck(Role.STANDBY, identity.vm_name, identity.config_digest, shared))
-        session = cls(transport, hello, shared)
-        session._writer = writer
-        session._reader = reader
-        return session
+        return cls(transport, writer, reader, hello, shared)
 
     async def receive(self) -> StandbyEvent:
         """The next validated transaction step.
@@ -465,6 +470,16 @@ class StandbySession:
             pass
         finally:
             await self.transport.close()
+
+
+def _check_ack(ack: HelloAck, identity: Identity, peer: str) -> None:
+    """The standby checked our HELLO; check that it also describes the same VM."""
+    if ack.vm_name != identity.vm_name or ack.config_digest != identity.config_digest:
+        raise TransactionError(
+            f"standby {peer} accepted but protects VM {ack.vm_name!r} with another config"
+        )
+    if not set(ack.capabilities) <= set(identity.capabilities):
+        raise TransactionError(f"standby {peer} claims capabilities the primary never offered")
 
 
 async def refuse_busy(transport: Transport, message: str, timeout: float) -> None:
