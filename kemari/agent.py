@@ -243,8 +243,15 @@ class Agent:
             f"accel: {data['accel']} ({data['accel_reason']}); QEMU pid {data['qemu_pid']}",
             f"uptime: {data['uptime_s']} s; serial log: {data['serial_log']}",
         ]
-        lines += [f"disk{i}: {stats}" for i, stats in enumerate(data["disks"])]
-        lines += [f"nic{i}: {stats}" for i, stats in enumerate(data["nics"])]
+        lines += [
+            f"disk{i}: {disk['image']}{' (read-only)' if disk['read_only'] else ''} via NBD"
+            for i, disk in enumerate(data["disks"])
+        ]
+        lines += [
+            f"nic{i}: tap {nic.tap}: guest->host {counters['guest_to_host']['frames']} frames, "
+            f"host->guest {counters['host_to_guest']['frames']} frames"
+            for i, (nic, counters) in enumerate(zip(self.config.nics, data["nics"], strict=True))
+        ]
         return Reply(data=data, text="\n".join(lines))
 
     async def _quit(self, args: list[str]) -> Reply:

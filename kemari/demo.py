@@ -56,7 +56,7 @@ def run_demo(records_count: int = 20, keep_running: bool = False) -> int:
         with AgentProcess("demo", workdir, args, namespace=host) as agent:
             agent.wait_serial(r"workload records ready")
             print(f"    guest ready after {time.monotonic() - started:.1f} s")
-            print(agent.monitor("info", "status").text.replace("\n", "\n    "))
+            print("    " + agent.monitor("info", "status").text.replace("\n", "\n    "))
             step(f"client {CLIENT_IP} stores {records_count} records in the guest")
             acked = _records(client, "put", str(records_count), "--prefix", "demo")
             print(f"    acknowledged: {acked[0]['payload']} .. {acked[-1]['payload']}")
