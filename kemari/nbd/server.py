@@ -415,6 +415,10 @@ class _Connection:
         self._batch.append(header + data)
         if len(self._batch) == 1:
             asyncio.get_running_loop().call_soon(self._send_batch)
+        # Yield once: the ready queue is FIFO, so the batch send scheduled above
+        # (or by an earlier reply) runs first and this reply is in the transport
+        # before we return; a graceful close can never drop it.
+        await asyncio.sleep(0)
         async with self._send_lock:
             with contextlib.suppress(ConnectionError):
                 await self._writer.drain()
