@@ -217,6 +217,19 @@ def test_one_checkpoint_at_a_time_and_no_reuse(live):
         live.begin(3)
 
 
+def test_closing_the_replica_discards_a_staged_checkpoint(tmp_path):
+    replica = Replica.create(tmp_path / "r", BLOCKS)
+    staged = replica.begin(1)
+    staged.put_page(RAM, 0, page_of(1, 0, 1))
+    replica.close()
+    assert staged.state is StageState.DISCARDED
+    with pytest.raises(ReplicaError, match="already discarded"):
+        staged.put_page(RAM, 0, page_of(1, 0, 1))
+    with Replica.open(tmp_path / "r") as reopened:
+        assert reopened.committed_epoch == 0
+        assert ram_contents(reopened) == as_bytes(zero_model())
+
+
 def test_mutable_page_buffers_are_copied_when_staged(live):
     buffer = bytearray(page_of(7, 0, 2))
     with live.begin(2) as staged:

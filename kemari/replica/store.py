@@ -622,8 +622,12 @@ class Replica:
         self.device_state = device_state
 
     def _zero_ram(self) -> None:
-        for ram in self._ram:
-            ram.zero()
+        try:
+            for ram in self._ram:
+                ram.zero()
+        except ReplicaError as exc:
+            self._broken = str(exc)
+            raise
 
     # ----- reading ---------------------------------------------------------------------
 
@@ -681,7 +685,9 @@ class Replica:
                 self.apply_pending()
         finally:
             self._closed = True
-            self._staged = None
+            if self._staged is not None:
+                self._staged.state = StageState.DISCARDED
+                self._staged = None
             for ram in self._ram:
                 ram.close()
             if self._journal is not None:
