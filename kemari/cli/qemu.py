@@ -13,7 +13,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "qemu",
         help="build or locate the patched QEMU used under TCG",
         description=(
-            "QEMU 7.2 deadlocks at the first COLO checkpoint under TCG; Kemari builds "
+            "QEMU 7.2 deadlocks within the first COLO checkpoints under TCG; Kemari builds "
             "qemu-system-x86_64 from Debian's own source package with a two-line fix "
             "(docs/qemu-patch.md) and caches it. The system QEMU is never replaced."
         ),

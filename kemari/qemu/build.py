@@ -280,18 +280,22 @@ def _dpkg_installed(package: str) -> bool:
 def ensure_deb_src(version: str, progress: Progress) -> None:
     """Make ``apt-get source qemu=VERSION`` possible: add deb-src entries when apt has none.
 
-    Writes :data:`DEB_SRC_LIST` (bookworm, bookworm-updates, bookworm-security) and
-    runs ``apt-get update`` once; QemuError if still unavailable or not root.
+    As root: writes :data:`DEB_SRC_LIST` (bookworm, bookworm-updates, bookworm-security)
+    unless it exists, and runs ``apt-get update``.  QemuError if the source is still
+    unknown, or when not root.
     """
     if _source_available(version):
         return
-    if DEB_SRC_LIST.exists() or os.geteuid() != 0:
+    if os.geteuid() != 0:
         raise QemuError(
-            f"apt knows no source package qemu={version}: add deb-src entries for bookworm, "
-            f"bookworm-updates and bookworm-security (e.g. {DEB_SRC_LIST}) and run apt-get update"
+            f"apt knows no source package qemu={version}: as root, add deb-src entries for "
+            f"bookworm, bookworm-updates and bookworm-security (e.g. {DEB_SRC_LIST}) and run "
+            "apt-get update, or run kemari qemu build as root"
         )
-    progress(f"adding deb-src entries in {DEB_SRC_LIST}")
-    DEB_SRC_LIST.write_text(_deb_src_entries())
+    if not DEB_SRC_LIST.exists():
+        progress(f"adding deb-src entries in {DEB_SRC_LIST}")
+        DEB_SRC_LIST.write_text(_deb_src_entries())
+    progress("apt-get update (for the deb-src entries)")
     _run(["apt-get", "update", "-q"], what="apt-get update")
     if not _source_available(version):
         raise QemuError(
