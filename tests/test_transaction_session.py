@@ -24,6 +24,7 @@ from kemari.transaction.session import (
     PeerRefused,
     PrimarySession,
     SessionEnded,
+    SessionFailed,
     StandbySession,
     TransactionState,
     TransactionTracker,
@@ -431,7 +432,7 @@ def test_standby_disconnect_before_commit_ack_fails_the_commit():
     assert "closed the connection" in str(primary_error)
 
 
-def test_standby_rejects_a_rule_violation_from_the_primary():
+def test_standby_rejects_a_rule_violation_and_discards_the_transaction():
     async def standby(transport: Transport) -> None:
         session = await StandbySession.handshake(transport, STANDBY, timeout=5)
         while True:
@@ -439,12 +440,17 @@ def test_standby_rejects_a_rule_violation_from_the_primary():
 
     async def primary(transport: Transport) -> None:
         session = await PrimarySession.handshake(transport, PRIMARY, timeout=5)
-        # Bypass the primary's own tracker to send a page outside any transaction.
-        await session._writer.send(_pages(0, 0, [1]))
+        await session.send(Begin(0))
+        await session.send(RamBlocks(0, BLOCKS))
+        # Bypass the primary's own tracker to send a page of another epoch.
+        await session._writer.send(_pages(7, 0, [1]))
+        await transport.read_some(1)
 
     standby_error, _ = asyncio.run(_pair(standby, primary))
-    assert isinstance(standby_error, TransactionError)
-    assert "RAM_PAGES outside a transaction" in str(standby_error)
+    assert isinstance(standby_error, SessionFailed)
+    assert "RAM_PAGES of epoch 7 inside transaction 0; epoch 0 discarded" in str(standby_error)
+    assert standby_error.discarded is not None
+    assert standby_error.discarded.epoch == 0
 
 
 def test_http_client_is_refused_with_a_clear_error():

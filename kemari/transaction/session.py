@@ -62,12 +62,17 @@ class PeerRefused(TransactionError):
         self.reason = reason
 
 
-class PeerDisconnected(TransactionError):
-    """The peer's connection ended without GOODBYE; ``discarded`` is the lost transaction."""
+class SessionFailed(TransactionError):
+    """The session is over on error; ``discarded`` is the transaction it left open, if any."""
 
     def __init__(self, message: str, discarded: Discarded | None) -> None:
-        super().__init__(message)
+        lost = "" if discarded is None else f"; epoch {discarded.epoch} discarded"
+        super().__init__(f"{message}{lost}")
         self.discarded = discarded
+
+
+class PeerDisconnected(SessionFailed):
+    """The peer's connection ended without GOODBYE."""
 
 
 class TransactionState(enum.Enum):
@@ -431,19 +436,21 @@ class StandbySession:
     async def receive(self) -> StandbyEvent:
         """The next validated transaction step.
 
-        Heartbeats are answered here.  :class:`PeerDisconnected` (carrying the discarded
-        transaction) when the primary vanishes; any protocol violation raises
-        :class:`TransactionError` and the caller must drop the open transaction.
+        Heartbeats are answered here.  When the primary vanishes this raises
+        :class:`PeerDisconnected`, on any protocol violation :class:`SessionFailed`; both
+        carry the open transaction, now discarded, that the caller must drop.
         """
         while True:
             try:
                 frame = await self._reader.receive()
+                payload = frame.payload
+                ended = self.tracker.apply(payload)
             except TransportClosed as exc:
                 discarded = self.tracker.discard(f"primary disconnected: {exc}")
-                lost = "" if discarded is None else f"; epoch {discarded.epoch} discarded"
-                raise PeerDisconnected(f"{exc}{lost}", discarded) from exc
-            payload = frame.payload
-            ended = self.tracker.apply(payload)
+                raise PeerDisconnected(str(exc), discarded) from exc
+            except TransactionError as exc:
+                discarded = self.tracker.discard(f"protocol violation: {exc}")
+                raise SessionFailed(str(exc), discarded) from exc
             match payload:
                 case Heartbeat(timestamp_ns=stamp):
                     await self._writer.send(HeartbeatAck(stamp))
