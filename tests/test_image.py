@@ -460,7 +460,7 @@ def test_guest_boots_and_ticks(image: GuestImage, tmp_path: Path) -> None:
     qemu = shutil.which("qemu-system-x86_64")
     assert qemu, "qemu-system-x86 is not installed"
     command = [
-        qemu, "-accel", "tcg", "-M", "pc", "-m", "256", "-nographic", "-no-reboot",
+        qemu, "-accel", "tcg", "-M", "pc", "-m", "256", "-nographic", "-no-reboot", "-nic", "none",
         "-monitor", "none", "-kernel", str(image.kernel), "-initrd", str(image.initrd),
         "-append", "console=ttyS0 kemari.workload=ticks", "-serial", f"file:{serial}",
     ]  # fmt: skip

@@ -164,6 +164,7 @@ static int cmd_ticks(int argc, char **argv)
 #define MAX_PAYLOAD 4096
 #define MAX_LINE (MAX_PAYLOAD + 16)
 #define MAX_CLIENTS 1024
+#define MAX_PENDING_OUT (1 << 20)
 
 struct buf {
 	char *data;
@@ -577,7 +578,8 @@ static int cmd_records(int argc, char **argv)
 			if (c->fd >= 0)
 				pfds[nfds++] = (struct pollfd){
 					.fd = c->fd,
-					.events = (short)((c->closing ? 0 : POLLIN) | (c->out.len ? POLLOUT : 0)),
+					.events = (short)((c->closing || c->out.len >= MAX_PENDING_OUT ? 0 : POLLIN) |
+							  (c->out.len ? POLLOUT : 0)),
 				};
 		}
 		if (poll(pfds, nfds, -1) < 0) {
@@ -615,8 +617,9 @@ static int cmd_records(int argc, char **argv)
 		/* Phase 1: read and execute every complete request line. */
 		for (int i = 0; i < MAX_CLIENTS && !exit_code; i++) {
 			struct client *c = &clients[i];
+			/* Backpressure: no new requests while replies pile up unread. */
 			if (c->fd < 0 || !(revents[i] & (POLLIN | POLLHUP | POLLERR)) ||
-			    c->closing)
+			    c->closing || c->out.len >= MAX_PENDING_OUT)
 				continue;
 			char tmp[16384];
 			ssize_t n = recv(c->fd, tmp, sizeof(tmp), 0);
