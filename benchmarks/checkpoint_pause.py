@@ -13,7 +13,7 @@ back-to-back requested checkpoints):
   request on demand only: request_checkpoint() -> committed, p50/p99
 and the initial sync time of the ``--memory`` MiB guest.
 
-Needs Kemari's patched QEMU (``kemari qemu build``).
+Needs Kemari's patched QEMU (``kemari qemu build``; KEMARI_PATCHED_QEMU=PATH overrides).
 Usage: python benchmarks/checkpoint_pause.py [--memory 256] [--pages 1000] [--seconds 3]
        [--on-demand 200]
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, PageBatch, SourceState
+from kemari.qemu.binary import qemu_version
 from kemari.qemu.build import patched_qemu
 from kemari.qemu.cmdline import MachineSpec, MemoryFile
 from kemari.qemu.machine import EventSubscription, QemuMachine
@@ -139,7 +141,11 @@ async def measure(args: argparse.Namespace, binary: Path, workdir: Path) -> None
         accel="tcg",
         qmp_socket=workdir / "qmp.sock",
         memory_mib=args.memory,
-        bios=ticker_rom(workdir / "ticker.rom", pages=args.pages, delay_tsc=TICK_DELAY_TSC),
+        # invlpg before each store: without it TCG misses writes to TLB-resident pages
+        # (see docs/checkpoint.md) and checkpoints would carry no pages at all.
+        bios=ticker_rom(
+            workdir / "ticker.rom", pages=args.pages, delay_tsc=TICK_DELAY_TSC, flush_tlb=True
+        ),
         serial_log=workdir / "serial.log",
         memory_file=MemoryFile(workdir / "ram"),
     )
@@ -155,8 +161,8 @@ async def measure(args: argparse.Namespace, binary: Path, workdir: Path) -> None
                 raise SystemExit(f"protection failed: {source.state.value} {source.reason}")
             print(
                 f"initial sync: {sync.ram_bytes >> 20} MiB guest in {sync.duration_s:.2f} s "
-                f"({sync.stream_bytes / sync.duration_s / 2**20:.0f} MiB/s on the wire, "
-                f"{sync.stream_bytes >> 20} MiB, {sync.pages} page records)"
+                f"({sync.ram_bytes / sync.duration_s / 2**20:.0f} MiB/s of guest RAM; "
+                f"{sync.stream_bytes / 2**20:.1f} MiB stream, {sync.pages} page records)"
             )
             with machine.subscribe("STOP", "RESUME") as events:
                 recorder = PauseRecorder(events)
@@ -193,14 +199,19 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="per periodic mode")
     parser.add_argument("--on-demand", type=int, default=200, help="on-demand checkpoints")
     args = parser.parse_args()
+    override = os.environ.get("KEMARI_PATCHED_QEMU")
     patched = patched_qemu()
-    if patched is None:
+    if override:
+        binary = Path(override)
+    elif patched is not None:
+        binary = patched.binary
+    else:
         print("patched QEMU not built: run `kemari qemu build` first", file=sys.stderr)
         return 2
-    print(f"QEMU: {patched.version}")
+    print(f"QEMU: {qemu_version(binary)} ({binary})")
     print(f"guest: {args.memory} MiB, ticker dirtying {args.pages} pages per ~1 ms tick")
     with tempfile.TemporaryDirectory(prefix="kemari-bench-") as tmp:
-        asyncio.run(measure(args, patched.binary, Path(tmp)))
+        asyncio.run(measure(args, binary, Path(tmp)))
     return 0
 
 

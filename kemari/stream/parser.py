@@ -69,6 +69,8 @@ _MEM_SIZE = int(RamFlag.MEM_SIZE)
 _PAGE = int(RamFlag.PAGE)
 _EOS = int(RamFlag.EOS)
 _CONTINUE = int(RamFlag.CONTINUE)
+_CONTINUE_PAGE = _CONTINUE | _PAGE
+_CONTINUE_ZERO = _CONTINUE | _ZERO
 _VMDESC_TRAILER_HEAD = 6  # QEMU_VM_EOF byte, QEMU_VM_VMDESCRIPTION byte, be32 length
 _FOOTER_LEN = 5  # QEMU_VM_SECTION_FOOTER byte, be32 section id
 
@@ -488,7 +490,9 @@ class StreamParser:
         if base == _MEM_SIZE and not flags & _CONTINUE:
             return [self._block_list(reader, section, address)]
         if base in (_ZERO, _PAGE):
-            return [self._page(reader, flags, address)]
+            events: list[StreamEvent] = [self._page(reader, flags, address)]
+            self._continued_pages(reader, events)
+            return events
         if flags == _EOS and address == 0:
             section.saw_eos = True
             return []
@@ -539,6 +543,38 @@ class StreamParser:
             event = RamPage(block.name, offset, reader.raw(PAGE_SIZE))
         self._last_block = block
         return event
+
+    def _continued_pages(self, reader: _Reader, events: list[StreamEvent]) -> None:
+        """The hot path: take the CONTINUE page records that follow, complete in the buffer.
+
+        Each record gets the same checks as in :meth:`_page`; the first record that is
+        anything else (or incomplete, or out of range) is left to the general path.
+        """
+        block = self._last_block
+        assert block is not None  # _page just set it
+        buf, pos, end = reader.buf, reader.pos, len(reader.buf)
+        view = memoryview(buf)
+        name, limit = block.name, block.used_length
+        unpack_from = _BE64.unpack_from
+        while pos + 8 <= end:
+            (word,) = unpack_from(buf, pos)
+            flags = word & PAGE_MASK
+            offset = word ^ flags
+            if offset >= limit:
+                break
+            if flags == _CONTINUE_PAGE:
+                if pos + 8 + PAGE_SIZE > end:
+                    break
+                events.append(RamPage(name, offset, view[pos + 8 : pos + 8 + PAGE_SIZE]))
+                pos += 8 + PAGE_SIZE
+            elif flags == _CONTINUE_ZERO:
+                if pos + 9 > end:
+                    break
+                events.append(RamZeroPage(name, offset, buf[pos + 8]))
+                pos += 9
+            else:
+                break
+        reader.pos = pos
 
     # -- COLO phase -------------------------------------------------------------------
 
