@@ -62,6 +62,7 @@ MAX_IN_FLIGHT_REQUESTS = 128
 MAX_IN_FLIGHT_BYTES = 128 * 1024 * 1024
 _DISCARD_CHUNK = 1024 * 1024
 _JOIN_LIMIT = 64 * 1024
+_WRITE_BUFFER_HIGH = 4 * 1024 * 1024
 _HANDSHAKE_FLAGS = protocol.HandshakeFlag.FIXED_NEWSTYLE | protocol.HandshakeFlag.NO_ZEROES
 
 
@@ -198,6 +199,9 @@ class _Connection:
         self._performing = 0  # requests inside backend I/O right now
         self._io_idle = asyncio.Event()
         self._io_idle.set()
+        # asyncio's default high-water mark (64 KiB) is a single 64 KiB READ
+        # reply: it would serialize replies on drain and starve the pipeline.
+        writer.transport.set_write_buffer_limits(high=_WRITE_BUFFER_HIGH)
 
     async def serve(self) -> None:
         log.debug("%s: opened", self.name)
