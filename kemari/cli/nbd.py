@@ -55,20 +55,16 @@ async def _run(image: Path, socket_path: Path, export: str, read_only: bool) -> 
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    backend = RawFileBackend.open(image, read_only=read_only)
-    try:
-        server = NbdServer(backend, socket_path, export)
-        await server.start()
-        try:
-            mode = "read-only" if read_only else "read-write"
-            print(
-                f"kemari nbd: serving {image} ({backend.size} bytes, {mode}) "
-                f"as export {export!r} on {socket_path}",
-                flush=True,
-            )
-            await stop.wait()
-        finally:
-            await server.close()
-    finally:
-        await backend.close()
+    # Order: the backend outlives the server (closed last, after a final flush).
+    async with (
+        RawFileBackend.open(image, read_only=read_only) as backend,
+        NbdServer(backend, socket_path, export),
+    ):
+        mode = "read-only" if read_only else "read-write"
+        print(
+            f"kemari nbd: serving {image} ({backend.size} bytes, {mode}) "
+            f"as export {export!r} on {socket_path}",
+            flush=True,
+        )
+        await stop.wait()
     return 0

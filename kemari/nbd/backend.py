@@ -102,8 +102,8 @@ def _fallocate_range(fd: int, mode: int, offset: int, length: int) -> None:
 class RawFileBackend:
     """A raw image (regular file or block device) opened for the server's lifetime.
 
-    Use :meth:`open` to create one and ``await close()`` when the server has
-    stopped.  The image is locked with ``flock`` (exclusive when writable,
+    Use :meth:`open` to create one and ``await close()`` (or ``async with``)
+    once the server has stopped.  The image is locked with ``flock`` (exclusive when writable,
     shared when read-only) so two Kemari servers never write one image.
     """
 
@@ -185,6 +185,12 @@ class RawFileBackend:
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fua: bool) -> None:
         """Zero a range by punching (``may_trim``), zero-range fallocate, or writing zeroes."""
         await self._run(self._zero_sync, offset, length, may_trim, fua)
+
+    async def __aenter__(self) -> RawFileBackend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     async def close(self) -> None:
         """Flush, stop the I/O threads and close the image; call after the server stopped."""

@@ -152,6 +152,13 @@ class NbdServer:
         except OSError as exc:
             raise NbdError(f"cannot listen on {self.socket_path}: {exc.strerror}") from exc
 
+    async def __aenter__(self) -> NbdServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         """Stop accepting, finish in-flight requests, drop clients and remove the socket."""
         if self._server is not None:
