@@ -317,6 +317,23 @@ def test_failover_pages_cover_exactly_the_unshared_blocks(tmp_path):
     assert contents[(ROM, 0)] == bytes(PAGE)
 
 
+def test_hand_over_closes_and_retires_the_replica(tmp_path):
+    with Replica.create(tmp_path / "r", BLOCKS) as replica:
+        with pytest.raises(ReplicaError, match="nothing to fail over"):
+            replica.hand_over()
+        committed(replica, 1, [], b"one")
+        with replica.begin(2) as staged:
+            staged.put_page(RAM, 0, page_of(1, 0, 2))
+            staged.set_device_state(b"two")
+            staged.commit(defer_apply=True)
+        replica.hand_over()
+        with pytest.raises(ReplicaError, match="closed"):
+            replica.begin(3)
+    assert (tmp_path / "r" / "ram" / "000-pc.ram.ram").read_bytes()[:PAGE] == page_of(1, 0, 2)
+    with pytest.raises(ReplicaError, match=r"handed over to a failover QEMU \(epoch 2\)"):
+        Replica.open(tmp_path / "r")
+
+
 def test_corrupt_state_file_is_refused(tmp_path):
     with Replica.create(tmp_path / "r", BLOCKS) as replica:
         committed(replica, 1, [], b"device")
@@ -403,6 +420,77 @@ def test_ram_always_equals_the_model_of_committed_checkpoints(steps):
             assert (reopened.committed_epoch, reopened.device_state) == (model_epoch, model_state)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# ----- a committed journal with damaged bytes ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unapplied_journal():
+    """A replica at epoch 2 plus the complete, not yet applied journal of epoch 3."""
+    base = Path(tempfile.mkdtemp(prefix="kemari-replica-journal-", dir=SHM))
+    template = base / "template"
+    with Replica.create(template, BLOCKS) as replica:
+        committed(replica, 1, [(RAM, 0, page_of(1, 0, 1))], b"one")
+        committed(replica, 2, [(ROM, PAGE, page_of(1, 1, 2)), (RAM, 0, 3)], b"two")
+        old = ram_contents(replica)
+        shutil.copytree(template, base / "epoch2")
+        with replica.begin(3) as staged:
+            staged.put_page(RAM, 5 * PAGE, page_of(3, 5, 3))
+            staged.put_zero(VRAM, 0, 0x55)
+            staged.put_page(ROM, 0, page_of(3, 0, 3))
+            staged.set_device_state(b"three" * 10)
+            staged.commit(defer_apply=True)
+        journal = (template / "journal").read_bytes()
+    with Replica.open(template) as replica:
+        new = ram_contents(replica)
+    yield base, journal, old, new
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _with_journal(base: Path, journal: bytes, name: str) -> Path:
+    directory = base / name
+    shutil.rmtree(directory, ignore_errors=True)
+    shutil.copytree(base / "epoch2", directory)
+    (directory / "journal").write_bytes(journal)
+    return directory
+
+
+def test_complete_journal_is_redone_at_open(unapplied_journal):
+    base, journal, _old, new = unapplied_journal
+    with Replica.open(_with_journal(base, journal, "intact")) as replica:
+        assert replica.recovery is RecoveryAction.REPLAYED
+        assert (replica.committed_epoch, replica.device_state) == (3, b"three" * 10)
+        assert ram_contents(replica) == new
+
+
+def _checked_regions(journal: bytes) -> list[int]:
+    """Every journal byte except page data and alignment padding."""
+    count, page_count = (
+        struct.unpack_from("<I", journal, 12)[0],
+        struct.unpack_from("<I", journal, 56)[0],
+    )
+    device_length = struct.unpack_from("<Q", journal, 48)[0]
+    table_end = 64 + 16 * count
+    pages_at = (table_end + PAGE - 1) // PAGE * PAGE
+    device_at = pages_at + page_count * PAGE
+    return [*range(table_end), *range(device_at, device_at + device_length + 24)]
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(choice=st.integers(min_value=0), flip=st.integers(min_value=1, max_value=255))
+def test_damaged_journal_is_dropped_never_applied(unapplied_journal, choice, flip):
+    """A flipped byte anywhere in header, tables, device state or record: the old epoch."""
+    base, journal, old, _new = unapplied_journal
+    positions = _checked_regions(journal)
+    damaged = bytearray(journal)
+    damaged[positions[choice % len(positions)]] ^= flip
+    with Replica.open(_with_journal(base, bytes(damaged), "damaged")) as replica:
+        assert replica.recovery in (RecoveryAction.DROPPED, RecoveryAction.NONE)
+        assert (replica.committed_epoch, replica.device_state) == (2, b"two")
+        assert ram_contents(replica) == old
 
 
 # ----- real crashes: a child process applies checkpoints and is SIGKILLed ---------------

@@ -6,6 +6,7 @@ Directory layout (docs/replica.md has the reasoning)::
     state.bin      committed epoch, commit time, device state (replaced by rename)
     journal        redo journal of the last checkpoint (kemari.replica.journal)
     lock           flock'ed by the one process that has the replica open
+    handed-over    present once hand_over() gave the RAM files to a failover QEMU
     <ram dir>/NNN-<name>.ram   one file per RAM block, offset = block offset
 
 Invariants:
@@ -41,6 +42,7 @@ LAYOUT_FILE = "replica.json"
 STATE_FILE = "state.bin"
 JOURNAL_FILE = "journal"
 LOCK_FILE = "lock"
+HANDED_OVER_FILE = "handed-over"
 RAM_SUBDIRECTORY = "ram"
 
 # hw/i386/pc.c: mc->default_ram_id, the main RAM block of the pc and q35 machines.
@@ -106,6 +108,13 @@ def _check_block_size(name: str, size: object) -> int:
 def _file_name(index: int, name: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip("._")[:80] or "block"
     return f"{index:03d}-{safe}.ram"
+
+
+def _relative_if_inside(path: Path, root: Path) -> str:
+    resolved, resolved_root = path.resolve(), root.resolve()
+    if resolved.is_relative_to(resolved_root):
+        return str(resolved.relative_to(resolved_root))
+    return str(resolved)
 
 
 def _check_epoch(epoch: object) -> int:
@@ -299,7 +308,8 @@ class Replica:
     ) -> None:
         self.directory = directory
         self.config_digest: str = layout["config_digest"]
-        ram_directory = Path(layout["ram_directory"])
+        # Relative: inside the replica directory (which can then be moved or copied).
+        ram_directory = directory / layout["ram_directory"]
         self.durable = not (is_volatile(directory) and is_volatile(ram_directory))
         self._closed = False
         self._broken: str | None = None
@@ -386,7 +396,7 @@ class Replica:
         layout = {
             "format": FORMAT,
             "config_digest": config_digest,
-            "ram_directory": str(ram_root.resolve()),
+            "ram_directory": _relative_if_inside(ram_root, root),
             "blocks": [
                 {"name": name, "size": size, "shared": name in shared, "file": _file_name(i, name)}
                 for i, (name, size) in enumerate(block_list)
@@ -419,6 +429,12 @@ class Replica:
         """
         root = Path(directory)
         layout = cls._read_layout(root / LAYOUT_FILE)
+        handed_over = root / HANDED_OVER_FILE
+        if handed_over.exists():
+            raise ReplicaError(
+                f"{root} was handed over to a failover QEMU (epoch "
+                f"{handed_over.read_text(errors='replace').strip()}); it is no longer a replica"
+            )
         replica = cls(root, layout, create=False)
         try:
             replica._recover()
@@ -675,6 +691,29 @@ class Replica:
                 yield FailoverPage(info.name, offset, contents[offset : offset + PAGE_SIZE])
 
     # ----- lifecycle -------------------------------------------------------------------
+
+    def hand_over(self) -> None:
+        """Give the RAM files to the failover QEMU: apply, flush, mark the directory, close.
+
+        Once a QEMU maps the shared files and runs, they hold its live RAM, not an epoch;
+        the marker makes every later open() refuse the directory.  Take ``device_state``
+        and ``failover_pages()`` first, call this, then start QEMU.
+        """
+        self._check_usable()
+        if self._staged is not None:
+            raise ReplicaError(f"checkpoint {self._staged.epoch} is still being staged")
+        self.apply_pending()
+        if self.committed_epoch == 0:
+            raise ReplicaError("no checkpoint is committed yet; there is nothing to fail over to")
+        if self.durable:
+            for ram in self._ram:
+                ram.flush()
+        _write_atomically(
+            self.directory / HANDED_OVER_FILE,
+            f"{self.committed_epoch}\n".encode(),
+            durable=self.durable,
+        )
+        self.close()
 
     def close(self) -> None:
         """Apply a pending commit, unmap and close everything, release the lock; idempotent."""
