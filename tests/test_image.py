@@ -18,9 +18,10 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kemari.cli.main import main
 from kemari.errors import ImageError
 from kemari.image import GuestImage, build_image, create_data_disk, default_image
 from kemari.image.builder import read_manifest
@@ -211,6 +212,23 @@ def test_data_disk(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="size"):
         create_data_disk(tmp_path / "tiny.img", 1)
     assert not (tmp_path / "tiny.img").exists()
+
+
+def test_cli_disk_and_info(
+    image: GuestImage, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk = tmp_path / "cli.img"
+    assert main(["image", "disk", str(disk), "--size", "16M"]) == 0
+    assert disk.stat().st_size == 16 << 20
+    assert main(["image", "disk", str(disk), "--size", "16M"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["image", "disk", str(tmp_path / "x.img"), "--size", "lots"]) == 1
+    assert "invalid size" in capsys.readouterr().err
+    assert main(["image", "info"]) == 0
+    out = capsys.readouterr().out
+    assert image.kernel_version in out and "virtio_net" in out and "DAMAGED" not in out
+    assert main(["image", "info", "--cache", str(tmp_path)]) == 1
+    assert "not built" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- kguest on the host
@@ -404,6 +422,48 @@ def test_records_refuses_corruption_in_the_middle(image: GuestImage, tmp_path: P
     assert done.returncode == 1
     assert "corrupt" in done.stderr
     assert (tmp_path / "records.log").read_bytes().endswith(line3 + b"\n")  # nothing dropped
+
+
+def recovered_count(image: GuestImage, data: Path) -> int:
+    """Start the records service on ``data``, read how many records it kept, stop it."""
+    child = Kguest(
+        image.kguest, "records", "--dir", str(data), "--listen", "127.0.0.1", "--port", "0"
+    )
+    try:
+        count = int(child.wait_for(r"holds (\d+) records").group(1))
+        child.wait_for(r"workload records ready")
+    finally:
+        child.kill()
+    return count
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(cut=st.integers(0, 10_000), flip=st.booleans())
+def test_records_recovery_keeps_exactly_the_complete_prefix(
+    image: GuestImage, tmp_path_factory: pytest.TempPathFactory, cut: int, flip: bool
+) -> None:
+    lines = [b"%d %08x payload number %d" % (n, zlib.crc32(b"%d payload number %d" % (n, n)), n)
+             for n in range(1, 201)]  # fmt: skip
+    full = b"".join(line + b"\n" for line in lines)
+    cut %= len(full) + 1
+    torn = bytearray(full[:cut])
+    complete = torn.count(b"\n")
+    if flip and cut > 0 and torn[-1:] != b"\n":
+        torn[-1] ^= 0x01  # damage inside the torn tail too
+    elif flip and complete:
+        # The cut is on a record boundary: damage the last complete record's CRC,
+        # which makes it the torn tail.
+        start = torn.rfind(b"\n", 0, len(torn) - 1) + 1
+        torn[start + len(str(complete)) + 3] ^= 0x01  # hex digit -> another byte
+        complete -= 1
+    data = tmp_path_factory.mktemp("records")
+    (data / "records.log").write_bytes(bytes(torn))
+    assert recovered_count(image, data) == complete
+    assert (data / "records.log").read_bytes() == b"".join(
+        line + b"\n" for line in lines[:complete]
+    )
 
 
 def run_verify(image: GuestImage, data: Path) -> subprocess.CompletedProcess[str]:
