@@ -53,10 +53,11 @@ from kemari.stream import (
 
 PageRecord = RamPage | RamZeroPage
 PageBatch = Sequence[PageRecord]
+_PAGE_TYPES = (RamPage, RamZeroPage)
 
 FD_NAME = "kemari_colo"
-# Large reads keep the initial sync cheap; a checkpoint arrives in whatever QEMU flushed.
-_RECV_BYTES = 1 << 20
+# Above what a unix socket hands over per read (about 200 KiB), so one read takes it all.
+_RECV_BYTES = 512 << 10
 # QEMU's rate limit applies to the initial sync only (checkpoints are sent unthrottled);
 # the default of 128 MiB/s would make a 1 GiB guest's sync take 8 s for no reason.
 _MAX_BANDWIDTH = 16 << 30
@@ -309,7 +310,7 @@ class CheckpointSource:
     async def _dispatch(self, events: list[StreamEvent], sock: socket.socket) -> None:
         batch: list[PageRecord] = []
         for event in events:
-            if isinstance(event, RamPage | RamZeroPage):
+            if isinstance(event, _PAGE_TYPES):
                 batch.append(event)
                 continue
             if batch:
