@@ -27,6 +27,7 @@ import struct
 import time
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -74,20 +75,15 @@ class StageState(enum.Enum):
     DISCARDED = "discarded"
 
 
+@dataclass(frozen=True, slots=True)
 class BlockInfo:
     """One RAM block of the replica and its file."""
 
-    __slots__ = ("index", "name", "path", "shared", "size")
-
-    def __init__(self, index: int, name: str, size: int, shared: bool, path: Path) -> None:
-        self.index = index
-        self.name = name
-        self.size = size
-        self.shared = shared
-        self.path = path
-
-    def __repr__(self) -> str:
-        return f"BlockInfo({self.name!r}, size={self.size:#x}, shared={self.shared})"
+    index: int
+    name: str
+    size: int  # the block's used length, a multiple of 4096
+    shared: bool  # mapped by the failover QEMU itself (not sent in the stream)
+    path: Path
 
 
 def _check_block_name(name: object) -> str:
@@ -297,7 +293,10 @@ class StagedCheckpoint:
 
 
 class Replica:
-    """A committed replica of a guest on the standby; one process opens it at a time."""
+    """A committed replica of a guest on the standby; one process opens it at a time.
+
+    Made by :meth:`create` or :meth:`open`; not thread-safe (one receiver task uses it).
+    """
 
     def __init__(
         self,
@@ -318,7 +317,6 @@ class Replica:
         self._ram: list[RamFile] = []
         self._journal: Journal | None = None
         self.recovery = RecoveryAction.NONE
-        self._lock_fd = -1
         self._lock_fd = self._lock()
         try:
             self.blocks = tuple(
