@@ -88,7 +88,12 @@ class CheckpointSink(Protocol):
         """Pages of the initial sync (every block's pages, possibly several times)."""
 
     async def end_sync(self, device_state: bytes, vmdesc: bytes) -> None:
-        """The initial device state; return only when the standby holds the whole sync."""
+        """The initial device state; return only when the standby holds the whole sync.
+
+        QEMU has stopped the VM at the end of precopy and keeps it stopped until this
+        returns, so pages should already be on their way (``sync_pages`` may apply
+        backpressure but should not sit on data).
+        """
 
     async def begin(self, epoch: int) -> None:
         """Checkpoint ``epoch`` (1, 2, ...) starts; the VM is stopping."""
