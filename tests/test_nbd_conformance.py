@@ -39,6 +39,9 @@ from kemari.nbd.protocol import (
     TransmissionFlag,
 )
 from kemari.nbd.server import NbdServer
+from kemari.qemu.binary import qemu_binary
+from kemari.qemu.cmdline import MachineSpec, NbdDisk, disk_node_name
+from kemari.qemu.machine import QemuMachine
 
 MiB = 1024 * 1024
 IMAGE_SIZE = 64 * MiB
@@ -297,6 +300,45 @@ def test_qemu_img_bench_deep_queue_writes_land_where_asked(served: ServerThread)
         assert data[offset : offset + 4096] == b"\x5a" * 4096
         assert data[offset + 4096 : offset + 8192] == bytes(4096)
     run("qemu-img", "bench", "-f", "raw", "-t", "none", "-q", "-d", "32", "-c", "2048", served.uri)
+
+
+def test_qemu_vm_disk_io_pause_and_resume(served: ServerThread, tmp_path: Path) -> None:
+    """A real VM's virtio-blk nbd blockdev: I/O through QEMU's block layer, stop/cont drain."""
+    spec = MachineSpec(
+        name="nbd",
+        accel="tcg",
+        qmp_socket=tmp_path / "qmp.sock",
+        memory_mib=32,
+        start_paused=True,
+        disks=(NbdDisk(served.socket, EXPORT),),
+    )
+    # The virtio-blk device's own block backend, which holds the write permission.
+    backend = f"/machine/peripheral/v{disk_node_name(0)}/virtio-backend"
+
+    async def qemu_io(machine: QemuMachine, command: str) -> None:
+        line = f'qemu-io -d {backend} "{command}"'
+        output = await machine.execute("human-monitor-command", {"command-line": line})
+        assert output == "", output  # HMP's qemu-io only prints on failure
+
+    async def scenario() -> None:
+        async with QemuMachine(spec, qemu_binary("tcg").path) as machine:
+            await qemu_io(machine, "write -P 0x5c 1M 256k")
+            await qemu_io(machine, "write -z 1088k 64k")
+            await qemu_io(machine, "flush")
+            # Run (the firmware probes the disk), then pause: QEMU drains
+            # in-flight disk I/O, which only works if the server answers.
+            await machine.execute("cont")
+            await machine.execute("stop")
+            await qemu_io(machine, "write -f -P 0x6d 2M 64k")  # I/O while paused
+            await machine.execute("cont")
+            await machine.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+    data = served.image.read_bytes()
+    assert data[MiB : MiB + 64 * 1024] == b"\x5c" * 64 * 1024
+    assert data[MiB + 64 * 1024 : MiB + 128 * 1024] == bytes(64 * 1024)
+    assert data[MiB + 128 * 1024 : MiB + 256 * 1024] == b"\x5c" * 128 * 1024
+    assert data[2 * MiB : 2 * MiB + 64 * 1024] == b"\x6d" * 64 * 1024
 
 
 # --- libnbd tools ------------------------------------------------------------
