@@ -773,6 +773,36 @@ def test_cli_serves_qemu_img_and_replaces_a_stale_socket(tmp_path: Path) -> None
     assert not socket_path.exists()
 
 
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("image_is_directory", "cannot open disk image {image_dir}: Is a directory"),
+        ("socket_is_regular_file", "socket path {regular} exists and is not a socket"),
+        ("socket_path_too_long", "socket path {long} is longer than 107 bytes"),
+        ("empty_export_name", "invalid export name ''"),
+    ],
+)
+def test_cli_refuses_bad_paths_and_names(tmp_path: Path, case: str, message: str) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(MiB))
+    regular = tmp_path / "notes.txt"
+    regular.write_text("keep me")
+    paths = {"image_dir": tmp_path, "regular": regular, "long": tmp_path / ("x" * 120)}
+    argv: dict[str, list[str | Path]] = {
+        "image_is_directory": [tmp_path, "--socket", tmp_path / "a.sock"],
+        "socket_is_regular_file": [image, "--socket", regular],
+        "socket_path_too_long": [image, "--socket", paths["long"]],
+        "empty_export_name": [image, "--socket", tmp_path / "a.sock", "--export", ""],
+    }
+    result = subprocess.run(
+        kemari("nbd", "serve", *argv[case]), capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["kemari: error: " + message.format(**paths)]
+    assert regular.read_text() == "keep me"
+    assert not (tmp_path / "a.sock").exists()
+
+
 def test_cli_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     image.write_bytes(bytes(MiB))

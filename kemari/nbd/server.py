@@ -38,6 +38,7 @@ import enum
 import errno
 import itertools
 import logging
+import os
 from pathlib import Path
 
 from kemari.errors import NbdError
@@ -62,6 +63,7 @@ MAX_IN_FLIGHT_REQUESTS = 128
 MAX_IN_FLIGHT_BYTES = 128 * 1024 * 1024
 _DISCARD_CHUNK = 1024 * 1024
 _JOIN_LIMIT = 64 * 1024
+_UNIX_PATH_MAX = 107  # sun_path holds 108 bytes including the NUL
 _WRITE_BUFFER_HIGH = 4 * 1024 * 1024
 _HANDSHAKE_FLAGS = protocol.HandshakeFlag.FIXED_NEWSTYLE | protocol.HandshakeFlag.NO_ZEROES
 
@@ -146,11 +148,14 @@ class NbdServer:
 
     async def start(self) -> None:
         """Claim the socket path (a live listener is refused) and start accepting clients."""
-        claim_socket_path(self.socket_path)
+        if len(os.fsencode(self.socket_path)) > _UNIX_PATH_MAX:
+            raise NbdError(f"socket path {self.socket_path} is longer than {_UNIX_PATH_MAX} bytes")
         try:
+            claim_socket_path(self.socket_path)
             self._server = await asyncio.start_unix_server(self._accept, path=str(self.socket_path))
         except OSError as exc:
-            raise NbdError(f"cannot listen on {self.socket_path}: {exc.strerror}") from exc
+            reason = exc.strerror or str(exc)
+            raise NbdError(f"cannot listen on {self.socket_path}: {reason}") from exc
 
     async def __aenter__(self) -> NbdServer:
         await self.start()
