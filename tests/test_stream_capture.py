@@ -6,13 +6,13 @@ same grammar as the x-colo initial migration minus the ENABLE_COLO command.
 
 import asyncio
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 from qemu.qmp import QMPClient
 
+from kemari.qemu.binary import qemu_binary
 from kemari.stream import (
     Configuration,
     DeviceState,
@@ -28,16 +28,12 @@ from kemari.stream import (
 )
 from kemari.stream.format import PAGE_SIZE
 
-QEMU = shutil.which("qemu-system-x86_64")
-pytestmark = [
-    pytest.mark.guest,
-    pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed"),
-]
+QEMU = str(qemu_binary("tcg").path)
+pytestmark = pytest.mark.guest
 MEMORY = 64 << 20
 
 
 async def _capture(tmp_path: Path, ignore_shared: bool) -> bytes:
-    assert QEMU is not None
     qmp_path = tmp_path / "qmp.sock"
     out = tmp_path / "stream.bin"
     argv = [QEMU, "-accel", "tcg", "-nodefaults", "-display", "none", "-S", "-m", "64M"]
@@ -117,7 +113,6 @@ async def _load_failover_stream(
     tmp_path: Path, stream: list[bytes | memoryview]
 ) -> dict[str, object]:
     """Start a fresh QEMU on the same shared RAM file and feed it ``stream``."""
-    assert QEMU is not None
     qmp_path = tmp_path / "qmp-dst.sock"
     incoming = tmp_path / "incoming.sock"
     argv = [QEMU, "-accel", "tcg", "-nodefaults", "-display", "none", "-S", "-m", "64M"]

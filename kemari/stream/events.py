@@ -51,7 +51,10 @@ class RamBlockList:
     blocks: tuple[RamBlock, ...]
 
 
-@dataclass(frozen=True, slots=True)
+# RamPage and RamZeroPage are built once per page on the hot path; a frozen dataclass's
+# __init__ (object.__setattr__ per field) costs about three times as much, so these two
+# are plain slotted dataclasses.  Treat them as read-only like the others.
+@dataclass(slots=True)
 class RamPage:
     """A full page of data for ``block`` at byte ``offset`` (RAM_SAVE_FLAG_PAGE)."""
 
@@ -60,7 +63,7 @@ class RamPage:
     data: memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RamZeroPage:
     """A page filled with byte ``fill`` (RAM_SAVE_FLAG_ZERO; 7.2 always sends 0)."""
 
