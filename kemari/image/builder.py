@@ -130,10 +130,10 @@ def build_image(cache_dir: Path | None = None, force: bool = False) -> GuestImag
         deb_dir = cache / "debs"
         debs.download(kernel_meta, deb_dir)
         kernel_root = debs.extract(
-            debs.download(kernel_pkg, deb_dir), cache / "extract" / kernel_pkg.deb_name
+            debs.download(kernel_pkg, deb_dir), cache / "extract" / kernel_pkg.key
         )
         busybox_root = debs.extract(
-            debs.download(busybox_pkg, deb_dir), cache / "extract" / busybox_pkg.deb_name
+            debs.download(busybox_pkg, deb_dir), cache / "extract" / busybox_pkg.key
         )
         kernel_version = _kernel_version(kernel_root)
         modules_dir = kernel_root / "lib" / "modules" / kernel_version
@@ -166,6 +166,7 @@ def build_image(cache_dir: Path | None = None, force: bool = False) -> GuestImag
                 (staging / name).replace(out_dir / name)
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             (staging / "manifest.json").replace(out_dir / "manifest.json")
+        _prune(cache, {pkg.key for pkg in (kernel_meta, kernel_pkg, busybox_pkg)})
         return _image_from(out_dir, manifest)
 
 
@@ -280,6 +281,21 @@ def _image_from(directory: Path, manifest: dict[str, Any]) -> GuestImage:
         kernel_version=str(manifest["kernel_version"]),
         kguest=directory / "kguest",
     )
+
+
+def _prune(cache: Path, keep: set[str]) -> None:
+    # Downloads and unpacked trees of superseded package versions (e.g. an older kernel).
+    for deb in (cache / "debs").glob("*.deb"):
+        if deb.name.removesuffix(".deb") not in keep:
+            deb.unlink()
+    # Under the build lock, anything else in extract/ (also an unpack cut short) is garbage.
+    for tree in (cache / "extract").iterdir():
+        if tree.name in keep:
+            continue
+        if tree.is_dir():
+            shutil.rmtree(tree)
+        else:
+            tree.unlink()
 
 
 @contextmanager

@@ -34,9 +34,14 @@ class Package:
     depends: tuple[str, ...]
 
     @property
+    def key(self) -> str:
+        """``name_version_amd64`` (epoch colon escaped like apt does): names cache entries."""
+        return f"{self.name}_{self.version.replace(':', '%3a')}_amd64"
+
+    @property
     def deb_name(self) -> str:
-        """File name of the .deb in the cache (epoch colon escaped like apt does)."""
-        return f"{self.name}_{self.version.replace(':', '%3a')}_amd64.deb"
+        """File name of the .deb in the cache."""
+        return f"{self.key}.deb"
 
 
 def resolve(*names: str) -> list[Package]:
