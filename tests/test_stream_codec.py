@@ -412,3 +412,35 @@ def test_fuzz_target_accepts_arbitrary_bytes(blob: bytes) -> None:
 def test_fuzz_target_on_mutated_valid_streams(model: Model, noise: bytes) -> None:
     initial, colo, _ = build(model)
     TestOneInput(bytes([len(initial) % 256]) + initial + noise + colo)
+
+
+@_settings
+@given(models(), st.data())
+def test_failover_stream_round_trip_property(model: Model, data: st.DataObject) -> None:
+    blocks = [RamBlock(b.name, b.used_length, b.gpa or 0) for b in model.blocks]
+    shared = data.draw(st.sets(st.sampled_from([b.name for b in blocks])))
+    pages = {
+        (rec.block, rec.offset): rec.data
+        for records in model.iterations
+        for rec in records
+        if rec.data is not None and rec.block not in shared
+    }
+    device = device_bytes(model.devices)
+    chunks = failover_stream(
+        machine_type=model.machine_type,
+        ram_section_id=RAM_SECTION_ID,
+        blocks=blocks,
+        device_state=device,
+        vmdesc=vmdesc_json(model.devices),
+        pages=[FailoverPage(b, o, p) for (b, o), p in pages.items()],
+    )
+    parser = StreamParser()
+    events: list[object] = []
+    for chunk in chunks:
+        events += normalize(parser.feed(chunk))
+    parser.finish()
+    assert events[2] == RamBlockList(RAM_SECTION_ID, tuple(blocks))
+    assert [e for e in events if isinstance(e, tuple)] == [
+        ("page", b, o, p) for (b, o), p in pages.items()
+    ]
+    assert events[-2:] == [DeviceState(device), VmDescription(vmdesc_json(model.devices))]
