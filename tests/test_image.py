@@ -245,11 +245,17 @@ class Kguest:
 
     def wait_for(self, pattern: str) -> re.Match[str]:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
+        # A hung child must fail the test, not hang it: kill it after a generous bound.
+        watchdog = threading.Timer(120, self.proc.kill)
+        watchdog.start()
+        try:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                match = re.search(pattern, line)
+                if match:
+                    return match
+        finally:
+            watchdog.cancel()
         raise AssertionError(f"kguest ended without {pattern!r}: {self.lines}")
 
     def kill(self) -> None:
@@ -540,6 +546,7 @@ def test_guest_boots_and_ticks(image: GuestImage, tmp_path: Path) -> None:
         ticks = [int(n) for n in re.findall(r"^tick (\d+)\r?$", text, re.MULTILINE)]
         assert ticks[:5] == [1, 2, 3, 4, 5], text[-2000:]
         assert "no data disk" in text
+        assert ready_after is not None
         print(f"boot-to-ready under TCG: {ready_after:.1f} s")
     finally:
         proc.kill()
