@@ -30,7 +30,10 @@ def claim_socket_path(path: Path) -> None:
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the directory of {path}: {exc.strerror}") from exc
         return
     if not stat.S_ISSOCK(mode):
         raise ConfigError(f"socket path {path} exists and is not a socket")
