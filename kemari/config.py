@@ -8,7 +8,9 @@ bad value is one clear :class:`~kemari.errors.ConfigError` and nothing to clean 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
+import json
 import re
 import tomllib
 from collections.abc import Mapping
@@ -96,6 +98,25 @@ class VMConfig:
         if self.serial_log is not None:
             return self.serial_log
         return self.resolved_runtime_dir() / "serial.log"
+
+    def replication_digest(self) -> bytes:
+        """SHA-256 over what must be identical on the active and the standby host.
+
+        The guest-visible machine (memory, vCPUs, kernel command line, the
+        number and kind of disks, NIC MAC addresses) must match for a replica to
+        be loadable; host-local things (paths, sockets, tap and bridge names,
+        the accelerator) may differ between hosts and are left out.
+        """
+        guest_visible = {
+            "name": self.name,
+            "memory_mib": self.memory_mib,
+            "vcpus": self.vcpus,
+            "append": self.kernel_command_line(),
+            "built_image": self.uses_built_image,
+            "disks": [disk.read_only for disk in self.disks],
+            "nics": [nic.mac for nic in self.nics],
+        }
+        return hashlib.sha256(json.dumps(guest_visible, sort_keys=True).encode()).digest()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-able) form, e.g. for status output and config comparison."""

@@ -98,3 +98,16 @@ def test_size_parsing_units(number: int, unit: str) -> None:
 def test_size_parsing_never_crashes(text: str) -> None:
     with contextlib.suppress(ConfigError):
         parse_size_mib(text, "x")
+
+
+def test_replication_digest_ignores_host_local_settings(tmp_path: Path) -> None:
+    base = {"name": "vm", "memory": "512M", "nic": [{"mac": "52:54:00:00:00:01"}]}
+    host_a = config_from_mapping({**base, "runtime_dir": "/a", "accel": "tcg"})
+    host_b = config_from_mapping(
+        {**base, "monitor": "/b/m.sock", "nic": [{"mac": "52:54:00:00:00:01", "tap": "other"}]}
+    )
+    assert host_a.replication_digest() == host_b.replication_digest()
+    bigger = config_from_mapping({**base, "memory": "1G"})
+    assert bigger.replication_digest() != host_a.replication_digest()
+    other_mac = config_from_mapping({**base, "nic": [{"mac": "52:54:00:00:00:02"}]})
+    assert other_mac.replication_digest() != host_a.replication_digest()
