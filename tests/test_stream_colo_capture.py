@@ -1,10 +1,12 @@
-"""The stream parser on a live x-colo primary (QEMU 7.2, TCG): initial sync + one checkpoint.
+"""A live x-colo primary (QEMU 7.2, TCG): parse initial sync + one checkpoint, then fail over.
 
 Kemari's receiver role is played in-process: it answers CHECKPOINT_READY after the
 initial vmdesc, CHECKPOINT_REPLY to the request and VMSTATE_RECEIVED to the device
 state, then withholds VMSTATE_LOADED so the primary stays stopped inside the checkpoint
 (stock 7.2 under TCG may hold the BQL forever from this point on, so QMP is not asked
 anything after the checkpoint; see issue 3).  No guest kernel: only firmware runs.
+The failover test then builds a minimal replica from the events and has a fresh QEMU
+(x-ignore-shared, RAM file shared) load kemari.stream's failover stream and continue.
 """
 
 import asyncio
@@ -20,9 +22,13 @@ from kemari.stream import (
     ColoEvent,
     ColoMessage,
     Command,
+    Configuration,
     DeviceState,
+    FailoverPage,
     LiveStateEnd,
     ParserState,
+    RamBlock,
+    RamBlockList,
     RamPage,
     RamZeroPage,
     SectionEnd,
@@ -30,8 +36,9 @@ from kemari.stream import (
     StreamParser,
     VmDescription,
     encode_colo_message,
+    failover_stream,
 )
-from kemari.stream.format import SectionType, VmCommand
+from kemari.stream.format import PAGE_SIZE, SectionType, VmCommand
 
 pytestmark = pytest.mark.guest
 
@@ -49,13 +56,7 @@ async def _protect_once(tmp_path: Path) -> list[StreamEvent]:
                 data = await reader.read(1 << 16)
                 if not data:
                     return
-                for parsed in parser.feed(data):
-                    # Page views pin their input chunk; the test only keeps page metadata.
-                    event = (
-                        RamZeroPage(parsed.block, parsed.offset, -1)
-                        if isinstance(parsed, RamPage)
-                        else parsed
-                    )
+                for event in parser.feed(data):
                     events.append(event)
                     if isinstance(event, VmDescription):
                         writer.write(encode_colo_message(ColoMessage.CHECKPOINT_READY))
@@ -98,14 +99,23 @@ async def _protect_once(tmp_path: Path) -> list[StreamEvent]:
     return events
 
 
-def test_parser_follows_a_live_colo_primary_through_a_checkpoint(tmp_path: Path) -> None:
-    events = asyncio.run(asyncio.wait_for(_protect_once(tmp_path), 60))
+@pytest.fixture(scope="module")
+def colo_events(tmp_path_factory: pytest.TempPathFactory) -> list[StreamEvent]:
+    """Events of one real x-colo primary: initial sync and one received checkpoint."""
+    tmp_path = tmp_path_factory.mktemp("colo")
+    return asyncio.run(asyncio.wait_for(_protect_once(tmp_path), 60))
+
+
+def test_parser_follows_a_live_colo_primary_through_a_checkpoint(
+    colo_events: list[StreamEvent],
+) -> None:
+    events = colo_events
     assert Command(VmCommand.ENABLE_COLO) in events
     initial_end = next(i for i, e in enumerate(events) if isinstance(e, VmDescription))
     initial_device = events[initial_end - 1]
     assert isinstance(initial_device, DeviceState)
 
-    checkpoint = [e for e in events[initial_end + 1 :] if not isinstance(e, RamZeroPage)]
+    checkpoint = [e for e in events[initial_end + 1 :] if not isinstance(e, RamPage | RamZeroPage)]
     assert checkpoint[:2] == [
         ColoEvent(ColoMessage.CHECKPOINT_REQUEST),
         ColoEvent(ColoMessage.VMSTATE_SEND),
@@ -119,3 +129,84 @@ def test_parser_follows_a_live_colo_primary_through_a_checkpoint(tmp_path: Path)
     # (type, section id, idstr, instance, version) is identical.
     header_len = 1 + 4 + 1 + device.data[5] + 8
     assert device.data[:header_len] == initial_device.data[:header_len]
+
+
+async def _fail_over(tmp_path: Path, ram_file: Path, stream: list[bytes | memoryview]) -> list[str]:
+    """Fresh QEMU on the replica's RAM file: load ``stream``, then continue the guest."""
+    qmp_path = tmp_path / "qmp-failover.sock"
+    incoming = tmp_path / "incoming.sock"
+    argv = [str(qemu_binary("tcg").path), "-accel", "tcg", "-nodefaults", "-display", "none"]
+    argv += ["-S", "-m", "64M", "-machine", "pc,memory-backend=pc.ram", "-incoming", "defer"]
+    argv += ["-object", f"memory-backend-file,id=pc.ram,size=64M,mem-path={ram_file},share=on"]
+    argv += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    qmp = QMPClient("failover")
+    try:
+        for _ in range(200):
+            if qmp_path.exists():
+                break
+            await asyncio.sleep(0.05)
+        await qmp.connect(str(qmp_path))
+        caps = [{"capability": "x-ignore-shared", "state": True}]
+        await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+        await qmp.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
+        _, writer = await asyncio.open_unix_connection(str(incoming))
+        with contextlib.closing(writer):
+            for chunk in stream:
+                writer.write(chunk)
+            await writer.drain()
+            while True:
+                info = await qmp.execute("query-migrate")
+                assert isinstance(info, dict)
+                if info.get("status") in ("completed", "failed"):
+                    break
+                await asyncio.sleep(0.05)
+        await qmp.execute("cont")
+        status = await qmp.execute("query-status")
+        assert isinstance(status, dict)
+        return [str(info["status"]), str(status["status"])]
+    finally:
+        await qmp.disconnect()
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_fresh_qemu_takes_over_from_the_checkpoint(
+    colo_events: list[StreamEvent], tmp_path: Path
+) -> None:
+    # A minimal replica: pc.ram in a file the failover QEMU maps shared, every other
+    # block (firmware ROMs) in memory and re-sent as pages; the device state is the
+    # checkpoint's buffer, the vmdesc the initial one.
+    ram_file = tmp_path / "pc.ram"
+    blocks = next(e for e in colo_events if isinstance(e, RamBlockList))
+    ram_file.write_bytes(b"")
+    other: dict[tuple[str, int], bytes] = {}
+    with ram_file.open("r+b") as ram:
+        ram.truncate(64 << 20)
+        for event in colo_events:
+            if isinstance(event, RamPage | RamZeroPage):
+                data = (
+                    bytes(event.data)
+                    if isinstance(event, RamPage)
+                    else bytes([event.fill]) * PAGE_SIZE
+                )
+                if event.block == "pc.ram":
+                    ram.seek(event.offset)
+                    ram.write(data)
+                else:
+                    other[event.block, event.offset] = data
+    devices = [e for e in colo_events if isinstance(e, DeviceState)]
+    assert len(devices) == 2  # initial + checkpoint
+    stream = list(
+        failover_stream(
+            machine_type=next(e for e in colo_events if isinstance(e, Configuration)).machine_type,
+            ram_section_id=blocks.section_id,
+            # Only shared blocks' GPAs are compared by the loader; pc.ram's region is at 0.
+            blocks=[RamBlock(b.name, b.used_length, 0) for b in blocks.blocks],
+            device_state=devices[-1].data,
+            vmdesc=next(e for e in colo_events if isinstance(e, VmDescription)).json,
+            pages=[FailoverPage(b, o, d) for (b, o), d in other.items()],
+        )
+    )
+    result = asyncio.run(asyncio.wait_for(_fail_over(tmp_path, ram_file, stream), 60))
+    assert result == ["completed", "running"]
