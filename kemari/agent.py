@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from kemari.checkpoint.protection import Protection
 from kemari.config import VMConfig
 from kemari.errors import ConfigError, NetError, QemuError
 from kemari.image.builder import default_image
@@ -39,6 +40,7 @@ from kemari.qemu.accel import choose_accel
 from kemari.qemu.binary import qemu_binary
 from kemari.qemu.cmdline import MachineSpec, NbdDisk, StreamNic
 from kemari.qemu.machine import QemuMachine
+from kemari.transaction.session import Identity
 
 NBD_EXPORT = "disk"
 
@@ -64,6 +66,7 @@ class Agent:
         self.nbd_servers: list[NbdServer] = []
         self.bridges: list[NetBridge] = []
         self.machine: QemuMachine | None = None
+        self.protection: Protection | None = None
         self.accel_reason = ""
         self.binary_reason = ""
         self.started_at = time.monotonic()
@@ -94,6 +97,9 @@ class Agent:
             self.machine = QemuMachine(spec, binary.path)
             await stack.enter_async_context(self.machine)
             stack.enter_context(self._signal_handlers())
+            # Registered after QEMU: runs before QEMU is stopped, so the standby is told
+            # goodbye while the guest still runs.
+            stack.push_async_callback(self._stop_protection)
             await self._wait_for_nics()
             if self.console is not None:
                 follower = asyncio.create_task(self._follow_serial(self.console))
@@ -172,6 +178,11 @@ class Agent:
             return 0
         raise QemuError(f"QEMU ended unexpectedly: {end.describe()}")
 
+    async def _stop_protection(self) -> None:
+        if self.protection is not None:
+            protection, self.protection = self.protection, None
+            await protection.close()
+
     async def _wait_for_nics(self, timeout_s: float = 10.0) -> None:
         """QEMU 7.2 connects ``-netdev stream`` asynchronously: make sure every NIC did."""
         deadline = time.monotonic() + timeout_s
@@ -207,13 +218,56 @@ class Agent:
     def _register_monitor_commands(self) -> None:
         self.monitor.register(("info", "status"), self._info_status, "VM and agent status")
         self.monitor.register(("quit",), self._quit, "stop the VM and the agent")
+        self.monitor.register(
+            ("migrate",), self._migrate, "migrate -d kemari:tcp:HOST:PORT: protect with a standby"
+        )
+        self.monitor.register(
+            ("migrate_cancel",), self._migrate_cancel, "stop protecting (the guest keeps running)"
+        )
+
+    @property
+    def protection_state(self) -> str:
+        """``unprotected``, ``syncing`` or ``protected`` (the active host's view)."""
+        if self.protection is None or not self.protection.active:
+            return "unprotected"
+        return self.protection.source.state.value
+
+    async def _migrate(self, args: list[str]) -> Reply:
+        uris = [arg for arg in args if arg != "-d"]
+        if len(uris) != 1 or not uris[0].startswith("kemari:"):
+            raise ConfigError("usage: migrate -d kemari:tcp:HOST:PORT")
+        if self.machine is None or self.state is not AgentState.RUNNING:
+            raise ConfigError(f"VM {self.config.name} is not running")
+        if self.protection is not None and self.protection.active:
+            raise ConfigError(
+                f"VM {self.config.name} is already protected by {self.protection.peer}"
+            )
+        if self.protection is not None:  # a previous session ended (standby lost): tidy it
+            await self.protection.close()
+        identity = Identity(self.config.name, self.config.replication_digest())
+        self.protection = await Protection.start(self.machine, uris[0], identity)
+        self._say(f"protection of VM {self.config.name} started: initial sync to {uris[0]}")
+        return Reply(
+            data={"peer": self.protection.peer},
+            text=f"initial sync to {self.protection.peer} started; see 'info status'",
+        )
+
+    async def _migrate_cancel(self, args: list[str]) -> Reply:
+        del args
+        if self.protection is None:
+            raise ConfigError(f"VM {self.config.name} is not protected")
+        protection, self.protection = self.protection, None
+        await protection.close()
+        return Reply(data={}, text="protection stopped; the guest runs unprotected")
 
     def status(self) -> dict[str, Any]:
         """Plain-data status of the agent, its VM and its I/O paths."""
         machine = self.machine
         return {
             "name": self.config.name,
-            "role": "standalone",
+            "role": "active",
+            "protection": self.protection_state,
+            "replication": None if self.protection is None else self.protection.status(),
             "agent": self.state.value,
             "vm": machine.run_state.value if machine is not None else "not-started",
             "qemu_pid": machine.pid if machine is not None else None,
@@ -239,7 +293,8 @@ class Agent:
             raise ConfigError(f"info status takes no arguments, got {' '.join(args)!r}")
         data = self.status()
         lines = [
-            f"VM {data['name']}: {data['vm']} (role {data['role']}, agent {data['agent']})",
+            f"VM {data['name']}: {data['vm']} (role {data['role']}, {data['protection']}, "
+            f"agent {data['agent']})",
             f"accel: {data['accel']} ({data['accel_reason']}); QEMU pid {data['qemu_pid']}",
             f"uptime: {data['uptime_s']} s; serial log: {data['serial_log']}",
         ]
@@ -252,12 +307,36 @@ class Agent:
             f"host->guest {counters['host_to_guest']['frames']} frames"
             for i, (nic, counters) in enumerate(zip(self.config.nics, data["nics"], strict=True))
         ]
+        lines += _replication_lines(data["replication"])
         return Reply(data=data, text="\n".join(lines))
 
     async def _quit(self, args: list[str]) -> Reply:
         del args
         self._stop_requested.set()
         return Reply(data={}, text=f"stopping VM {self.config.name}")
+
+
+def _replication_lines(replication: dict[str, Any] | None) -> list[str]:
+    """Human lines of the active side's replication status."""
+    if replication is None:
+        return []
+    lines = [f"standby: {replication['peer']} ({replication['state']})"]
+    if replication["reason"]:
+        lines.append(f"  reason: {replication['reason']}")
+    progress = replication["sync_progress"]
+    if progress is not None and progress["ram_bytes"]:
+        lines.append(
+            f"  initial sync: {progress['received_bytes'] / progress['ram_bytes']:.0%} of "
+            f"{progress['ram_bytes'] >> 20} MiB at {progress['rate_bytes_per_s'] / 2**20:.0f} MiB/s"
+        )
+    recent = replication["recent"]
+    lines.append(
+        f"  epoch {replication['epoch']} (every {replication['epoch_ms']} ms); "
+        f"last checkpoint {replication['last_checkpoint_age_s']} s ago; "
+        f"pause p50 {recent['pause_ms_p50']} ms, max {recent['pause_ms_max']} ms over "
+        f"{recent['count']}; last {recent['pages_last']} pages, {recent['bytes_last']} bytes"
+    )
+    return lines
 
 
 @contextlib.contextmanager

@@ -203,6 +203,22 @@ class CheckpointSource:
         """The last :data:`RECENT_CHECKPOINTS` committed checkpoints, oldest first."""
         return list(self._recent)
 
+    def sync_progress(self) -> dict[str, float] | None:
+        """While the initial sync runs: stream bytes so far, guest RAM size and the rate.
+
+        The stream carries each RAM page at least once (zero pages in a few bytes), so
+        ``received_bytes / ram_bytes`` is an estimate of the progress, not an exact one.
+        """
+        if self._state is not SourceState.SYNCING or not self._started_at:
+            return None
+        elapsed = max(time.monotonic() - self._started_at, 1e-6)
+        return {
+            "received_bytes": self._received,
+            "ram_bytes": self._ram_bytes,
+            "elapsed_s": round(elapsed, 3),
+            "rate_bytes_per_s": round(self._received / elapsed),
+        }
+
     @property
     def in_checkpoint(self) -> bool:
         """A checkpoint has been requested and is not committed yet."""

@@ -1,0 +1,111 @@
+"""Protection of a running VM: the active host's side, from ``migrate -d kemari:tcp:...``.
+
+:class:`Protection` connects to the standby, shakes hands (the standby refuses a VM
+whose guest-visible configuration differs), and then runs the
+:class:`~kemari.checkpoint.source.CheckpointSource` with a
+:class:`~kemari.checkpoint.sender.TransactionSender` as its sink and a
+:class:`~kemari.checkpoint.trigger.CheckpointTrigger` for on-demand checkpoints.
+
+Ordering: the handshake completes before QEMU is told to migrate, so a refused or
+unreachable standby never touches the running guest.  When the standby is lost
+later, the source drops COLO mode (``x-colo-lost-heartbeat``) and the guest keeps
+running: the protection ends UNPROTECTED and may be started again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Any
+
+from kemari.checkpoint.sender import TransactionSender
+from kemari.checkpoint.source import CheckpointSource, SourceState
+from kemari.checkpoint.trigger import CheckpointTrigger
+from kemari.errors import TransactionError
+from kemari.qemu.machine import QemuMachine
+from kemari.transaction.session import Identity, PrimarySession
+from kemari.transaction.transport import connect
+
+HANDSHAKE_TIMEOUT_S = 10.0
+DEFAULT_EPOCH_MS = 100
+
+
+class Protection:
+    """One protection session of one VM (active side)."""
+
+    def __init__(self, source: CheckpointSource, trigger: CheckpointTrigger, peer: str) -> None:
+        self.source = source
+        self.trigger = trigger
+        self.peer = peer
+        self.started_at = time.monotonic()
+
+    @classmethod
+    async def start(
+        cls,
+        machine: QemuMachine,
+        uri: str,
+        identity: Identity,
+        epoch_ms: int = DEFAULT_EPOCH_MS,
+    ) -> Protection:
+        """Connect to the standby at ``uri`` and start the initial sync in the background."""
+        transport = await connect(uri, HANDSHAKE_TIMEOUT_S)
+        try:
+            session = await PrimarySession.handshake(transport, identity, HANDSHAKE_TIMEOUT_S)
+        except BaseException:
+            await transport.close()
+            raise
+        source = CheckpointSource(machine, TransactionSender(session), epoch_ms=epoch_ms)
+        try:
+            await source.start()
+        except BaseException:
+            await session.close("could not start the migration stream")
+            raise
+        trigger = CheckpointTrigger(source)
+        await trigger.start()
+        return cls(source, trigger, transport.peer)
+
+    @property
+    def active(self) -> bool:
+        """True while syncing or protected (the guest's state is flowing to the standby)."""
+        return self.source.state in (SourceState.SYNCING, SourceState.PROTECTED)
+
+    async def close(self) -> None:
+        """Stop protecting: the guest keeps running unprotected; the standby is told goodbye."""
+        await self.trigger.close()
+        await self.source.close()
+        sender = self.source.sink
+        if isinstance(sender, TransactionSender):
+            with contextlib.suppress(TransactionError):
+                await sender.session.close("protection stopped")
+
+    def status(self) -> dict[str, Any]:
+        """Plain-data status for ``info status``."""
+        source = self.source
+        recent = source.recent()
+        pauses = sorted(record.pause_s * 1000 for record in recent)
+        sync = source.sync
+        last_age = time.monotonic() - recent[-1].committed_at if recent else None
+        return {
+            "state": source.state.value,
+            "reason": source.reason,
+            "peer": self.peer,
+            "epoch": source.committed_epoch,
+            "epoch_ms": source.epoch_ms,
+            "last_checkpoint_age_s": None if last_age is None else round(last_age, 3),
+            "initial_sync": None
+            if sync is None
+            else {
+                "duration_s": round(sync.duration_s, 3),
+                "ram_bytes": sync.ram_bytes,
+                "stream_bytes": sync.stream_bytes,
+            },
+            "sync_progress": source.sync_progress(),
+            "recent": {
+                "count": len(recent),
+                "pause_ms_p50": round(statistics.median(pauses), 3) if pauses else None,
+                "pause_ms_max": round(pauses[-1], 3) if pauses else None,
+                "bytes_last": recent[-1].stream_bytes if recent else None,
+                "pages_last": recent[-1].pages if recent else None,
+            },
+        }
