@@ -9,6 +9,7 @@ checkpoints under TCG through ``benchmarks/colo_checkpoint_probe.py``.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -85,7 +86,7 @@ def test_installed_version_is_the_source_version() -> None:
     ).stdout
     # A binNMU (+bN) is rebuilt from the same source: the key must not include it.
     assert binary_version.startswith(version)
-    assert "+b" not in version.removeprefix(binary_version)
+    assert re.search(r"\+b\d+$", version) is None
 
 
 def _fake_build(root: Path, key: BuildKey, version: str) -> Path:

@@ -236,9 +236,10 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _build(key: BuildKey, root: Path, jobs: int, progress: Progress) -> PatchedQemu:
     started = time.monotonic()
+    # Leftovers of interrupted builds (any key); the build lock says none is in use.
+    for leftover in [*root.glob("work-*"), *root.glob("staging-*")]:
+        shutil.rmtree(leftover)
     work = root / f"work-{key.name}"
-    if work.exists():
-        shutil.rmtree(work)  # a previous attempt was interrupted: start clean
     work.mkdir()
     ensure_build_packages(progress)
     source = fetch_source(key.debian_version, work, progress)
