@@ -8,6 +8,7 @@ checkpoints under TCG through ``benchmarks/colo_checkpoint_probe.py``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -35,6 +36,8 @@ from kemari.qemu.build import (
     recipe_sha256,
     validate_debian_version,
 )
+from kemari.qemu.cmdline import MachineSpec, MemoryFile
+from kemari.qemu.machine import QemuMachine
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "benchmarks" / "colo_checkpoint_probe.py"
@@ -184,3 +187,39 @@ def test_patched_qemu_completes_colo_checkpoints_under_tcg(patched: PatchedQemu)
     assert "DEADLOCK" not in output
     assert "on demand    30 checkpoints" in output, output
     assert "after the checkpoints the VM is running" in output, output
+
+
+def test_patched_binary_has_what_kemari_uses(patched: PatchedQemu, tmp_path: Path) -> None:
+    def help_text(*args: str) -> str:
+        return subprocess.run(
+            [str(patched.binary), *args], capture_output=True, text=True, check=True
+        ).stdout
+
+    assert "stream" in help_text("-netdev", "help").split()
+    devices = help_text("-device", "help")
+    for device in ("virtio-net-pci", "virtio-blk-pci", "isa-serial"):
+        assert f'name "{device}"' in devices
+    assert "memory-backend-file" in help_text("-object", "help")
+    assert "nbd" in help_text("-drive", "format=help").split()
+    assert "tcg" in help_text("-accel", "help").split()
+
+    async def capabilities() -> dict[str, bool]:
+        spec = MachineSpec(
+            name="caps",
+            accel="tcg",
+            qmp_socket=tmp_path / "qmp.sock",
+            memory_mib=32,
+            start_paused=True,
+            memory_file=MemoryFile(path=tmp_path / "ram", share=True),
+        )
+        async with QemuMachine(spec, patched.binary) as machine:
+            await machine.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "x-colo", "state": True}]},
+            )
+            answer = await machine.execute("query-migrate-capabilities")
+        return {entry["capability"]: entry["state"] for entry in answer}
+
+    found = asyncio.run(asyncio.wait_for(capabilities(), 60))
+    assert found["x-colo"] is True
+    assert "x-ignore-shared" in found
