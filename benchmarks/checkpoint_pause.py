@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, PageBatch, SourceState
-from kemari.qemu.binary import qemu_version
 from kemari.qemu.build import patched_qemu
 from kemari.qemu.cmdline import MachineSpec, MemoryFile
+from kemari.qemu.debian import qemu_version
 from kemari.qemu.machine import EventSubscription, QemuMachine
 from kemari.stream import Configuration, RamBlockList
 

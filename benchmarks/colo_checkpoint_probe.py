@@ -38,9 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from kemari.qemu.binary import qemu_binary, qemu_version
+from kemari.qemu.binary import qemu_binary
 from kemari.qemu.build import patched_qemu
 from kemari.qemu.cmdline import MachineSpec
+from kemari.qemu.debian import qemu_version
 from kemari.qemu.machine import EventSubscription, QemuMachine
 from kemari.stream import (
     ColoEvent,

@@ -69,6 +69,7 @@ class Agent:
         self.protection: Protection | None = None
         self.accel_reason = ""
         self.binary_reason = ""
+        self.checkpoint_safe = False
         self.started_at = time.monotonic()
         self._stop_requested = asyncio.Event()
 
@@ -94,6 +95,7 @@ class Agent:
             stack.push_async_callback(self.monitor.close)
             binary = qemu_binary(spec.accel)
             self.binary_reason = binary.reason
+            self.checkpoint_safe = binary.checkpoint_safe
             self.machine = QemuMachine(spec, binary.path)
             await stack.enter_async_context(self.machine)
             stack.enter_context(self._signal_handlers())

@@ -21,7 +21,8 @@ from typing import Any
 
 from kemari.errors import QemuError
 from kemari.qemu.accel import AccelDecision, decide_accel, gather_host_facts
-from kemari.qemu.binary import QEMU_PACKAGE, qemu_binary, qemu_version
+from kemari.qemu.binary import qemu_binary
+from kemari.qemu.debian import QEMU_PACKAGE, qemu_version
 
 _COMMAND_TIMEOUT_S = 10.0
 _PT_INTERP = 3

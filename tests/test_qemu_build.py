@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kemari.errors import QemuError
-from kemari.qemu.binary import QEMU_PROGRAM, qemu_binary
+from kemari.qemu.binary import qemu_binary
 from kemari.qemu.build import (
     CONFIGURE_OPTIONS,
     BuildKey,
@@ -37,6 +37,7 @@ from kemari.qemu.build import (
     validate_debian_version,
 )
 from kemari.qemu.cmdline import MachineSpec, MemoryFile
+from kemari.qemu.debian import QEMU_PROGRAM
 from kemari.qemu.machine import QemuMachine
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from kemari.errors import QemuError
-from kemari.qemu.binary import QEMU_PACKAGE, QEMU_PROGRAM, qemu_version
+from kemari.qemu.debian import QEMU_PACKAGE, QEMU_PROGRAM, qemu_version
 
 PATCH_PATH = Path(__file__).resolve().parents[2] / "patches" / "qemu-7.2-colo-tcg-bql.patch"
 DEB_SRC_LIST = Path("/etc/apt/sources.list.d/kemari-deb-src.sources")

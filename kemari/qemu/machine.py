@@ -312,7 +312,8 @@ class QemuMachine:
             return None
         if not self._reaper_task.done():
             self._stop_requested = True
-            with contextlib.suppress(QemuError):
+            # A hung QEMU (e.g. deadlocked) never answers: go on to the signals.
+            with contextlib.suppress(QemuError, TimeoutError):
                 await asyncio.wait_for(self.execute("quit"), timeout_s)
             for next_signal in (signal.SIGTERM, signal.SIGKILL):
                 if await self._exited_within(timeout_s):
