@@ -54,6 +54,7 @@ from kemari.transaction.wire import (
     RamPages,
     RefuseReason,
     Role,
+    VmDescription,
     page_indices,
 )
 
@@ -100,6 +101,10 @@ def test_tracker_commits_a_transaction_and_returns_to_idle():
         ([Begin(0), RamBlocks(0, BLOCKS), Commit(3, 0, 0, 0)], "COMMIT of epoch 3 inside"),
         ([Begin(0), Commit(0, 0, 0, 0)], "before any RAM_BLOCKS"),
         ([Begin(0), RamBlocks(0, BLOCKS), RamBlocks(0, BLOCKS)], "twice"),
+        (
+            [Begin(0), RamBlocks(0, BLOCKS), VmDescription(0, b"{}"), VmDescription(0, b"{}")],
+            "VM_DESCRIPTION outside the first transaction or twice",
+        ),
         ([Begin(5), Abort(5, "x"), Begin(5)], "epoch 5 does not follow epoch 5"),
         ([Abort(0, "x")], "ABORT outside a transaction"),
         ([CommitAck(0)], "unexpected COMMIT_ACK"),

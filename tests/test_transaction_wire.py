@@ -38,6 +38,7 @@ from kemari.transaction.wire import (
     Refuse,
     RefuseReason,
     Role,
+    VmDescription,
     encode_frame,
     page_indices,
 )
@@ -81,8 +82,12 @@ def ram_pages(draw: st.DrawFn) -> RamPages:
 def ram_blocks(draw: st.DrawFn) -> RamBlocks:
     block_names = draw(st.lists(names, min_size=1, max_size=4, unique=True))
     sizes = draw(st.lists(st.integers(1, 1 << 20), min_size=len(block_names)))
-    blocks = tuple(RamBlock(n, s * PAGE_SIZE) for n, s in zip(block_names, sizes, strict=False))
-    return RamBlocks(draw(epochs), blocks)
+    gpas = draw(st.lists(st.integers(0, (1 << 64) - 1), min_size=len(block_names)))
+    blocks = tuple(
+        RamBlock(n, s * PAGE_SIZE, g) for n, s, g in zip(block_names, sizes, gpas, strict=False)
+    )
+    machine = draw(names)
+    return RamBlocks(draw(epochs), blocks, machine, draw(st.integers(0, (1 << 32) - 1)))
 
 
 payloads: st.SearchStrategy[Payload] = st.one_of(
@@ -95,6 +100,7 @@ payloads: st.SearchStrategy[Payload] = st.one_of(
     ram_blocks(),
     ram_pages(),
     st.builds(DeviceState, epochs, st.binary(min_size=1, max_size=300)),
+    st.builds(VmDescription, epochs, st.binary(min_size=1, max_size=300)),
     st.builds(Commit, epochs, epochs, epochs, epochs),
     st.builds(CommitAck, epochs),
     st.builds(Abort, epochs, texts),
@@ -238,7 +244,11 @@ def test_payload_layout_errors_are_typed():
         (FrameType.RAM_PAGES, bad_pages, "counts"),
         (FrameType.COMMIT, bad_commit, "trailing"),
         (FrameType.REFUSE, b"\0\x63\0\0", "unknown reason"),
-        (FrameType.RAM_BLOCKS, b"\0\x01\x01A" + struct.pack(">Q", 100), "multiple of 4096"),
+        (
+            FrameType.RAM_BLOCKS,
+            b"\x02pc" + struct.pack(">QH", 2, 1) + b"\x01A" + struct.pack(">QQ", 100, 0),
+            "multiple of 4096",
+        ),
     ):
         head = HEADER.pack(MAGIC, 1, ftype, 0, 0, 0, len(payload), zlib.crc32(payload), 0)[:32]
         frame = head + zlib.crc32(head).to_bytes(4, "big") + payload

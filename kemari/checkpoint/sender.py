@@ -4,7 +4,8 @@
 reads from QEMU and forwards it to the standby as ft-transactions on a
 :class:`~kemari.transaction.session.PrimarySession`:
 
-    initial sync   BEGIN(0), RAM_BLOCKS, RAM_PAGES…, DEVICE_STATE…, COMMIT(0) → COMMIT_ACK
+    initial sync   BEGIN(0), RAM_BLOCKS, RAM_PAGES…, DEVICE_STATE…, VM_DESCRIPTION,
+                   COMMIT(0) → COMMIT_ACK
     checkpoint N   BEGIN(N), RAM_PAGES…, DEVICE_STATE…, COMMIT(N) → COMMIT_ACK
 
 ``end_sync`` and ``commit`` return only after the standby's COMMIT_ACK, which is what
@@ -29,6 +30,7 @@ from kemari.transaction.wire import (
     RamBlock,
     RamBlocks,
     RamPages,
+    VmDescription,
 )
 
 # Pages per RAM_PAGES frame: 1024 pages = 4 MiB, far below the frame limit, and big
@@ -53,8 +55,7 @@ class TransactionSender:
     # -- initial sync (epoch 0) -------------------------------------------
 
     async def begin_sync(self, configuration: Configuration, blocks: RamBlockList) -> None:
-        """Open epoch 0 and announce the RAM blocks."""
-        del configuration  # the standby builds its own from the same VM config
+        """Open epoch 0 and announce the machine type and the RAM blocks."""
         for block in blocks.blocks:
             if block.used_length % PAGE_SIZE:
                 raise CheckpointError(f"RAM block {block.name} is not a whole number of pages")
@@ -62,17 +63,19 @@ class TransactionSender:
         self._block_pages = [block.used_length // PAGE_SIZE for block in blocks.blocks]
         self._epoch = 0
         await self.session.send(Begin(0))
-        wire_blocks = tuple(RamBlock(b.name, b.used_length) for b in blocks.blocks)
-        await self.session.send(RamBlocks(0, wire_blocks))
+        wire_blocks = tuple(RamBlock(b.name, b.used_length, b.gpa or 0) for b in blocks.blocks)
+        await self.session.send(
+            RamBlocks(0, wire_blocks, configuration.machine_type, blocks.section_id)
+        )
 
     async def sync_pages(self, batch: PageBatch) -> None:
         """Pages of the initial sync."""
         await self.pages(batch)
 
     async def end_sync(self, device_state: bytes, vmdesc: bytes) -> None:
-        """Send the initial device state and wait for the standby to commit epoch 0."""
-        del vmdesc  # not needed to rebuild the stream at failover
+        """Send the initial device state and VM description; wait for the commit of epoch 0."""
         await self.device_state(0, device_state)
+        await self.session.send(VmDescription(0, vmdesc))
         await self.commit(0)
 
     # -- checkpoints ----------------------------------------------------------

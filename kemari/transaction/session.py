@@ -47,6 +47,7 @@ from kemari.transaction.wire import (
     Refuse,
     RefuseReason,
     Role,
+    VmDescription,
 )
 
 # Frame parts up to this size are joined into one write so the header does not leave in
@@ -106,6 +107,7 @@ class _OpenTransaction:
     data_pages: int = 0
     zero_pages: int = 0
     device_state_bytes: int = 0
+    has_vmdesc: bool = False
 
 
 class TransactionTracker:
@@ -166,6 +168,11 @@ class TransactionTracker:
                 current.zero_pages += len(payload.zero_pages)
             case DeviceState(epoch=epoch, data=data):
                 self._require_open("DEVICE_STATE", epoch).device_state_bytes += len(data)
+            case VmDescription(epoch=epoch):
+                current = self._require_open("VM_DESCRIPTION", epoch)
+                if self.last_committed is not None or current.has_vmdesc:
+                    raise TransactionError("VM_DESCRIPTION outside the first transaction or twice")
+                current.has_vmdesc = True
             case Commit(epoch=epoch):
                 current = self._require_open("COMMIT", epoch)
                 expected = (current.data_pages, current.zero_pages, current.device_state_bytes)
@@ -331,7 +338,9 @@ class PrimarySession:
         """Capabilities both sides support (the standby sends the intersection)."""
         return self.standby.capabilities
 
-    async def send(self, payload: Begin | RamBlocks | RamPages | DeviceState | Abort) -> None:
+    async def send(
+        self, payload: Begin | RamBlocks | RamPages | DeviceState | VmDescription | Abort
+    ) -> None:
         """Send one transaction frame after checking it against the transaction rules."""
         self.tracker.apply(payload)
         await self._writer.send(payload)
@@ -390,7 +399,16 @@ class SessionEnded:
     discarded: Discarded | None
 
 
-StandbyEvent = Begin | RamBlocks | RamPages | DeviceState | Committed | Discarded | SessionEnded
+StandbyEvent = (
+    Begin
+    | RamBlocks
+    | RamPages
+    | DeviceState
+    | VmDescription
+    | Committed
+    | Discarded
+    | SessionEnded
+)
 
 
 class StandbySession:
@@ -460,7 +478,7 @@ class StandbySession:
                 case Commit() | Abort():
                     assert ended is not None
                     return ended
-                case Begin() | RamBlocks() | RamPages() | DeviceState():
+                case Begin() | RamBlocks() | RamPages() | DeviceState() | VmDescription():
                     return payload
 
     async def acknowledge(self, committed: Committed) -> None:

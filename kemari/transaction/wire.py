@@ -79,6 +79,7 @@ class FrameType(enum.IntEnum):
     COMMIT = 0x14
     COMMIT_ACK = 0x15
     ABORT = 0x16
+    VM_DESCRIPTION = 0x17
 
 
 class Role(enum.IntEnum):
@@ -322,52 +323,98 @@ class Begin:
 
 @dataclass(frozen=True, slots=True)
 class RamBlock:
-    """A guest RAM block: QEMU's block name and its size in bytes (a page multiple)."""
+    """A guest RAM block: QEMU's block name, its size in bytes (a page multiple) and the
+    guest-physical address QEMU reports for it (the failover stream repeats it)."""
 
     name: str
     size: int
+    gpa: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class RamBlocks:
-    """The block table of the session's first transaction; pages name blocks by index."""
+    """The first transaction's machine description; pages name blocks by index.
+
+    ``machine_type`` and ``ram_section_id`` are what QEMU's configuration and RAM
+    section said; the standby needs them to rebuild an incoming stream at failover.
+    """
 
     TYPE: ClassVar[FrameType] = FrameType.RAM_BLOCKS
 
     epoch: int
     blocks: tuple[RamBlock, ...]
+    machine_type: str = "pc"
+    ram_section_id: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.blocks) <= MAX_RAM_BLOCKS:
             raise TransactionError(f"RAM_BLOCKS must list 1-{MAX_RAM_BLOCKS} blocks")
         if len({block.name for block in self.blocks}) != len(self.blocks):
             raise TransactionError("RAM_BLOCKS lists a block name twice")
+        if not self.machine_type:
+            raise TransactionError("RAM_BLOCKS has an empty machine type")
+        if not 0 <= self.ram_section_id < 1 << 32:
+            raise TransactionError(f"RAM section id {self.ram_section_id} is not a u32")
         for block in self.blocks:
             if not 0 < block.size <= MAX_BLOCK_SIZE or block.size % PAGE_SIZE:
                 raise TransactionError(
                     f"RAM block {block.name!r} size {block.size} is not a positive multiple "
                     f"of {PAGE_SIZE} up to {MAX_BLOCK_SIZE}"
                 )
+            if not 0 <= block.gpa < 1 << 64:
+                raise TransactionError(f"RAM block {block.name!r} address is not a u64")
 
     def encode(self) -> list[Buffer]:
-        parts = [_U16.pack(len(self.blocks))]
+        machine = _name_bytes(self.machine_type, "machine type")
+        parts = [
+            _U8.pack(len(machine)),
+            machine,
+            _U64.pack(self.ram_section_id),
+            _U16.pack(len(self.blocks)),
+        ]
         for block in self.blocks:
             name = _name_bytes(block.name, "RAM block name")
-            parts += [_U8.pack(len(name)), name, _U64.pack(block.size)]
+            parts += [_U8.pack(len(name)), name, _U64.pack(block.size), _U64.pack(block.gpa)]
         return [b"".join(parts)]
 
     @classmethod
     def decode(cls, epoch: int, payload: memoryview) -> RamBlocks:
         cursor = _Cursor(payload, cls.TYPE.name)
+        machine_type = cursor.text(cursor.u8())
+        section_id = cursor.u64()
         count = cursor.u16()
         blocks = []
         for _ in range(count):
             name = cursor.text(cursor.u8())
-            blocks.append(RamBlock(name, cursor.u64()))
+            blocks.append(RamBlock(name, cursor.u64(), cursor.u64()))
         cursor.finish()
         if any(not block.name for block in blocks):
             raise TransactionError("RAM_BLOCKS has an empty block name")
-        return cls(epoch, tuple(blocks))
+        return cls(epoch, tuple(blocks), machine_type, section_id)
+
+
+@dataclass(frozen=True, slots=True)
+class VmDescription:
+    """QEMU's VM description (JSON) from the end of the initial sync; first transaction only.
+
+    QEMU's incoming side reads it after the device state, so the failover stream needs it.
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.VM_DESCRIPTION
+
+    epoch: int
+    data: Buffer
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise TransactionError("VM_DESCRIPTION frame is empty")
+
+    def encode(self) -> list[Buffer]:
+        return [self.data]
+
+    @classmethod
+    def decode(cls, epoch: int, payload: memoryview) -> VmDescription:
+        return cls(epoch, payload)
 
 
 def page_indices(values: Sequence[int]) -> array[int]:
@@ -525,7 +572,9 @@ class Abort:
 
 
 SessionPayload = Hello | HelloAck | Refuse | Goodbye | Heartbeat | HeartbeatAck
-TransactionPayload = Begin | RamBlocks | RamPages | DeviceState | Commit | CommitAck | Abort
+TransactionPayload = (
+    Begin | RamBlocks | RamPages | DeviceState | VmDescription | Commit | CommitAck | Abort
+)
 Payload = SessionPayload | TransactionPayload
 
 _PAYLOAD_CLASSES: dict[FrameType, type[Payload]] = {
@@ -541,6 +590,7 @@ _PAYLOAD_CLASSES: dict[FrameType, type[Payload]] = {
         RamBlocks,
         RamPages,
         DeviceState,
+        VmDescription,
         Commit,
         CommitAck,
         Abort,
