@@ -29,7 +29,8 @@ from typing import Any, TextIO
 
 from kemari.checkpoint.protection import Protection
 from kemari.config import VMConfig
-from kemari.errors import ConfigError, NetError, QemuError
+from kemari.errors import ConfigError, FailoverError, NetError, QemuError
+from kemari.failover.failover import FailoverResult, fail_over
 from kemari.image.builder import default_image
 from kemari.monitor.protocol import Reply
 from kemari.monitor.server import MonitorServer
@@ -40,6 +41,8 @@ from kemari.qemu.accel import choose_accel
 from kemari.qemu.binary import qemu_binary
 from kemari.qemu.cmdline import MachineSpec, NbdDisk, StreamNic
 from kemari.qemu.machine import QemuMachine
+from kemari.replica.applier import ReplicaApplier
+from kemari.replica.receiver import StandbyReceiver
 from kemari.transaction.session import Identity
 
 NBD_EXPORT = "disk"
@@ -49,6 +52,9 @@ class AgentState(enum.Enum):
     """Life cycle of the agent itself (QEMU's own run state is reported separately)."""
 
     STARTING = "starting"
+    STANDBY = "standby"  # keeping the replica, no QEMU
+    FAILING_OVER = "failing-over"
+    STANDBY_FAILED = "failover-failed"  # the failover QEMU did not start; see the error
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
@@ -67,6 +73,11 @@ class Agent:
         self.bridges: list[NetBridge] = []
         self.machine: QemuMachine | None = None
         self.protection: Protection | None = None
+        self.receiver: StandbyReceiver | None = None
+        self.failover_result: FailoverResult | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._spec: MachineSpec | None = None
+        self._failover_requested = asyncio.Event()
         self.accel_reason = ""
         self.binary_reason = ""
         self.checkpoint_safe = False
@@ -74,17 +85,19 @@ class Agent:
         self._stop_requested = asyncio.Event()
 
     async def run(self) -> int:
-        """Run the VM to the end; returns the exit status for ``kemari run``."""
+        """Run the VM to the end; returns the exit status for ``kemari run``.
+
+        A standby (``incoming`` set) runs no QEMU: it keeps the replica until the
+        operator's ``failover``, then starts QEMU from it and carries on as active.
+        """
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(_locked_runtime_dir(self.runtime_dir, self.config.name))
             spec = self._machine_spec()
-            for index, disk in enumerate(self.config.disks):
-                backend = RawFileBackend.open(disk.path, read_only=disk.read_only)
-                stack.push_async_callback(backend.close)
-                server = NbdServer(backend, self.runtime_dir / f"disk{index}.sock", NBD_EXPORT)
-                await server.start()
-                stack.push_async_callback(server.close)
-                self.nbd_servers.append(server)
+            self._stack, self._spec = stack, spec
+            binary = qemu_binary(spec.accel)
+            self.binary_reason = binary.reason
+            self.checkpoint_safe = binary.checkpoint_safe
+            # NIC paths exist before any QEMU: 7.2 connects -netdev stream only at start.
             for index, nic in enumerate(self.config.nics):
                 bridge = NetBridge(self.runtime_dir / f"net{index}.sock", nic.tap, nic.bridge)
                 await bridge.start()
@@ -93,12 +106,19 @@ class Agent:
             self._register_monitor_commands()
             await self.monitor.start()
             stack.push_async_callback(self.monitor.close)
-            binary = qemu_binary(spec.accel)
-            self.binary_reason = binary.reason
-            self.checkpoint_safe = binary.checkpoint_safe
-            self.machine = QemuMachine(spec, binary.path)
-            await stack.enter_async_context(self.machine)
             stack.enter_context(self._signal_handlers())
+            if self.config.incoming is not None:
+                if not await self._serve_as_standby(stack, self.config.incoming):
+                    return 0  # told to stop before any failover
+                machine = self.machine
+                assert machine is not None
+            else:
+                # Disks are opened only by the host that runs the guest (shared storage:
+                # the standby must not hold the image while the primary writes it).
+                await self._start_disks(stack)
+                machine = QemuMachine(spec, binary.path)
+                self.machine = machine
+                await stack.enter_async_context(machine)
             # Registered after QEMU: runs before QEMU is stopped, so the standby is told
             # goodbye while the guest still runs.
             stack.push_async_callback(self._stop_protection)
@@ -108,13 +128,84 @@ class Agent:
                 stack.callback(follower.cancel)
             self.state = AgentState.RUNNING
             self._say(
-                f"VM {self.config.name} running (QEMU pid {self.machine.pid}, "
+                f"VM {self.config.name} running (QEMU pid {machine.pid}, "
                 f"accel {spec.accel}: {self.accel_reason}); monitor at {self.monitor.path}"
             )
-            status = await self._wait_for_end(self.machine)
+            status = await self._wait_for_end(machine)
             self.state = AgentState.STOPPING
         self.state = AgentState.STOPPED
         return status
+
+    async def _start_disks(self, stack: contextlib.AsyncExitStack) -> None:
+        for index, disk in enumerate(self.config.disks):
+            backend = RawFileBackend.open(disk.path, read_only=disk.read_only)
+            stack.push_async_callback(backend.close)
+            server = NbdServer(backend, self.runtime_dir / f"disk{index}.sock", NBD_EXPORT)
+            await server.start()
+            stack.push_async_callback(server.close)
+            self.nbd_servers.append(server)
+
+    async def _serve_as_standby(self, stack: contextlib.AsyncExitStack, uri: str) -> bool:
+        """Keep the replica until ``failover`` (True: QEMU now runs) or a stop (False)."""
+        replica_dir = self.config.resolved_replica_dir()
+        applier = ReplicaApplier(replica_dir, config_digest=self.config.replication_digest().hex())
+        stack.callback(applier.close)
+        identity = Identity(self.config.name, self.config.replication_digest())
+        self.receiver = StandbyReceiver(uri, identity, applier)
+        await self.receiver.start()
+        self.state = AgentState.STANDBY
+        self._say(
+            f"standby for VM {self.config.name} listening on {self.receiver.listener.bound}; "
+            f"replica in {replica_dir}; monitor at {self.monitor.path}"
+        )
+        stop = asyncio.create_task(self._stop_requested.wait())
+        failover = asyncio.create_task(self._failover_requested.wait())
+        try:
+            await asyncio.wait({stop, failover}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            failover.cancel()
+        if self._stop_requested.is_set():
+            await self.receiver.close()
+            return False
+        return True
+
+    async def _fail_over(self, args: list[str]) -> Reply:
+        """Monitor ``failover``: start QEMU from the committed replica (standby only)."""
+        if args:
+            raise ConfigError(f"failover takes no arguments, got {' '.join(args)!r}")
+        receiver = self.receiver
+        if receiver is None or self.state is not AgentState.STANDBY:
+            raise ConfigError(f"VM {self.config.name} is not a standby ({self.state.value})")
+        if receiver.applier.committed_epoch is None:
+            raise FailoverError(
+                "refusing to fail over: no committed replica (the initial sync has not "
+                "completed, so there is no state to resume the guest from)"
+            )
+        self.state = AgentState.FAILING_OVER
+        try:
+            # The receiver stops first: no checkpoint may land while QEMU maps the replica.
+            await receiver.close()
+            assert self._stack is not None and self._spec is not None
+            await self._start_disks(self._stack)
+            binary = qemu_binary(self._spec.accel)
+            result = await fail_over(receiver.applier, self._spec, binary.path)
+        except BaseException:
+            self.state = AgentState.STANDBY_FAILED
+            raise
+        self.machine = result.machine
+        self._stack.push_async_callback(result.machine.shutdown)
+        self.failover_result = result
+        self._failover_requested.set()
+        text = (
+            f"VM {self.config.name} resumed from epoch {result.epoch} in "
+            f"{result.timings.total_s * 1000:.0f} ms"
+        )
+        self._say(text)
+        return Reply(
+            data={"epoch": result.epoch, "total_ms": round(result.timings.total_s * 1000, 1)},
+            text=text,
+        )
 
     def _machine_spec(self) -> MachineSpec:
         config = self.config
@@ -221,6 +312,9 @@ class Agent:
         self.monitor.register(("info", "status"), self._info_status, "VM and agent status")
         self.monitor.register(("quit",), self._quit, "stop the VM and the agent")
         self.monitor.register(
+            ("failover",), self._fail_over, "standby: start the VM from the committed replica"
+        )
+        self.monitor.register(
             ("migrate",), self._migrate, "migrate -d kemari:tcp:HOST:PORT: protect with a standby"
         )
         self.monitor.register(
@@ -267,9 +361,18 @@ class Agent:
         machine = self.machine
         return {
             "name": self.config.name,
-            "role": "active",
+            "role": "standby" if self.machine is None and self.receiver is not None else "active",
             "protection": self.protection_state,
             "replication": None if self.protection is None else self.protection.status(),
+            "standby": None
+            if self.receiver is None or self.machine is not None
+            else self.receiver.status(),
+            "failover": None
+            if self.failover_result is None
+            else {
+                "epoch": self.failover_result.epoch,
+                "total_ms": round(self.failover_result.timings.total_s * 1000, 1),
+            },
             "agent": self.state.value,
             "vm": machine.run_state.value if machine is not None else "not-started",
             "qemu_pid": machine.pid if machine is not None else None,
@@ -310,6 +413,20 @@ class Agent:
             for i, (nic, counters) in enumerate(zip(self.config.nics, data["nics"], strict=True))
         ]
         lines += _replication_lines(data["replication"])
+        if data["standby"] is not None:
+            standby = data["standby"]
+            lines.append(
+                f"standby: listening on {standby['listening']}; primary {standby['primary']}; "
+                f"replica epoch {standby['epoch']} ({standby['applier']}); last checkpoint "
+                f"{standby['last_checkpoint_age_s']} s ago"
+            )
+            if standby["last_error"]:
+                lines.append(f"  last error: {standby['last_error']}")
+        if data["failover"] is not None:
+            lines.append(
+                f"failed over: resumed from epoch {data['failover']['epoch']} in "
+                f"{data['failover']['total_ms']} ms"
+            )
         return Reply(data=data, text="\n".join(lines))
 
     async def _quit(self, args: list[str]) -> Reply:

@@ -66,6 +66,8 @@ class VMConfig:
     monitor: Path | None = None
     serial_log: Path | None = None
     runtime_dir: Path | None = None
+    incoming: str | None = None
+    replica_dir: Path | None = None
 
     @property
     def uses_built_image(self) -> bool:
@@ -92,6 +94,17 @@ class VMConfig:
         if self.monitor is not None:
             return self.monitor
         return self.resolved_runtime_dir() / "monitor.sock"
+
+    def resolved_replica_dir(self) -> Path:
+        """Where the standby keeps the replica: ``replica_dir`` or ``/dev/shm/kemari/NAME``.
+
+        tmpfs by default: a commit then costs no disk flush, and the replica survives
+        a crash of the agent (what it must survive), not of the host (where nothing of
+        the standby survives anyway).
+        """
+        if self.replica_dir is not None:
+            return self.replica_dir
+        return Path("/dev/shm/kemari") / self.name
 
     def resolved_serial_log(self) -> Path:
         """The file receiving the guest serial console."""
@@ -204,7 +217,8 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
     """Build and validate a :class:`VMConfig` from plain data (a parsed TOML document)."""
     allowed = {
         "name", "memory", "vcpus", "accel", "kernel", "initrd", "append", "workload",
-        "guest_ip", "disk", "nic", "monitor", "serial_log", "runtime_dir",
+        "guest_ip", "disk", "nic", "monitor", "serial_log", "runtime_dir", "incoming",
+        "replica_dir",
     }  # fmt: skip
     _check_keys(raw, allowed, "")
     if "name" not in raw:
@@ -212,7 +226,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
     name = _expect(raw, "name", str, "")
     optional_paths = {
         key: Path(_expect(raw, key, str, ""))
-        for key in ("kernel", "initrd", "monitor", "serial_log", "runtime_dir")
+        for key in ("kernel", "initrd", "monitor", "serial_log", "runtime_dir", "replica_dir")
         if key in raw
     }
     disks = raw.get("disk", [])
@@ -227,6 +241,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
         append=_expect(raw, "append", str, "") if "append" in raw else "",
         workload=_expect(raw, "workload", str, "") if "workload" in raw else None,
         guest_ip=_expect(raw, "guest_ip", str, "") if "guest_ip" in raw else None,
+        incoming=_expect(raw, "incoming", str, "") if "incoming" in raw else None,
         disks=tuple(_disk_from(d, i) for i, d in enumerate(disks)),
         nics=tuple(_nic_from(n, i, name) for i, n in enumerate(nics)),
         **optional_paths,
@@ -270,6 +285,8 @@ def validate(config: VMConfig) -> None:
             raise ConfigError(f"guest_ip: {config.guest_ip!r} is not ADDRESS/PREFIX") from exc
         if "/" not in config.guest_ip:
             raise ConfigError(f"guest_ip: {config.guest_ip!r} needs a prefix, e.g. /24")
+    if config.incoming is not None and not config.incoming.startswith("kemari:tcp:"):
+        raise ConfigError(f"incoming: {config.incoming!r} is not kemari:tcp:HOST:PORT")
     if config.initrd is not None and config.kernel is None:
         raise ConfigError("initrd: given without a kernel")
     if config.kernel is not None and not config.kernel.is_file():

@@ -26,6 +26,8 @@ _SCALAR_FLAGS = {
     "monitor": "monitor",
     "serial_log": "serial_log",
     "runtime_dir": "runtime_dir",
+    "incoming": "incoming",
+    "replica_dir": "replica_dir",
 }
 
 
@@ -58,6 +60,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--monitor", help="Kemari monitor socket path")
     parser.add_argument("--serial-log", help="file receiving the guest serial console")
     parser.add_argument("--runtime-dir", help="directory for sockets (default /run/kemari/NAME)")
+    parser.add_argument(
+        "--incoming",
+        "-incoming",
+        metavar="kemari:tcp:HOST:PORT",
+        help="run as the standby: receive checkpoints here, start QEMU only at failover",
+    )
+    parser.add_argument("--replica-dir", help="standby replica directory (default on /dev/shm)")
     parser.add_argument(
         "--console", action="store_true", help="also copy the guest serial console to stdout"
     )
