@@ -48,3 +48,7 @@ class ReplicaError(KemariError):
 
 class CheckpointError(KemariError):
     """Checkpointing the primary failed or protection ended (the guest runs unprotected)."""
+
+
+class FailoverError(KemariError):
+    """The standby cannot take over: no committed replica, or the failover QEMU did not start."""

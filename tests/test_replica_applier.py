@@ -1,0 +1,204 @@
+"""ReplicaApplier without QEMU: generations, epochs, aborts, hand-over and the failover stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from stream_model import Device, device_bytes, vmdesc_json
+
+from kemari.errors import ReplicaError
+from kemari.replica import Replica
+from kemari.replica.applier import (
+    CURRENT_LINK,
+    REPLICA_SUBDIRECTORY,
+    ApplierState,
+    ReplicaApplier,
+)
+from kemari.stream import (
+    Configuration,
+    DeviceState,
+    RamBlock,
+    RamBlockList,
+    RamPage,
+    RamZeroPage,
+    StreamParser,
+    VmDescription,
+)
+from kemari.stream.format import PAGE_SIZE
+
+CONFIG = Configuration("pc-i440fx-7.2")
+BLOCKS = RamBlockList(2, (RamBlock("pc.ram", 16 * PAGE_SIZE), RamBlock("pc.bios", 2 * PAGE_SIZE)))
+VMDESC = vmdesc_json([Device(3, "timer", 0, b"")])
+
+
+def device(tag: str) -> bytes:
+    """A device-state buffer shaped like QEMU's: one FULL section with its footer."""
+    return device_bytes([Device(3, "timer", 0, tag.encode())])
+
+
+def page(fill: int) -> bytes:
+    return bytes([fill]) * PAGE_SIZE
+
+
+def sync(applier: ReplicaApplier, fill: int, state: bytes = b"") -> None:
+    applier.start_sync(CONFIG, BLOCKS)
+    applier.put_records(
+        [RamPage("pc.ram", i * PAGE_SIZE, memoryview(page(fill))) for i in range(16)]
+        + [RamZeroPage("pc.bios", 0, fill), RamPage("pc.bios", PAGE_SIZE, memoryview(page(7)))]
+    )
+    applier.finish_sync(state or device("dev0"), VMDESC)
+
+
+def checkpoint(applier: ReplicaApplier, epoch: int, offset: int, fill: int) -> None:
+    applier.begin_checkpoint(epoch)
+    applier.put_page("pc.ram", offset, page(fill))
+    applier.set_device_state(epoch, device(f"dev{epoch}"))
+    applier.commit_checkpoint(epoch)
+
+
+def current_generation(root: Path) -> str:
+    return os.readlink(root / CURRENT_LINK)
+
+
+def generations(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("gen-"))
+
+
+def test_sync_then_checkpoints_survive_a_reopen(tmp_path: Path) -> None:
+    with ReplicaApplier(tmp_path) as applier:
+        assert applier.committed_epoch is None
+        sync(applier, 1)
+        assert applier.committed_epoch == 0
+        checkpoint(applier, 1, 0, 2)
+        checkpoint(applier, 2, 5 * PAGE_SIZE, 3)
+        status = applier.status()
+        assert status.committed_epoch == 2 and status.state is ApplierState.IDLE
+        assert [r.epoch for r in status.recent] == [0, 1, 2]
+        assert status.recent[0].pages == 18 and status.recent[2].pages == 1
+    with ReplicaApplier(tmp_path) as reopened:
+        assert reopened.committed_epoch == 2
+    replica = Replica.open(tmp_path / current_generation(tmp_path) / REPLICA_SUBDIRECTORY)
+    with replica:
+        assert replica.read_page("pc.ram", 0) == page(2)
+        assert replica.read_page("pc.ram", 5 * PAGE_SIZE) == page(3)
+        assert replica.read_page("pc.ram", 6 * PAGE_SIZE) == page(1)
+        assert replica.device_state == device("dev2")
+
+
+def test_checkpoint_epochs_must_follow_the_committed_one(tmp_path: Path) -> None:
+    with ReplicaApplier(tmp_path) as applier:
+        with pytest.raises(ReplicaError, match="no committed replica"):
+            applier.begin_checkpoint(1)
+        sync(applier, 1)
+        with pytest.raises(ReplicaError, match="does not follow"):
+            applier.begin_checkpoint(2)
+        applier.begin_checkpoint(1)
+        with pytest.raises(ReplicaError, match="device state for epoch 2"):
+            applier.set_device_state(2, b"x")
+        with pytest.raises(ReplicaError, match="commit of epoch 3"):
+            applier.commit_checkpoint(3)
+        applier.abort("test")
+        assert applier.committed_epoch == 0
+        checkpoint(applier, 1, 0, 9)
+        assert applier.committed_epoch == 1
+
+
+def test_a_new_sync_replaces_the_old_generation_only_once_committed(tmp_path: Path) -> None:
+    with ReplicaApplier(tmp_path) as applier:
+        sync(applier, 1)
+        checkpoint(applier, 1, 0, 2)
+        old = current_generation(tmp_path)
+        # A second sync is cut short: the old replica stays current and whole.
+        applier.start_sync(CONFIG, BLOCKS)
+        applier.put_page("pc.ram", 0, page(5))
+        assert applier.committed_epoch == 1 and current_generation(tmp_path) == old
+        assert len(generations(tmp_path)) == 2
+        applier.abort("primary gone")
+        assert generations(tmp_path) == [old]
+        assert applier.committed_epoch == 1
+        checkpoint(applier, 2, 0, 3)
+        # A complete one becomes current, the old one goes away.
+        sync(applier, 4, device("fresh"))
+        new = current_generation(tmp_path)
+        assert new != old and generations(tmp_path) == [new]
+        assert applier.committed_epoch == 0
+    with ReplicaApplier(tmp_path) as reopened:
+        image = reopened.hand_over()
+        assert image.epoch == 0 and image.device_state == device("fresh")
+
+
+def test_half_built_generations_are_removed_at_start(tmp_path: Path) -> None:
+    with ReplicaApplier(tmp_path) as applier:
+        sync(applier, 1)
+    committed = current_generation(tmp_path)
+    (tmp_path / "gen-000099" / "replica").mkdir(parents=True)
+    with ReplicaApplier(tmp_path) as applier:
+        assert applier.committed_epoch == 0
+    assert generations(tmp_path) == [committed]
+
+
+def test_hand_over_discards_the_open_checkpoint_and_builds_the_stream(tmp_path: Path) -> None:
+    with ReplicaApplier(tmp_path) as applier:
+        sync(applier, 1)
+        checkpoint(applier, 1, 0, 2)
+        applier.begin_checkpoint(2)
+        applier.put_page("pc.ram", 0, page(8))  # never committed: must not be resumed from
+        image = applier.hand_over()
+        assert applier.state is ApplierState.HANDED_OVER
+        with pytest.raises(ReplicaError, match="handed over"):
+            applier.begin_checkpoint(2)
+    assert image.epoch == 1 and image.device_state == device("dev1")
+    assert image.main_block == "pc.ram" and image.main_block_size == 16 * PAGE_SIZE
+    assert image.ram_path.read_bytes()[:PAGE_SIZE] == page(2)
+    # The synthesized stream parses back to the replica's blocks, pages and state.
+    parser = StreamParser()
+    events = parser.feed(b"".join(image.stream()))
+    parser.finish()
+    block_list = next(e for e in events if isinstance(e, RamBlockList))
+    assert [(b.name, b.used_length) for b in block_list.blocks] == [
+        ("pc.ram", 16 * PAGE_SIZE),
+        ("pc.bios", 2 * PAGE_SIZE),
+    ]
+    assert block_list.section_id == BLOCKS.section_id
+    pages = {(e.block, e.offset): bytes(e.data) for e in events if isinstance(e, RamPage)}
+    assert pages == {("pc.bios", 0): page(1), ("pc.bios", PAGE_SIZE): page(7)}
+    assert next(e for e in events if isinstance(e, DeviceState)).data == device("dev1")
+    assert next(e for e in events if isinstance(e, VmDescription)).json == VMDESC
+    # A later applier on the same root has no replica (the files are QEMU's RAM now),
+    # keeps the handed-over generation, and takes a new sync.
+    with ReplicaApplier(tmp_path) as applier:
+        assert applier.committed_epoch is None
+        with pytest.raises(ReplicaError, match="no committed replica"):
+            applier.hand_over()
+        sync(applier, 3)
+        assert len(generations(tmp_path)) == 2
+
+
+def test_checkpoint_sink_protocol_defers_the_apply(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        with ReplicaApplier(tmp_path) as applier:
+            await applier.begin_sync(CONFIG, BLOCKS)
+            await applier.sync_pages([RamPage("pc.ram", 0, memoryview(page(1)))])
+            await applier.end_sync(b"d0", VMDESC)
+            await applier.begin(1)
+            await applier.pages([RamZeroPage("pc.ram", 0, 0)])
+            await applier.device_state(1, b"d1")
+            await applier.commit(1)
+            assert applier.committed_epoch == 1
+            await asyncio.sleep(0)  # the apply runs right after commit returned
+            image = applier.hand_over()
+            assert image.ram_path.read_bytes()[:PAGE_SIZE] == page(0)
+
+    asyncio.run(scenario())
+
+
+def test_primary_with_x_ignore_shared_or_without_main_ram_is_refused(tmp_path: Path) -> None:
+    with ReplicaApplier(tmp_path) as applier:
+        with pytest.raises(ReplicaError, match="x-ignore-shared"):
+            applier.start_sync(Configuration("pc", ("x-ignore-shared",)), BLOCKS)
+        with pytest.raises(ReplicaError, match=r"lack 'pc\.ram'"):
+            applier.start_sync(CONFIG, RamBlockList(2, (RamBlock("pc.bios", PAGE_SIZE),)))
+        assert generations(tmp_path) == []
