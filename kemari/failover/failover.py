@@ -13,6 +13,8 @@ Order (docs/failover.md)::
                        non-shared blocks' pages, device state, EOF, vmdesc
     wait "completed"   query-migrate on the incoming side
     cont               the guest runs from the committed epoch
+    x-ignore-shared    off again: this QEMU is the primary now, and a later protection
+                       must send all of its RAM
 
 Invariant: the guest runs only from a committed epoch.  Nothing here writes the shared
 RAM file; QEMU maps it and, with -incoming, writes nothing into it before it loads the
@@ -154,6 +156,12 @@ async def start_from_image(
         if not status.running:
             raise FailoverError(f"the failover QEMU did not resume (status {status.status})")
         running = time.monotonic()
+        # The capability stays set otherwise, and a later protection of this QEMU (it is
+        # the primary now) would then not send its RAM to the new standby.
+        await machine.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": CAPABILITY_IGNORE_SHARED, "state": False}]},
+        )
     except BaseException as exc:
         await machine.shutdown()
         if isinstance(exc, QemuError) and not isinstance(exc, FailoverError):
