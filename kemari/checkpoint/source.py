@@ -8,8 +8,8 @@ Everything QEMU sends goes to a :class:`CheckpointSink` (the ft-transaction send
     initial sync   begin_sync(config, blocks) → sync_pages(batch)… → end_sync(device, vmdesc)
                    then Kemari sends CHECKPOINT_READY and the guest runs (protected)
     checkpoint N   REQUEST → Kemari answers REPLY (QEMU stops the VM) → begin(N) →
-                   pages(batch)… → device_state(N, data) → Kemari answers RECEIVED →
-                   commit(N) → Kemari answers LOADED (QEMU resumes the VM)
+                   pages(batch)… → device_state(N, data) → commit(N) →
+                   Kemari answers RECEIVED + LOADED (QEMU resumes the VM)
 
 Invariants:
 
@@ -70,8 +70,12 @@ _ENDED_STATUSES = frozenset({"none", "completed", "failed", "cancelled"})
 
 _REPLY = encode_colo_message(ColoMessage.CHECKPOINT_REPLY)
 _READY = encode_colo_message(ColoMessage.CHECKPOINT_READY)
-_RECEIVED = encode_colo_message(ColoMessage.VMSTATE_RECEIVED)
-_LOADED = encode_colo_message(ColoMessage.VMSTATE_LOADED)
+# Both answers go in one write after the commit: QEMU does nothing between them that the
+# standby needs (colo.c only notifies colo-compare, unused here), and each write wakes a
+# QEMU thread that can preempt Kemari on a small host while the VM is stopped.
+_RECEIVED_LOADED = encode_colo_message(ColoMessage.VMSTATE_RECEIVED) + encode_colo_message(
+    ColoMessage.VMSTATE_LOADED
+)
 
 
 class CheckpointSink(Protocol):
@@ -403,12 +407,11 @@ class CheckpointSource:
     async def _finish_checkpoint(self, device_state: bytes, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         epoch = self._requested
-        await loop.sock_sendall(sock, _RECEIVED)
         await self.sink.device_state(epoch, device_state)
         commit_started = time.monotonic()
         await self.sink.commit(epoch)
         # Ordering: LOADED (QEMU resumes the guest) only after the standby committed.
-        await loop.sock_sendall(sock, _LOADED)
+        await loop.sock_sendall(sock, _RECEIVED_LOADED)
         now = time.monotonic()
         self._recent.append(
             CheckpointRecord(
