@@ -124,7 +124,7 @@ async def fail_over(
     timings = dataclasses.replace(
         result.timings,
         hand_over_s=handed_over - started,
-        total_s=time.monotonic() - started,
+        total_s=handed_over - started + result.timings.total_s,
     )
     return dataclasses.replace(result, timings=timings)
 
@@ -142,7 +142,10 @@ async def start_from_image(
     """
     started = time.monotonic()
     machine = QemuMachine(failover_spec(spec, image), binary)
-    await machine.start()
+    try:
+        await machine.start()
+    except QemuError as exc:
+        raise FailoverError(f"the failover QEMU did not start: {exc}") from exc
     try:
         connected = time.monotonic()
         await machine.execute(
