@@ -318,6 +318,9 @@ class Agent:
             ("migrate",), self._migrate, "migrate -d kemari:tcp:HOST:PORT: protect with a standby"
         )
         self.monitor.register(
+            ("checkpoint",), self._checkpoint, "take a checkpoint now; returns its epoch"
+        )
+        self.monitor.register(
             ("migrate_cancel",), self._migrate_cancel, "stop protecting (the guest keeps running)"
         )
 
@@ -346,6 +349,19 @@ class Agent:
         return Reply(
             data={"peer": self.protection.peer},
             text=f"initial sync to {self.protection.peer} started; see 'info status'",
+        )
+
+    async def _checkpoint(self, args: list[str]) -> Reply:
+        if args:
+            raise ConfigError(f"checkpoint takes no arguments, got {' '.join(args)!r}")
+        if self.protection is None or not self.protection.active:
+            raise ConfigError(f"VM {self.config.name} is not protected")
+        started = time.monotonic()
+        epoch = await self.protection.trigger.checkpoint()
+        elapsed_ms = (time.monotonic() - started) * 1000
+        return Reply(
+            data={"epoch": epoch, "ms": round(elapsed_ms, 2)},
+            text=f"checkpoint {epoch} committed in {elapsed_ms:.1f} ms",
         )
 
     async def _migrate_cancel(self, args: list[str]) -> Reply:

@@ -92,7 +92,7 @@ class StandbyReceiver:
             "applier": self.applier.state.value,
             "last_checkpoint_age_s": None
             if last is None
-            else round(time.monotonic() - last.committed_at, 3),
+            else round(time.time() - last.committed_at, 3),
             "last_checkpoint_pages": None if last is None else last.pages,
             "last_frame_age_s": None
             if self.last_frame_at is None

@@ -34,11 +34,15 @@ class AgentProcess:
         workdir: Path,
         args: Sequence[str],
         namespace: Namespace | None = None,
+        label: str | None = None,
     ) -> None:
+        """``label`` names this agent's files (default: the VM name); two agents of one
+        VM (active and standby) need different labels."""
         self.name = name
-        self.runtime_dir = workdir / f"{name}-run"
-        self.serial_log = workdir / f"{name}-serial.log"
-        self.agent_log = workdir / f"{name}-agent.log"
+        self.label = label or name
+        self.runtime_dir = workdir / f"{self.label}-run"
+        self.serial_log = workdir / f"{self.label}-serial.log"
+        self.agent_log = workdir / f"{self.label}-agent.log"
         self.monitor_path = self.runtime_dir / "monitor.sock"
         argv = [
             *KEMARI_ARGV, "run", "--name", name,
@@ -83,12 +87,12 @@ class AgentProcess:
                 return match
             if self.process.poll() is not None:
                 raise KemariError(
-                    f"agent {self.name} exited ({self.process.returncode}) before "
+                    f"agent {self.label} exited ({self.process.returncode}) before "
                     f"{pattern!r} appeared: {self.agent_output()[-2000:]}"
                 )
             if time.monotonic() > deadline:
                 raise KemariError(
-                    f"{pattern!r} did not appear on {self.name}'s console within {timeout:.0f} s; "
+                    f"{pattern!r} did not appear on {self.label}'s console within {timeout:.0f} s; "
                     f"console tail: {self.serial_text()[-1500:]!r}"
                 )
             time.sleep(0.1)

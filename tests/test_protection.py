@@ -1,0 +1,215 @@
+"""Protection end to end through the CLI: two ``kemari run`` agents, real kills, manual failover.
+
+The active agent runs the ``ticks`` guest; the standby agent (``--incoming``) keeps the
+replica over ft-transaction on loopback TCP.  Each round kills the active side with
+SIGKILL at a random moment (its QEMU, its agent, or both, in random order), fails over
+on the standby and checks the guest's counter on the new QEMU's console:
+
+- no reboot (no kernel banner, no guest init line after failover);
+- the first tick is at least the last tick printed before a checkpoint that committed
+  before the kill (the ``checkpoint`` monitor command), and at most the last tick the
+  dead primary printed plus one;
+- the counter then goes on one by one.
+
+The failed-over agent is the next round's active side, protected by a fresh standby:
+every round is also a re-protection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kemari.errors import KemariError
+from kemari.image.builder import default_image
+from kemari.qemu.build import patched_qemu
+from kemari.testbed.vm import AgentProcess
+
+pytestmark = [pytest.mark.guest]
+
+TICK_RE = re.compile(r"^tick (\d+)\r?$", re.MULTILINE)
+BOOT_MARKERS = ("Linux version", "kemari-guest:")
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prerequisites() -> None:
+    default_image()
+    if patched_qemu() is None:
+        pytest.fail("the patched QEMU is not built: run 'kemari qemu build' (scripts/setup does)")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def ticks(agent: AgentProcess) -> list[int]:
+    text = agent.serial_text()
+    return [int(value) for value in TICK_RE.findall(text[: text.rfind("\n") + 1])]
+
+
+def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def start_standby(workdir: Path, name: str, port: int, label: str) -> AgentProcess:
+    standby = AgentProcess(
+        name,
+        workdir,
+        [
+            "--workload", "ticks", "--accel", "tcg",
+            "--incoming", f"kemari:tcp:127.0.0.1:{port}",
+            "--replica-dir", f"/dev/shm/kemari-test-{os.getpid()}-{label}",
+        ],
+        label=label,
+    )  # fmt: skip
+    standby.wait_monitor()
+    assert standby.status()["role"] == "standby"
+    return standby
+
+
+def protect(active: AgentProcess, port: int) -> None:
+    active.monitor("migrate", "-d", f"kemari:tcp:127.0.0.1:{port}")
+    wait_for(lambda: active.status()["protection"] == "protected", "protection", 120)
+
+
+def kill_active(active: AgentProcess, rng: random.Random) -> None:
+    """SIGKILL the active side's QEMU, its agent, or both, in a random order."""
+    qemu_pid = active.status()["qemu_pid"]
+    victims = [qemu_pid, active.process.pid]
+    rng.shuffle(victims)
+    for pid in victims[: rng.choice((1, 2))]:
+        os.kill(pid, signal.SIGKILL)
+    active.process.wait(30)
+    # A killed agent takes its QEMU along (PR_SET_PDEATHSIG); make sure it is gone.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(qemu_pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    for leftover in Path("/dev/shm").glob(f"kemari-test-{os.getpid()}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def test_failover_rounds_continue_the_counter(workdir: Path) -> None:
+    rng = random.Random(os.environ.get("KEMARI_TEST_SEED", time.time_ns()))
+    active = AgentProcess("rounds", workdir, ["--workload", "ticks", "--accel", "tcg"], label="r0")
+    agents = [active]
+    try:
+        active.wait_serial(r"tick 3\b")
+        active.wait_monitor()
+        for round_no in range(1, ROUNDS + 1):
+            port = free_port()
+            standby = start_standby(workdir, "rounds", port, f"r{round_no}")
+            agents.append(standby)
+            protect(active, port)
+            lower = ticks(active)[-1]
+            epoch = active.monitor("checkpoint").data["epoch"]
+            assert epoch >= 1
+            time.sleep(rng.uniform(0.0, 2.0))
+            kill_active(active, rng)
+            upper = ticks(active)[-1] + 1
+            reply = standby.monitor("failover")
+            assert reply.data["epoch"] >= epoch
+            wait_for(lambda standby=standby: len(ticks(standby)) >= 5, "ticks after failover")
+            after = ticks(standby)
+            assert lower <= after[0] <= upper, (lower, after[:3], upper)
+            assert after == list(range(after[0], after[0] + len(after)))
+            assert not any(marker in standby.serial_text() for marker in BOOT_MARKERS)
+            status = standby.status()
+            assert (status["role"], status["vm"]) == ("active", "running")
+            active = standby
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+def test_failover_before_any_replica_is_refused(workdir: Path) -> None:
+    standby = start_standby(workdir, "lonely", free_port(), "lonely")
+    try:
+        with pytest.raises(KemariError, match="no committed replica"):
+            standby.monitor("failover")
+        assert standby.status()["role"] == "standby"  # still waiting for a primary
+    finally:
+        assert standby.stop() == 0
+
+
+def test_standby_loss_leaves_the_guest_running_and_protection_restarts(workdir: Path) -> None:
+    active = AgentProcess("survivor", workdir, ["--workload", "ticks", "--accel", "tcg"])
+    port = free_port()
+    standby = start_standby(workdir, "survivor", port, "doomed")
+    try:
+        active.wait_serial(r"tick 3\b")
+        active.wait_monitor()
+        protect(active, port)
+        standby.process.send_signal(signal.SIGKILL)
+        standby.process.wait(30)
+        wait_for(lambda: active.status()["protection"] == "unprotected", "unprotected", 60)
+        before = ticks(active)[-1]
+        wait_for(lambda: ticks(active)[-1] >= before + 5, "ticks while unprotected")
+        assert active.status()["vm"] == "running"
+        # A new standby (same address) takes over protection.
+        standby = start_standby(workdir, "survivor", port, "second")
+        protect(active, port)
+        assert active.monitor("checkpoint").data["epoch"] >= 1
+    finally:
+        standby.stop()
+        assert active.stop() == 0
+
+
+def test_failover_while_checkpoints_arrive_as_fast_as_possible(workdir: Path) -> None:
+    active = AgentProcess("busy", workdir, ["--workload", "ticks", "--accel", "tcg"])
+    port = free_port()
+    standby = start_standby(workdir, "busy", port, "catcher")
+    done = threading.Event()
+    committed: list[int] = []
+
+    def hammer() -> None:
+        while not done.is_set():
+            try:
+                committed.append(active.monitor("checkpoint").data["epoch"])
+            except KemariError:
+                return  # the primary is gone
+
+    try:
+        active.wait_serial(r"tick 3\b")
+        active.wait_monitor()
+        protect(active, port)
+        lower = ticks(active)[-1]
+        worker = threading.Thread(target=hammer, daemon=True)
+        worker.start()
+        wait_for(lambda: len(committed) >= 20, "20 on-demand checkpoints")
+        kill_active(active, random.Random(len(committed)))
+        done.set()
+        worker.join(30)
+        upper = ticks(active)[-1] + 1
+        reply = standby.monitor("failover")
+        assert reply.data["epoch"] >= max(committed)
+        wait_for(lambda: len(ticks(standby)) >= 3, "ticks after failover")
+        after = ticks(standby)
+        assert lower <= after[0] <= upper
+        assert after == list(range(after[0], after[0] + len(after)))
+    finally:
+        done.set()
+        active.stop()
+        standby.stop()
