@@ -52,3 +52,7 @@ class CheckpointError(KemariError):
 
 class FailoverError(KemariError):
     """The standby cannot take over: no committed replica, or the failover QEMU did not start."""
+
+
+class EventTapError(KemariError):
+    """Guest outputs could not be held, carried or released as the event-tap requires."""

@@ -1,0 +1,9 @@
+"""Event-tap: guest outputs are held until the checkpoint that produced them is committed.
+
+Only the pure output log is exported here, so lower layers (the ft-transaction wire
+format) can use it without importing the checkpoint machinery.
+"""
+
+from kemari.eventtap.outputs import HeldOutput, Output, OutputKind, OutputLog
+
+__all__ = ["HeldOutput", "Output", "OutputKind", "OutputLog"]
