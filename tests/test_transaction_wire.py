@@ -239,7 +239,7 @@ def test_sequence_gaps_and_replays_are_rejected():
 def test_payload_layout_errors_are_typed():
     # RAM_PAGES whose counts disagree with its size, then trailing bytes after a COMMIT.
     bad_pages = struct.pack(">HII", 0, 1, 0) + b"\0\0\0\0" + b"x" * 100
-    bad_commit = struct.pack(">QQQ", 1, 2, 3) + b"!"
+    bad_commit = struct.pack(">QQQQQ", 1, 2, 3, 0, 0) + b"!"
     for ftype, payload, message in (
         (FrameType.RAM_PAGES, bad_pages, "counts"),
         (FrameType.COMMIT, bad_commit, "trailing"),

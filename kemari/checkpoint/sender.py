@@ -6,7 +6,11 @@ reads from QEMU and forwards it to the standby as ft-transactions on a
 
     initial sync   BEGIN(0), RAM_BLOCKS, RAM_PAGES…, DEVICE_STATE…, VM_DESCRIPTION,
                    COMMIT(0) → COMMIT_ACK
-    checkpoint N   BEGIN(N), RAM_PAGES…, DEVICE_STATE…, COMMIT(N) → COMMIT_ACK
+    checkpoint N   BEGIN(N), RAM_PAGES…, DEVICE_STATE…, OUTPUT…, COMMIT(N) → COMMIT_ACK
+
+OUTPUT frames carry the guest outputs the event-tap holds with tag N: when ``commit(N)``
+is called QEMU has sent VMSTATE_SEND(N), so every output tagged N has been read
+(docs/protocol.md, "Event-tap"), and none has been released yet.
 
 ``end_sync`` and ``commit`` return only after the standby's COMMIT_ACK, which is what
 lets the source answer QEMU's CHECKPOINT_READY / VMSTATE_LOADED (docs/protocol.md).
@@ -17,16 +21,18 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from kemari.checkpoint.source import PageBatch
 from kemari.errors import CheckpointError
+from kemari.eventtap.outputs import Output
 from kemari.stream import Configuration, RamBlockList, RamPage
 from kemari.stream.format import PAGE_SIZE
 from kemari.transaction.session import Committed, PrimarySession
 from kemari.transaction.wire import (
     Begin,
     DeviceState,
+    Outputs,
     RamBlock,
     RamBlocks,
     RamPages,
@@ -38,14 +44,25 @@ from kemari.transaction.wire import (
 PAGES_PER_FRAME = 1024
 # Device state is split into frames of at most this many bytes.
 DEVICE_STATE_CHUNK = 8 << 20
+# Held outputs are packed into OUTPUT frames of about this many data bytes.
+OUTPUT_FRAME_BYTES = 4 << 20
+
+OutputsOf = Callable[[int], Sequence[Output]]
 
 
 class TransactionSender:
     """Forwards checkpoints to the standby; one instance per protection session."""
 
-    def __init__(self, session: PrimarySession, commit_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        session: PrimarySession,
+        commit_timeout_s: float = 10.0,
+        *,
+        outputs_of: OutputsOf | None = None,
+    ) -> None:
         self.session = session
         self.commit_timeout_s = commit_timeout_s
+        self.outputs_of = outputs_of
         self.last_committed: Committed | None = None
         self.last_commit_rtt_s = 0.0
         self._block_index: dict[str, int] = {}
@@ -97,13 +114,30 @@ class TransactionSender:
             await self.session.send(DeviceState(epoch, view[start : start + DEVICE_STATE_CHUNK]))
 
     async def commit(self, epoch: int) -> None:
-        """Send COMMIT and return once the standby acknowledged it."""
+        """Send the epoch's held outputs and COMMIT; return once the standby acknowledged it."""
         started = time.monotonic()
+        if self.outputs_of is not None:
+            for frame in output_frames(epoch, self.outputs_of(epoch)):
+                await self.session.send(frame)
         committed = await self.session.commit(self.commit_timeout_s)
         if committed.epoch != epoch:
             raise CheckpointError(f"committed epoch {committed.epoch}, expected {epoch}")
         self.last_commit_rtt_s = time.monotonic() - started
         self.last_committed = committed
+
+
+def output_frames(epoch: int, outputs: Sequence[Output]) -> Iterator[Outputs]:
+    """Pack ``outputs`` in order into OUTPUT frames of about :data:`OUTPUT_FRAME_BYTES`."""
+    batch: list[Output] = []
+    size = 0
+    for output in outputs:
+        if batch and size + len(output.data) > OUTPUT_FRAME_BYTES:
+            yield Outputs(epoch, tuple(batch))
+            batch, size = [], 0
+        batch.append(output)
+        size += len(output.data)
+    if batch:
+        yield Outputs(epoch, tuple(batch))
 
 
 def page_frames(

@@ -8,6 +8,11 @@ Ordering: COMMIT_ACK of epoch *n* is sent only after the applier committed *n* (
 journal holds it, so a crash of this process keeps *n*); copying the pages into the RAM
 files happens after the acknowledgement, while the primary's guest already runs.
 
+The guest outputs of a transaction (OUTPUT frames) are kept with the replica by an
+:class:`~kemari.eventtap.store.OutputStore`: staged before the replica commits the
+epoch, the older epochs' removed after, so a failover finds the outputs of exactly the
+epoch it resumes from (:meth:`StandbyReceiver.committed_outputs`).
+
 A primary that disconnects, says goodbye or breaks the protocol loses only its open
 transaction: the replica stays at the last committed epoch and the receiver waits for
 the next primary.  It never takes over by itself (failover is the operator's, or a
@@ -23,6 +28,8 @@ import time
 from typing import Any
 
 from kemari.errors import KemariError, ReplicaError, TransactionError
+from kemari.eventtap.outputs import Output
+from kemari.eventtap.store import OutputStore
 from kemari.replica.applier import ReplicaApplier
 from kemari.stream import Configuration, RamBlock, RamBlockList
 from kemari.stream.format import PAGE_SIZE
@@ -38,12 +45,14 @@ from kemari.transaction.transport import Listener, Transport
 from kemari.transaction.wire import (
     Begin,
     DeviceState,
+    Outputs,
     RamBlocks,
     RamPages,
     VmDescription,
 )
 
 HANDSHAKE_TIMEOUT_S = 10.0
+OUTPUTS_DIRECTORY = "outputs"
 log = logging.getLogger(__name__)
 
 
@@ -63,6 +72,13 @@ class StandbyReceiver:
         self._block_names: tuple[str, ...] = ()
         self._device_state: list[bytes] = []
         self._vmdesc = b""
+        self.outputs = OutputStore(applier.root / OUTPUTS_DIRECTORY)
+        self._open_outputs: list[Output] = []
+
+    def committed_outputs(self) -> tuple[Output, ...]:
+        """The guest outputs of the replica's committed epoch (for failover to release)."""
+        epoch = self.applier.committed_epoch
+        return () if epoch is None else self.outputs.load(epoch)
 
     async def start(self) -> None:
         """Listen and serve primaries in the background."""
@@ -153,6 +169,7 @@ class StandbyReceiver:
             match event:
                 case Begin(epoch=epoch):
                     self._device_state.clear()
+                    self._open_outputs.clear()
                     self._vmdesc = b""
                     if epoch != 0:
                         self.applier.begin_checkpoint(epoch)
@@ -164,6 +181,8 @@ class StandbyReceiver:
                     self._device_state.append(bytes(data))
                 case VmDescription(data=data):
                     self._vmdesc = bytes(data)
+                case Outputs(outputs=outputs):
+                    self._open_outputs.extend(outputs)
                 case Committed():
                     await self._commit(session, event)
                 case Discarded(epoch=epoch, reason=reason):
@@ -196,14 +215,19 @@ class StandbyReceiver:
 
     async def _commit(self, session: StandbySession, committed: Committed) -> None:
         device_state = b"".join(self._device_state)
+        # Ordering: the outputs are kept before the replica commits the epoch, the older
+        # epochs' are removed only after (kemari.eventtap.store).
+        self.outputs.stage(committed.epoch, self._open_outputs)
         if committed.epoch == 0:
             if not self._vmdesc:
                 raise ReplicaError("the initial sync ended without a VM description")
             self.applier.finish_sync(device_state, self._vmdesc)
             await session.acknowledge(committed)
+            self.outputs.committed(0)
             return
         self.applier.set_device_state(committed.epoch, device_state)
         # The journal holds the epoch now (commit point): acknowledge, then copy pages.
         self.applier.commit_checkpoint(committed.epoch, defer_apply=True)
         await session.acknowledge(committed)
+        self.outputs.committed(committed.epoch)
         self.applier.apply_pending()

@@ -3,7 +3,7 @@
 :class:`TransactionTracker` is the pure state machine of one session's transactions::
 
     IDLE --BEGIN(e), e > every earlier epoch--> IN_TRANSACTION(e)
-    IN_TRANSACTION(e) --RAM_BLOCKS/RAM_PAGES/DEVICE_STATE of e--> IN_TRANSACTION(e)
+    IN_TRANSACTION(e) --RAM_BLOCKS/RAM_PAGES/DEVICE_STATE/OUTPUT of e--> IN_TRANSACTION(e)
     IN_TRANSACTION(e) --COMMIT(e) whose summary matches--> IDLE, e committed
     IN_TRANSACTION(e) --ABORT(e) / GOODBYE / disconnect--> IDLE, e discarded
 
@@ -40,6 +40,7 @@ from kemari.transaction.wire import (
     HeartbeatAck,
     Hello,
     HelloAck,
+    Outputs,
     Payload,
     RamBlock,
     RamBlocks,
@@ -91,6 +92,8 @@ class Committed:
     data_pages: int
     zero_pages: int
     device_state_bytes: int
+    outputs: int = 0
+    output_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,8 @@ class _OpenTransaction:
     data_pages: int = 0
     zero_pages: int = 0
     device_state_bytes: int = 0
+    outputs: int = 0
+    output_bytes: int = 0
     has_vmdesc: bool = False
 
 
@@ -137,7 +142,12 @@ class TransactionTracker:
         """The COMMIT that closes the open transaction with what was sent in it."""
         current = self._require_open("COMMIT", None)
         return Commit(
-            current.epoch, current.data_pages, current.zero_pages, current.device_state_bytes
+            current.epoch,
+            current.data_pages,
+            current.zero_pages,
+            current.device_state_bytes,
+            current.outputs,
+            current.output_bytes,
         )
 
     def apply(self, payload: Payload) -> Committed | Discarded | None:
@@ -168,6 +178,10 @@ class TransactionTracker:
                 current.zero_pages += len(payload.zero_pages)
             case DeviceState(epoch=epoch, data=data):
                 self._require_open("DEVICE_STATE", epoch).device_state_bytes += len(data)
+            case Outputs(epoch=epoch):
+                current = self._require_open("OUTPUT", epoch)
+                current.outputs += len(payload.outputs)
+                current.output_bytes += payload.data_bytes
             case VmDescription(epoch=epoch):
                 current = self._require_open("VM_DESCRIPTION", epoch)
                 if self.last_committed is not None or current.has_vmdesc:
@@ -182,11 +196,18 @@ class TransactionTracker:
                         f"COMMIT of epoch {epoch} announces (data pages, zero pages, device "
                         f"bytes) {announced} but the transaction carried {expected}"
                     )
+                outputs = (current.outputs, current.output_bytes)
+                if (payload.outputs, payload.output_bytes) != outputs:
+                    raise TransactionError(
+                        f"COMMIT of epoch {epoch} announces (outputs, output bytes) "
+                        f"{(payload.outputs, payload.output_bytes)} but the transaction "
+                        f"carried {outputs}"
+                    )
                 if self.blocks is None:
                     raise TransactionError(f"COMMIT of epoch {epoch} before any RAM_BLOCKS")
                 self._open = None
                 self.last_committed = epoch
-                return Committed(epoch, *expected)
+                return Committed(epoch, *expected, *outputs)
             case Abort(epoch=epoch, reason=reason):
                 self._require_open("ABORT", epoch)
                 return self.discard(f"primary aborted: {reason}")
@@ -339,7 +360,7 @@ class PrimarySession:
         return self.standby.capabilities
 
     async def send(
-        self, payload: Begin | RamBlocks | RamPages | DeviceState | VmDescription | Abort
+        self, payload: Begin | RamBlocks | RamPages | DeviceState | VmDescription | Outputs | Abort
     ) -> None:
         """Send one transaction frame after checking it against the transaction rules."""
         self.tracker.apply(payload)
@@ -405,6 +426,7 @@ StandbyEvent = (
     | RamPages
     | DeviceState
     | VmDescription
+    | Outputs
     | Committed
     | Discarded
     | SessionEnded
@@ -478,7 +500,9 @@ class StandbySession:
                 case Commit() | Abort():
                     assert ended is not None
                     return ended
-                case Begin() | RamBlocks() | RamPages() | DeviceState() | VmDescription():
+                case (
+                    Begin() | RamBlocks() | RamPages() | DeviceState() | VmDescription() | Outputs()
+                ):
                     return payload
 
     async def acknowledge(self, committed: Committed) -> None:

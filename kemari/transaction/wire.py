@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
-from kemari.errors import TransactionError
+from kemari.errors import EventTapError, TransactionError
+from kemari.eventtap.outputs import Output, OutputKind
 from kemari.stream.format import PAGE_SIZE
 
 MAGIC = b"KMRI"
@@ -52,7 +53,9 @@ _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _PAGES_HEAD = struct.Struct(">HII")  # block index, data page count, zero page count
-_COMMIT = struct.Struct(">QQQ")
+_COMMIT = struct.Struct(">QQQQQ")
+_OUTPUTS_HEAD = struct.Struct(">I")  # output count
+_OUTPUT_HEAD = struct.Struct(">BHQI")  # kind, device index, offset, data length
 _REFUSE_HEAD = struct.Struct(">H")
 
 _INDEX_TYPECODE = "I"
@@ -80,6 +83,7 @@ class FrameType(enum.IntEnum):
     COMMIT_ACK = 0x15
     ABORT = 0x16
     VM_DESCRIPTION = 0x17
+    OUTPUT = 0x20
 
 
 class Role(enum.IntEnum):
@@ -512,6 +516,69 @@ class DeviceState:
         return cls(epoch, payload)
 
 
+def encode_outputs(outputs: Sequence[Output]) -> list[Buffer]:
+    """The OUTPUT payload layout: count u32, then per output kind u8, device u16,
+    offset u64, length u32 and its bytes (also the standby's on-disk format)."""
+    parts: list[Buffer] = [_OUTPUTS_HEAD.pack(len(outputs))]
+    for output in outputs:
+        parts += [
+            _OUTPUT_HEAD.pack(output.kind, output.device, output.offset, len(output.data)),
+            output.data,
+        ]
+    return parts
+
+
+def decode_outputs(payload: memoryview, what: str) -> tuple[Output, ...]:
+    """Parse :func:`encode_outputs`' layout; every field is checked (TransactionError)."""
+    cursor = _Cursor(payload, what)
+    (count,) = cursor.unpack(_OUTPUTS_HEAD)
+    # Each output takes at least its head and one byte: refuse a count that cannot fit.
+    if count * (_OUTPUT_HEAD.size + 1) > len(payload):
+        raise TransactionError(f"{what} announces {count} outputs in {len(payload)} bytes")
+    outputs = []
+    for _ in range(count):
+        kind_code, device, offset, length = cursor.unpack(_OUTPUT_HEAD)
+        try:
+            kind = OutputKind(kind_code)
+            outputs.append(Output(kind, device, bytes(cursor.take(length)), offset))
+        except ValueError as exc:
+            raise TransactionError(f"{what} has an output of unknown kind {kind_code}") from exc
+        except EventTapError as exc:
+            raise TransactionError(f"{what} has an invalid output: {exc}") from exc
+    cursor.finish()
+    return tuple(outputs)
+
+
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    """Guest outputs of transaction ``epoch`` (held by the primary until it commits).
+
+    The standby keeps the outputs of its last committed epoch, so that a failover can
+    release them again (the dead primary may not have).
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.OUTPUT
+
+    epoch: int
+    outputs: tuple[Output, ...]
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            raise TransactionError("OUTPUT frame holds no output")
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of output data (without the per-output heads)."""
+        return sum(len(output.data) for output in self.outputs)
+
+    def encode(self) -> list[Buffer]:
+        return encode_outputs(self.outputs)
+
+    @classmethod
+    def decode(cls, epoch: int, payload: memoryview) -> Outputs:
+        return cls(epoch, decode_outputs(payload, cls.TYPE.name))
+
+
 @dataclass(frozen=True, slots=True)
 class Commit:
     """Closes transaction ``epoch`` with a summary the receiver checks against what it got."""
@@ -522,16 +589,26 @@ class Commit:
     data_pages: int
     zero_pages: int
     device_state_bytes: int
+    outputs: int = 0
+    output_bytes: int = 0
 
     def encode(self) -> list[Buffer]:
-        return [_COMMIT.pack(self.data_pages, self.zero_pages, self.device_state_bytes)]
+        return [
+            _COMMIT.pack(
+                self.data_pages,
+                self.zero_pages,
+                self.device_state_bytes,
+                self.outputs,
+                self.output_bytes,
+            )
+        ]
 
     @classmethod
     def decode(cls, epoch: int, payload: memoryview) -> Commit:
         cursor = _Cursor(payload, cls.TYPE.name)
-        data_pages, zero_pages, device_bytes = cursor.unpack(_COMMIT)
+        data_pages, zero_pages, device_bytes, outputs, output_bytes = cursor.unpack(_COMMIT)
         cursor.finish()
-        return cls(epoch, data_pages, zero_pages, device_bytes)
+        return cls(epoch, data_pages, zero_pages, device_bytes, outputs, output_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,7 +650,15 @@ class Abort:
 
 SessionPayload = Hello | HelloAck | Refuse | Goodbye | Heartbeat | HeartbeatAck
 TransactionPayload = (
-    Begin | RamBlocks | RamPages | DeviceState | VmDescription | Commit | CommitAck | Abort
+    Begin
+    | RamBlocks
+    | RamPages
+    | DeviceState
+    | VmDescription
+    | Outputs
+    | Commit
+    | CommitAck
+    | Abort
 )
 Payload = SessionPayload | TransactionPayload
 
@@ -591,6 +676,7 @@ _PAYLOAD_CLASSES: dict[FrameType, type[Payload]] = {
         RamPages,
         DeviceState,
         VmDescription,
+        Outputs,
         Commit,
         CommitAck,
         Abort,
