@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari.errors import ConfigError
+from kemari.eventtap.policy import DEFAULT_EPOCH_MS, DEFAULT_SYNC, MAX_EPOCH_MS, SyncPolicy
 
 ACCELS = ("auto", "kvm", "tcg")
 WORKLOADS = ("ticks", "records", "diskload", "shell")
@@ -68,6 +69,9 @@ class VMConfig:
     runtime_dir: Path | None = None
     incoming: str | None = None
     replica_dir: Path | None = None
+    # When checkpoints happen (kemari.eventtap.policy): host-local, not in the digest.
+    sync: str = DEFAULT_SYNC
+    epoch_ms: int = DEFAULT_EPOCH_MS
 
     @property
     def uses_built_image(self) -> bool:
@@ -218,7 +222,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
     allowed = {
         "name", "memory", "vcpus", "accel", "kernel", "initrd", "append", "workload",
         "guest_ip", "disk", "nic", "monitor", "serial_log", "runtime_dir", "incoming",
-        "replica_dir",
+        "replica_dir", "sync", "epoch_ms",
     }  # fmt: skip
     _check_keys(raw, allowed, "")
     if "name" not in raw:
@@ -242,6 +246,8 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
         workload=_expect(raw, "workload", str, "") if "workload" in raw else None,
         guest_ip=_expect(raw, "guest_ip", str, "") if "guest_ip" in raw else None,
         incoming=_expect(raw, "incoming", str, "") if "incoming" in raw else None,
+        sync=_expect(raw, "sync", str, "") if "sync" in raw else DEFAULT_SYNC,
+        epoch_ms=_expect(raw, "epoch_ms", int, "") if "epoch_ms" in raw else DEFAULT_EPOCH_MS,
         disks=tuple(_disk_from(d, i) for i, d in enumerate(disks)),
         nics=tuple(_nic_from(n, i, name) for i, n in enumerate(nics)),
         **optional_paths,
@@ -285,6 +291,9 @@ def validate(config: VMConfig) -> None:
             raise ConfigError(f"guest_ip: {config.guest_ip!r} is not ADDRESS/PREFIX") from exc
         if "/" not in config.guest_ip:
             raise ConfigError(f"guest_ip: {config.guest_ip!r} needs a prefix, e.g. /24")
+    SyncPolicy.parse(config.sync)
+    if not 1 <= config.epoch_ms <= MAX_EPOCH_MS:
+        raise ConfigError(f"epoch_ms: {config.epoch_ms} is outside 1..{MAX_EPOCH_MS}")
     if config.incoming is not None and not config.incoming.startswith("kemari:tcp:"):
         raise ConfigError(f"incoming: {config.incoming!r} is not kemari:tcp:HOST:PORT")
     if config.initrd is not None and config.kernel is None:

@@ -6,6 +6,7 @@ from kemari.checkpoint.source import (
     CheckpointSource,
     PageBatch,
     PageRecord,
+    SourceListener,
     SourceState,
     SyncRecord,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "CheckpointTrigger",
     "PageBatch",
     "PageRecord",
+    "SourceListener",
     "SourceState",
     "SyncRecord",
 ]

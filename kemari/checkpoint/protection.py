@@ -6,6 +6,10 @@ whose guest-visible configuration differs), and then runs the
 :class:`~kemari.checkpoint.sender.TransactionSender` as its sink and a
 :class:`~kemari.checkpoint.trigger.CheckpointTrigger` for on-demand checkpoints.
 
+With an :class:`~kemari.eventtap.gate.EventTap`, the tap follows the source from before
+the stream starts (so every output is tagged) and the sender ships the held outputs of
+each checkpoint inside its transaction.
+
 Ordering: the handshake completes before QEMU is told to migrate, so a refused or
 unreachable standby never touches the running guest.  When the standby is lost
 later, the source drops COLO mode (``x-colo-lost-heartbeat``) and the guest keeps
@@ -23,6 +27,7 @@ from kemari.checkpoint.sender import TransactionSender
 from kemari.checkpoint.source import CheckpointSource, SourceState
 from kemari.checkpoint.trigger import CheckpointTrigger
 from kemari.errors import TransactionError
+from kemari.eventtap.gate import EventTap
 from kemari.qemu.machine import QemuMachine
 from kemari.transaction.session import Identity, PrimarySession
 from kemari.transaction.transport import connect
@@ -47,6 +52,7 @@ class Protection:
         uri: str,
         identity: Identity,
         epoch_ms: int = DEFAULT_EPOCH_MS,
+        event_tap: EventTap | None = None,
     ) -> Protection:
         """Connect to the standby at ``uri`` and start the initial sync in the background."""
         transport = await connect(uri, HANDSHAKE_TIMEOUT_S)
@@ -55,13 +61,20 @@ class Protection:
         except BaseException:
             await transport.close()
             raise
-        source = CheckpointSource(machine, TransactionSender(session), epoch_ms=epoch_ms)
+        outputs_of = None if event_tap is None else event_tap.outputs_of
+        sender = TransactionSender(session, outputs_of=outputs_of)
+        source = CheckpointSource(machine, sender, epoch_ms=epoch_ms)
+        trigger = CheckpointTrigger(source)
+        if event_tap is not None:
+            event_tap.attach(source, trigger)
         try:
             await source.start()
         except BaseException:
+            if event_tap is not None:
+                # Nothing was tagged yet (the stream never started): let go of the source.
+                event_tap.protection_ended(SourceState.UNPROTECTED)
             await session.close("could not start the migration stream")
             raise
-        trigger = CheckpointTrigger(source)
         await trigger.start()
         return cls(source, trigger, transport.peer)
 

@@ -17,6 +17,11 @@ Invariants:
   ``commit(N)`` returned, so the guest never runs ahead of the state the standby holds.
 * A checkpoint requested at time *t* is served by the first checkpoint whose REQUEST Kemari
   had not yet seen at *t*: QEMU stops the VM only after Kemari's REPLY, hence after *t*.
+* Output tagging (docs/protocol.md, "Event-tap"): :attr:`output_epoch` is the checkpoint
+  that covers a guest output Kemari reads now.  It becomes 1 just *before* CHECKPOINT_READY
+  is written and grows when VMSTATE_SEND is read, before anything is awaited, so an output
+  is never tagged with a checkpoint whose state predates it.  Listeners learn of each
+  commit right after ``commit(N)`` returned (before LOADED) and of the end of protection.
 * When the sink fails (standby lost), the stream breaks or :meth:`close` is called, the
   guest keeps running: QMP ``x-colo-lost-heartbeat`` ends COLO mode on the primary (QEMU
   then marks the migration completed and restarts the VM), or ``migrate_cancel`` during
@@ -112,6 +117,19 @@ class CheckpointSink(Protocol):
         """Return only when the standby has committed ``epoch``; the guest resumes after."""
 
 
+class SourceListener(Protocol):
+    """Told when checkpoints commit and when protection ends (the event-tap releases outputs).
+
+    Called synchronously from the source's task; must not raise or block.
+    """
+
+    def checkpoint_committed(self, epoch: int) -> None:
+        """The standby holds checkpoint ``epoch`` (the guest has not resumed past it yet)."""
+
+    def protection_ended(self, state: SourceState) -> None:
+        """Protection is over: UNPROTECTED (the guest runs on) or FAILED (QEMU is gone)."""
+
+
 class SourceState(enum.Enum):
     """Where the primary's protection is."""
 
@@ -121,6 +139,10 @@ class SourceState(enum.Enum):
     RELEASING = "releasing"  # protection is being dropped; the guest is being resumed
     UNPROTECTED = "unprotected"  # protection ended; the guest runs without a replica
     FAILED = "failed"  # QEMU is gone or did not resume; the guest's fate is unknown
+
+
+# States in which a guest output is tagged (once the initial sync has ended).
+_TAGGING_STATES = frozenset({SourceState.SYNCING, SourceState.PROTECTED, SourceState.RELEASING})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -164,6 +186,9 @@ class CheckpointSource:
         self._ram_bytes = 0
         self._initial_device_state: bytes | None = None
         self._requested = 0  # CHECKPOINT_REQUESTs seen
+        self._started = 0  # VMSTATE_SENDs seen (the VM stopped for that many checkpoints)
+        self._tagging = False  # outputs are tagged (set just before CHECKPOINT_READY)
+        self._listeners: list[SourceListener] = []
         self._committed = 0  # checkpoints committed and resumed (LOADED sent)
         self._pages = 0  # page records of the sync / checkpoint in progress
         self._received = 0  # stream bytes so far
@@ -192,6 +217,28 @@ class CheckpointSource:
     def requested_epoch(self) -> int:
         """The last checkpoint QEMU has requested (0: none yet)."""
         return self._requested
+
+    @property
+    def checkpoints_started(self) -> int:
+        """VMSTATE_SENDs seen: checkpoints for which QEMU has stopped the VM."""
+        return self._started
+
+    @property
+    def output_epoch(self) -> int | None:
+        """The checkpoint covering an output read now; None when it need not be held.
+
+        None before the initial sync ends (no replica exists, and epoch 0's state is taken
+        after every output read before CHECKPOINT_READY) and once protection is over.
+        While protection is being dropped (RELEASING) outputs are still tagged: whether
+        they may leave depends on whether QEMU survives (UNPROTECTED) or not (FAILED).
+        """
+        if self._tagging and self._state in _TAGGING_STATES:
+            return self._started + 1
+        return None
+
+    def add_listener(self, listener: SourceListener) -> None:
+        """Call ``listener`` at every commit and when protection ends."""
+        self._listeners.append(listener)
 
     @property
     def committed_epoch(self) -> int:
@@ -379,6 +426,9 @@ class CheckpointSource:
             raise CheckpointError("initial sync ended without device state")
         await self.sink.end_sync(self._initial_device_state, vmdesc)
         self._initial_device_state = None
+        # Ordering: tag outputs before READY is written; an output read after this line may
+        # already come from the resumed guest.
+        self._tagging = True
         # Ordering: READY only now, so the guest runs only once the standby holds epoch 0.
         await asyncio.get_running_loop().sock_sendall(sock, _READY)
         self._sync = SyncRecord(
@@ -401,6 +451,9 @@ class CheckpointSource:
             self._signal_progress()
             await self.sink.begin(self._requested)
         elif message is ColoMessage.VMSTATE_SEND:
+            # Ordering: counted before any await, so outputs read from now on are tagged
+            # with the next checkpoint (the VM is stopped for this one).
+            self._started += 1
             self._stopped_at = time.monotonic()
         # VMSTATE_SIZE: the parser reads the buffer it announces.
 
@@ -410,6 +463,8 @@ class CheckpointSource:
         await self.sink.device_state(epoch, device_state)
         commit_started = time.monotonic()
         await self.sink.commit(epoch)
+        for listener in self._listeners:
+            listener.checkpoint_committed(epoch)
         # Ordering: LOADED (QEMU resumes the guest) only after the standby committed.
         await loop.sock_sendall(sock, _RECEIVED_LOADED)
         now = time.monotonic()
@@ -446,6 +501,8 @@ class CheckpointSource:
         finally:
             self._close_socket()
             self._signal_progress()
+            for listener in self._listeners:
+                listener.protection_ended(self._state)
 
     async def _release_guest(self) -> None:
         machine = self.machine

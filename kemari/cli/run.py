@@ -11,6 +11,7 @@ from typing import Any
 from kemari.agent import Agent
 from kemari.config import VMConfig, config_from_mapping, load_config_file
 from kemari.errors import ConfigError
+from kemari.eventtap.policy import DEFAULT_EPOCH_MS, DEFAULT_SYNC, SYNC_POLICIES
 
 # Flag name -> config key for the plain scalar options.
 _SCALAR_FLAGS = {
@@ -28,6 +29,8 @@ _SCALAR_FLAGS = {
     "runtime_dir": "runtime_dir",
     "incoming": "incoming",
     "replica_dir": "replica_dir",
+    "sync": "sync",
+    "epoch_ms": "epoch_ms",
 }
 
 
@@ -67,6 +70,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="run as the standby: receive checkpoints here, start QEMU only at failover",
     )
     parser.add_argument("--replica-dir", help="standby replica directory (default on /dev/shm)")
+    parser.add_argument(
+        "--sync",
+        choices=SYNC_POLICIES,
+        help="when checkpoints happen: on guest output (event), every --epoch-ms "
+        f"(periodic), or both (default {DEFAULT_SYNC})",
+    )
+    parser.add_argument(
+        "--epoch-ms", type=int, help=f"checkpoint period in ms (default {DEFAULT_EPOCH_MS})"
+    )
     parser.add_argument(
         "--console", action="store_true", help="also copy the guest serial console to stdout"
     )

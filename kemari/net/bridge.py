@@ -8,8 +8,13 @@ it disconnects the listener stays, so the QEMU that takes over after a failover
 connects to the same path.
 
 Guest output leaves Kemari through exactly one method,
-:meth:`NetBridge._release_to_host`, which is where the network event-tap holds
-frames until their checkpoint commits.  Guest input is never held.
+:meth:`NetBridge._release_to_host`, which asks the bridge's :class:`ReleasePolicy`
+(the network event-tap, ``kemari.eventtap.net``) whether to hold the frame; a held
+frame is sent later with :meth:`NetBridge.write_to_host`, once its checkpoint
+commits.  The bridge knows nothing of checkpoints.  Guest input is never held.
+When the policy's memory is full it pauses reading QEMU's stream socket
+(:meth:`NetBridge.pause_guest_reading`): QEMU then queues the guest's frames
+itself and the guest's virtio queue fills, as on a congested link.
 
 Back-pressure: when QEMU reads slower than the host sends, the socket's write
 buffer fills, and the bridge stops reading the tap until it drains; the tap's
@@ -27,6 +32,7 @@ import dataclasses
 import enum
 import logging
 from pathlib import Path
+from typing import Protocol
 
 from kemari.errors import NetError
 from kemari.net.stream import QEMU_MAX_FRAME, FrameDecoder, FramingError, encode_frame
@@ -66,11 +72,21 @@ class BridgeCounters:
     guest_to_host_failed: FlowCounters = dataclasses.field(default_factory=FlowCounters)
     connections: int = 0
     refused_connections: int = 0
+    # Times reading from QEMU was paused because held guest output filled its bound.
+    guest_reading_pauses: int = 0
     framing_errors: int = 0
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready copy."""
         return dataclasses.asdict(self)
+
+
+class ReleasePolicy(Protocol):
+    """Decides whether a guest frame leaves now (the network event-tap implements it)."""
+
+    def hold(self, frame: bytes) -> bool:
+        """True: the policy keeps ``frame`` and sends it later with
+        :meth:`NetBridge.write_to_host`; False: the bridge sends it now."""
 
 
 class BridgeState(enum.Enum):
@@ -135,7 +151,9 @@ class NetBridge:
         self._server: asyncio.base_events.Server | None = None
         self._peer: _GuestConnection | None = None
         self._tap_reading = False
+        self._guest_reading_paused = False
         self._stopped = asyncio.Event()
+        self.release_policy: ReleasePolicy | None = None
 
     @property
     def tap_name(self) -> str:
@@ -208,6 +226,8 @@ class NetBridge:
             return
         self._peer = connection
         self.counters.connections += 1
+        if self._guest_reading_paused:
+            connection.transport.pause_reading()
         log.info(
             "guest connected on %s (connection %d)", self.stream_socket, self.counters.connections
         )
@@ -228,12 +248,18 @@ class NetBridge:
             connection.transport.abort()
 
     def _release_to_host(self, frame: bytes) -> None:
-        """Send one guest frame out of the tap.
+        """Send one guest frame out of the tap, unless the release policy holds it.
 
         Every frame the guest sends passes here, in the order Kemari read it
-        from QEMU.  This is the seat of the network event-tap: frames will be
-        held here until the checkpoint that produced them commits.
+        from QEMU.  This is the seat of the network event-tap.
         """
+        policy = self.release_policy
+        if policy is not None and policy.hold(frame):
+            return
+        self.write_to_host(frame)
+
+    def write_to_host(self, frame: bytes) -> None:
+        """Write one guest frame to the tap now (failures are counted, never raised)."""
         if self.state is not BridgeState.RUNNING:
             self.counters.guest_to_host_failed.add(frame)
             return
@@ -244,6 +270,25 @@ class NetBridge:
             log.warning("%s", exc)
             return
         self.counters.guest_to_host.add(frame)
+
+    def pause_guest_reading(self) -> None:
+        """Stop reading guest frames from QEMU (held output is at its bound)."""
+        if self._guest_reading_paused:
+            return
+        self._guest_reading_paused = True
+        self.counters.guest_reading_pauses += 1
+        peer = self._peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            peer.transport.pause_reading()
+
+    def resume_guest_reading(self) -> None:
+        """Read guest frames from QEMU again."""
+        if not self._guest_reading_paused:
+            return
+        self._guest_reading_paused = False
+        peer = self._peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            peer.transport.resume_reading()
 
     # -- host side ----------------------------------------------------------
 
