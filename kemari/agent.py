@@ -30,6 +30,9 @@ from typing import Any, TextIO
 from kemari.checkpoint.protection import Protection
 from kemari.config import VMConfig
 from kemari.errors import ConfigError, FailoverError, NetError, QemuError
+from kemari.eventtap.gate import EventTap
+from kemari.eventtap.net import NetOutputs, replay_frames
+from kemari.eventtap.policy import SyncPolicy
 from kemari.failover.failover import FailoverResult, fail_over
 from kemari.image.builder import default_image
 from kemari.monitor.protocol import Reply
@@ -71,6 +74,8 @@ class Agent:
         self.monitor = MonitorServer(config.resolved_monitor())
         self.nbd_servers: list[NbdServer] = []
         self.bridges: list[NetBridge] = []
+        # Every guest output passes the event-tap; it holds them while protected.
+        self.event_tap = EventTap(SyncPolicy.parse(config.sync))
         self.machine: QemuMachine | None = None
         self.protection: Protection | None = None
         self.receiver: StandbyReceiver | None = None
@@ -100,6 +105,7 @@ class Agent:
             # NIC paths exist before any QEMU: 7.2 connects -netdev stream only at start.
             for index, nic in enumerate(self.config.nics):
                 bridge = NetBridge(self.runtime_dir / f"net{index}.sock", nic.tap, nic.bridge)
+                NetOutputs(self.event_tap, bridge, index)
                 await bridge.start()
                 stack.push_async_callback(bridge.close)
                 self.bridges.append(bridge)
@@ -186,6 +192,9 @@ class Agent:
         try:
             # The receiver stops first: no checkpoint may land while QEMU maps the replica.
             await receiver.close()
+            # Replay the last event before the guest resumes: the dead primary may not
+            # have released the outputs of the epoch we resume from (duplicates are fine).
+            replayed = replay_frames(receiver.committed_outputs(), self.bridges)
             assert self._stack is not None and self._spec is not None
             await self._start_disks(self._stack)
             binary = qemu_binary(self._spec.accel)
@@ -199,11 +208,15 @@ class Agent:
         self._failover_requested.set()
         text = (
             f"VM {self.config.name} resumed from epoch {result.epoch} in "
-            f"{result.timings.total_s * 1000:.0f} ms"
+            f"{result.timings.total_s * 1000:.0f} ms ({replayed} held frames replayed)"
         )
         self._say(text)
         return Reply(
-            data={"epoch": result.epoch, "total_ms": round(result.timings.total_s * 1000, 1)},
+            data={
+                "epoch": result.epoch,
+                "total_ms": round(result.timings.total_s * 1000, 1),
+                "replayed_frames": replayed,
+            },
             text=text,
         )
 
@@ -344,7 +357,14 @@ class Agent:
         if self.protection is not None:  # a previous session ended (standby lost): tidy it
             await self.protection.close()
         identity = Identity(self.config.name, self.config.replication_digest())
-        self.protection = await Protection.start(self.machine, uris[0], identity)
+        policy = self.event_tap.policy
+        self.protection = await Protection.start(
+            self.machine,
+            uris[0],
+            identity,
+            epoch_ms=policy.qemu_epoch_ms(self.config.epoch_ms),
+            event_tap=self.event_tap,
+        )
         self._say(f"protection of VM {self.config.name} started: initial sync to {uris[0]}")
         return Reply(
             data={"peer": self.protection.peer},
@@ -406,6 +426,7 @@ class Agent:
                 for disk, server in zip(self.config.disks, self.nbd_servers, strict=False)
             ],
             "nics": [bridge.counters.as_dict() for bridge in self.bridges],
+            "eventtap": self.event_tap.status(),
             "serial_log": str(self.config.resolved_serial_log()),
         }
 
@@ -428,6 +449,12 @@ class Agent:
             f"host->guest {counters['host_to_guest']['frames']} frames"
             for i, (nic, counters) in enumerate(zip(self.config.nics, data["nics"], strict=True))
         ]
+        tap = data["eventtap"]
+        lines.append(
+            f"event-tap ({tap['sync']}): {tap['mode']}; held {tap['held']} outputs "
+            f"({tap['held_bytes']} bytes), released {tap['released']}, output-commit latency "
+            f"p50 {tap['latency_ms_p50']} ms, p99 {tap['latency_ms_p99']} ms"
+        )
         lines += _replication_lines(data["replication"])
         if data["standby"] is not None:
             standby = data["standby"]
