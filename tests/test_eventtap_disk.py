@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import subprocess
 import tempfile
@@ -17,14 +18,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kemari.errors import EventTapError
+from kemari.errors import EventTapError, FailoverError
 from kemari.eventtap.disk import (
     DiskOp,
     DiskWrite,
     OverlayBackend,
     decode_disk_write,
     encode_disk_write,
+    hold_in,
+    record_of,
 )
+from kemari.eventtap.diskcopy import DiskCopier
+from kemari.eventtap.diskreplica import StandbyDisks, StorageMode
+from kemari.eventtap.outputs import OutputLog
 from kemari.nbd.backend import RawFileBackend
 from kemari.nbd.server import NbdServer
 
@@ -293,5 +299,169 @@ def test_qemu_io_sees_writes_at_once_and_the_image_only_after_release(image: Pat
         ] == [(1, DiskOp.WRITE), (1, DiskOp.PUNCH), (1, DiskOp.WRITE)]
         assert (2, DiskOp.WRITE) in epochs
         assert os.path.getsize(image) == SIZE
+
+    asyncio.run(scenario())
+
+
+# -- transactions to a standby (in-process, through the event-tap's output log) ----------
+
+
+class Primary:
+    """An overlay on a real image whose records go through an OutputLog, as in the agent,
+    with checkpoints simulated as the source orders them (VMSTATE_SEND, commit, release)."""
+
+    def __init__(self, overlay: OverlayBackend, standby: StandbyDisks) -> None:
+        self.overlay = overlay
+        self.standby = standby
+        self.log = OutputLog()
+        self.epoch: int | None = None  # None: initial sync not ended
+        self.committed = 0
+        self.commit_event = asyncio.Event()
+        overlay.protect(lambda: self.epoch, hold_in(self.log))
+
+    def end_sync(self) -> None:
+        self.epoch = 1
+
+    async def checkpoint(self, *, release: bool = True) -> int:
+        assert self.epoch is not None
+        epoch = self.epoch
+        self.epoch += 1  # VMSTATE_SEND: later writes belong to the next checkpoint
+        records = [record_of(epoch, output) for output in self.log.outputs_of(epoch)]
+        await self.standby.committed(epoch, records)
+        self.log.release(epoch)
+        self.committed = epoch
+        self.commit_event.set()
+        self.commit_event = asyncio.Event()
+        if release:
+            await self.overlay.release(epoch)
+        return epoch
+
+    async def wait_committed(self, epoch: int) -> None:
+        while self.committed < epoch:
+            await self.commit_event.wait()
+
+
+def random_image(path: Path, size: int, seed: int) -> None:
+    path.write_bytes(random.Random(seed).randbytes(size))
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(0, 2**32), chunk=st.sampled_from([4096, 16384, 65536]))
+def test_replicated_images_are_equal_at_every_commit_after_the_copy(
+    tmp_path: Path, seed: int, chunk: int
+) -> None:
+    """Random guest writes run during the initial copy and after it; once SYNCED is
+    committed, the standby's image equals the primary's at every committed epoch."""
+    rng = random.Random(seed)
+    primary_path, standby_path = tmp_path / "p.raw", tmp_path / "s.raw"
+    random_image(primary_path, 256 * 1024, seed)
+    standby_path.write_bytes(bytes(256 * 1024))
+
+    async def writer(overlay: OverlayBackend, count: int) -> None:
+        for _ in range(count):
+            offset = rng.randrange(0, overlay.size - 1)
+            length = min(rng.randrange(1, 20000), overlay.size - offset)
+            kind = rng.random()
+            if kind < 0.7:
+                await overlay.write(offset, rng.randbytes(length), fua=False)
+            elif kind < 0.85:
+                await overlay.write_zeroes(offset, length, may_trim=kind < 0.8, fua=False)
+            else:
+                await overlay.trim(offset, length, fua=False)
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        standby = StandbyDisks([standby_path], StorageMode.REPLICATED)
+        async with RawFileBackend.open(primary_path) as base:
+            overlay = OverlayBackend(base)
+            primary = Primary(overlay, standby)
+            await writer(overlay, 5)  # before tagging: straight to the base
+            primary.end_sync()
+            copier = DiskCopier(
+                overlay,
+                wait_committed=primary.wait_committed,
+                request_checkpoint=lambda: None,
+                chunk_bytes=chunk,
+                max_in_flight=4 * chunk,
+            )
+            copy = asyncio.create_task(copier.run())
+            while not copy.done():
+                await writer(overlay, rng.randrange(0, 6))
+                await primary.checkpoint()
+            await copy
+            assert standby.synced and copier.progress().fraction == 1.0
+            for _ in range(5):
+                await writer(overlay, rng.randrange(0, 8))
+                await primary.checkpoint()
+                assert standby_path.read_bytes() == primary_path.read_bytes()
+        await standby.close()
+
+    asyncio.run(scenario())
+
+
+def test_shared_failover_replays_committed_writes_the_primary_never_wrote(tmp_path: Path) -> None:
+    """The primary dies after commits it did not release; the standby writes them."""
+    image = tmp_path / "shared.raw"
+    random_image(image, 128 * 1024, 1)
+    model = bytearray(image.read_bytes())
+
+    async def scenario() -> None:
+        standby = StandbyDisks([image], StorageMode.SHARED)
+        base = RawFileBackend.open(image)
+        overlay = OverlayBackend(base)
+        primary = Primary(overlay, standby)
+        primary.end_sync()
+        rng = random.Random(2)
+        for round_number in range(6):
+            for _ in range(4):
+                offset = rng.randrange(0, 120 * 1024)
+                data = rng.randbytes(rng.randrange(1, 8192))
+                await overlay.write(offset, data, fua=True)
+                model[offset : offset + len(data)] = data
+            await overlay.write_zeroes(round_number * 4096, 512, may_trim=False, fua=False)
+            model[round_number * 4096 : round_number * 4096 + 512] = bytes(512)
+            # The last two commits are never released by the primary.
+            await primary.checkpoint(release=round_number < 4)
+        # Uncommitted writes of the next epoch must not appear after failover.
+        await overlay.write(0, b"uncommitted" * 100, fua=True)
+        assert standby.kept_records() > 0
+        await base.close()  # the primary dies: its flock goes with it
+        assert image.read_bytes() != model
+        done = await standby.fail_over()
+        assert done[0].epochs and min(done[0].epochs) >= 4  # released epochs were dropped
+        assert image.read_bytes() == model
+
+    asyncio.run(scenario())
+
+
+def test_replicated_failover_before_the_copy_completed_is_refused(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        standby = StandbyDisks([tmp_path / "none.raw"], StorageMode.REPLICATED)
+        with pytest.raises(FailoverError, match="initial disk copy"):
+            await standby.fail_over()
+
+    asyncio.run(scenario())
+
+
+def test_pass_through_until_tagging_starts(image: Path) -> None:
+    async def scenario() -> None:
+        epoch: list[int | None] = [None]
+        emitted: list[DiskWrite] = []
+        async with RawFileBackend.open(image) as base:
+            overlay = OverlayBackend(base)
+            overlay.protect(lambda: epoch[0], emitted.append)
+            await overlay.write(0, b"during sync", fua=False)
+            assert image.read_bytes()[:11] == b"during sync" and not emitted
+            epoch[0] = 1
+            await overlay.write(0, b"protected!!", fua=False)
+            assert image.read_bytes()[:11] == b"during sync" and len(emitted) == 1
+            epoch[0] = None  # protection ends: still held (order), not emitted
+            await overlay.write(100, b"after", fua=False)
+            assert len(emitted) == 1 and overlay.held_writes == 2
+            await overlay.unprotect()
+        assert image.read_bytes()[:11] == b"protected!!"
+        assert image.read_bytes()[100:105] == b"after"
 
     asyncio.run(scenario())

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -41,6 +42,7 @@ import struct
 from collections.abc import Awaitable, Callable
 
 from kemari.errors import EventTapError
+from kemari.eventtap.outputs import Output, OutputKind, OutputLog
 from kemari.nbd.backend import Backend
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class DiskOp(enum.IntEnum):
     PUNCH = 3  # read as zeroes, may be deallocated (WRITE_ZEROES)
     TRIM = 4  # discard (the overlay and Kemari's backends make it read as zeroes)
     RELEASED = 5  # marker: the primary's base holds every write up to epoch ``offset``
+    SYNCED = 6  # marker: the initial disk copy is complete (replicated storage)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,8 +92,8 @@ class DiskWrite:
                 raise EventTapError(f"WRITE record of {self.length} bytes has {len(self.data)}")
         elif self.data:
             raise EventTapError(f"{self.op.name} record carries data")
-        if self.op is DiskOp.RELEASED and self.length:
-            raise EventTapError("RELEASED marker with a length")
+        if self.op in (DiskOp.RELEASED, DiskOp.SYNCED) and self.length:
+            raise EventTapError(f"{self.op.name} marker with a length")
 
     @property
     def end(self) -> int:
@@ -119,6 +122,35 @@ def decode_disk_write(epoch: int, payload: bytes | memoryview) -> DiskWrite:
     if len(data) != expected:
         raise EventTapError(f"{op.name} record announces {length} bytes, carries {len(data)}")
     return DiskWrite(epoch, disk, op, offset, length, data)
+
+
+def disk_output(record: DiskWrite) -> Output:
+    """``record`` as an event-tap :class:`Output` (kind DISK, data = the encoded record).
+
+    The data is the whole encoded record, not raw sector bytes: whoever replays disk
+    outputs must decode them (:func:`record_of`), since zeroes, trims and markers carry
+    no data of their own.
+    """
+    return Output(OutputKind.DISK, record.disk, encode_disk_write(record), record.offset)
+
+
+def record_of(epoch: int, output: Output) -> DiskWrite:
+    """The :class:`DiskWrite` a DISK output of transaction ``epoch`` carries."""
+    if output.kind is not OutputKind.DISK:
+        raise EventTapError(f"{output.kind.name} output is not a disk record")
+    record = decode_disk_write(epoch, output.data)
+    if record.disk != output.device or record.offset != output.offset:
+        raise EventTapError("disk output header disagrees with its record")
+    return record
+
+
+def hold_in(log: OutputLog) -> Callable[[DiskWrite], None]:
+    """An ``emit`` for :meth:`OverlayBackend.protect` that holds records in ``log``."""
+
+    def emit(record: DiskWrite) -> None:
+        log.hold(disk_output(record), record.epoch)
+
+    return emit
 
 
 @dataclasses.dataclass(slots=True)
@@ -172,7 +204,7 @@ class OverlayBackend:
         self.max_held_bytes = max_held_bytes
         self.on_pressure = on_pressure
         self.pressure_requests = 0  # times on_pressure was called
-        self._epoch_of_write: Callable[[], int] | None = None
+        self._epoch_of_write: Callable[[], int | None] | None = None
         self._emit: Callable[[DiskWrite], None] | None = None
         # Holding outlives _emit while unprotect() drains: a write passing through
         # before older held writes reached the base would be overwritten by them.
@@ -218,14 +250,14 @@ class OverlayBackend:
 
     async def write(self, offset: int, data: bytes, *, fua: bool) -> None:
         """Hold ``data`` (protected: answered at once; FUA: see docs/storage.md)."""
-        if not self._holding:
+        if self._passes_through():
             await self._base_write(self.base.write(offset, data, fua=fua))
             return
         self._hold(DiskOp.WRITE, offset, len(data), data, may_trim=False)
 
     async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fua: bool) -> None:
         """Hold a zeroed range (read as zeroes at once)."""
-        if not self._holding:
+        if self._passes_through():
             await self._base_write(
                 self.base.write_zeroes(offset, length, may_trim=may_trim, fua=fua)
             )
@@ -235,7 +267,7 @@ class OverlayBackend:
 
     async def trim(self, offset: int, length: int, *, fua: bool) -> None:
         """Hold a discard (the overlay reads it as zeroes, as Kemari's base does)."""
-        if not self._holding:
+        if self._passes_through():
             await self._base_write(self.base.trim(offset, length, fua=fua))
             return
         self._hold(DiskOp.TRIM, offset, length, b"", may_trim=True)
@@ -244,7 +276,7 @@ class OverlayBackend:
         """Unprotected: flush the base.  Protected: nothing to wait for (docs/storage.md):
         every completed write is part of its checkpoint's transaction, committed on the
         standby before the guest can show anyone that this flush completed."""
-        if not self._holding:
+        if self._passes_through():
             await self.base.flush()
 
     # -- protection -------------------------------------------------------------------
@@ -272,12 +304,16 @@ class OverlayBackend:
         """The distinct epochs of held writes, oldest first."""
         return sorted({held.record.epoch for held in self._log})
 
-    def protect(self, epoch_of_write: Callable[[], int], emit: Callable[[DiskWrite], None]) -> None:
+    def protect(
+        self, epoch_of_write: Callable[[], int | None], emit: Callable[[DiskWrite], None]
+    ) -> None:
         """Start holding: every write is tagged ``epoch_of_write()`` and given to ``emit``.
 
-        ``emit`` must take the record at once (it is called while the request executes)
-        and deliver records to the standby in call order, each inside the transaction
-        of its epoch.
+        ``epoch_of_write`` returns None while no checkpoint covers outputs (the initial
+        sync has not ended, e.g. ``CheckpointSource.output_epoch``): writes then pass
+        through to the base, since epoch 0's state is taken after them.  ``emit`` must
+        take the record at once (it is called while the request executes) and deliver
+        records to the standby in call order, each inside the transaction of its epoch.
         """
         if self._emit is not None:
             raise EventTapError("the overlay is already protected")
@@ -310,7 +346,10 @@ class OverlayBackend:
             if self._released_epoch is None or committed_epoch > self._released_epoch:
                 self._released_epoch = committed_epoch
                 if self._emit is not None and written:
-                    self._emit_marker(committed_epoch)
+                    # EventTapError: no epoch covers outputs any more (protection is
+                    # ending), so there is no standby to tell.
+                    with contextlib.suppress(EventTapError):
+                        self.emit_marker(DiskOp.RELEASED, committed_epoch)
             return written
 
     async def unprotect(self) -> int:
@@ -357,18 +396,41 @@ class OverlayBackend:
     def emit_copy(self, offset: int, data: bytes) -> DiskWrite:
         """Send ``data`` (from :meth:`snapshot_read`, same event-loop step) to the standby
         as a WRITE of the current epoch; the base already holds it, so it is not held."""
-        if self._emit is None or self._epoch_of_write is None:
-            raise EventTapError("the disk copy needs a protected overlay")
-        record = DiskWrite(self._tag(), self.disk, DiskOp.WRITE, offset, len(data), data)
+        epoch = self._tag() if self._emit is not None else None
+        if self._emit is None or epoch is None:
+            raise EventTapError("the disk copy needs a protected overlay past the initial sync")
+        record = DiskWrite(epoch, self.disk, DiskOp.WRITE, offset, len(data), data)
+        self._emit(record)
+        return record
+
+    def emit_marker(self, op: DiskOp, value: int = 0) -> DiskWrite:
+        """Send a RELEASED (``value`` = epoch) or SYNCED marker in the current epoch."""
+        if op not in (DiskOp.RELEASED, DiskOp.SYNCED):
+            raise EventTapError(f"{op.name} is not a marker")
+        epoch = self._tag() if self._emit is not None else None
+        if self._emit is None or epoch is None:
+            raise EventTapError("markers need a protected overlay past the initial sync")
+        record = DiskWrite(epoch, self.disk, op, value, 0)
         self._emit(record)
         return record
 
     # -- internals ------------------------------------------------------------------
 
-    def _tag(self) -> int:
-        if self._epoch_of_write is None:  # draining after protection ended
-            return self._last_epoch
-        epoch = self._epoch_of_write()
+    def _passes_through(self) -> bool:
+        """True when a request goes straight to the base: not holding, or nothing held
+        and no checkpoint covers outputs yet (held writes keep every later one behind)."""
+        if not self._holding:
+            return True
+        if self._log:
+            return False
+        return self._epoch_of_write is None or self._epoch_of_write() is None
+
+    def _tag(self) -> int | None:
+        """The epoch of a write executed now; None: hold it without emitting (protection
+        ended or not begun, older writes still held)."""
+        epoch = None if self._epoch_of_write is None else self._epoch_of_write()
+        if epoch is None:
+            return None
         if epoch < self._last_epoch:
             # A smaller tag would put a write into a checkpoint that already passed.
             raise EventTapError(f"write epoch went back from {self._last_epoch} to {epoch}")
@@ -381,9 +443,10 @@ class OverlayBackend:
 
     def _hold(self, op: DiskOp, offset: int, length: int, data: bytes, *, may_trim: bool) -> None:
         try:
-            epoch = self._tag()
+            tag = self._tag()
         except EventTapError as exc:
             raise OSError(errno.EIO, str(exc)) from exc
+        epoch = self._last_epoch if tag is None else tag
         record = DiskWrite(epoch, self.disk, op, offset, length, bytes(data))
         seq = self._next_seq
         self._next_seq += 1
@@ -392,15 +455,11 @@ class OverlayBackend:
         self._insert(_Extent(offset, offset + length, seq, view))
         self._log.append(_Held(seq, record, may_trim))
         self._held_bytes += len(record.data)
-        if self._emit is not None:
+        if self._emit is not None and tag is not None:
             self._emit(record)
         if self._held_bytes > self.max_held_bytes and self.on_pressure is not None:
             self.pressure_requests += 1
             self.on_pressure()
-
-    def _emit_marker(self, epoch: int) -> None:
-        assert self._emit is not None
-        self._emit(DiskWrite(self._tag(), self.disk, DiskOp.RELEASED, epoch, 0))
 
     async def _base_write(self, operation: Awaitable[None]) -> None:
         self._base_writes_started += 1

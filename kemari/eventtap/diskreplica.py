@@ -1,0 +1,172 @@
+"""The standby's side of the disk event-tap: committed guest writes, per storage mode.
+
+The primary's :class:`~kemari.eventtap.disk.OverlayBackend` sends every write of
+checkpoint N inside transaction N.  :class:`StandbyDisks` receives the records of each
+*committed* transaction (:meth:`StandbyDisks.committed`) and, by storage mode:
+
+* ``shared`` (one image both hosts see): the standby never writes the image while the
+  primary lives.  It keeps the committed writes the primary may not have written yet:
+  every committed epoch's records until a RELEASED marker says the primary's base holds
+  (flushed) that epoch.  :meth:`StandbyDisks.fail_over` writes what it keeps, oldest
+  epoch first, before the failover QEMU starts.  Re-applying writes the primary did
+  write is harmless (same bytes, same order); skipping one would lose it.
+* ``replicated`` (each host has its own image): each committed epoch's records are
+  applied to the standby's image at once, in order, so the image is the primary's image
+  at every committed epoch.  The image starts valid only once the initial copy's
+  SYNCED marker is committed (kemari/eventtap/diskcopy.py); until then failover refuses.
+
+Records of an uncommitted transaction never reach this class (the receiver discards
+them), so nothing here ever has to be undone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+from pathlib import Path
+
+from kemari.errors import EventTapError, FailoverError
+from kemari.eventtap.disk import DiskOp, DiskWrite
+from kemari.nbd.backend import RawFileBackend
+
+
+class StorageMode(enum.Enum):
+    """Where the standby's disk comes from (``VMConfig.storage``)."""
+
+    SHARED = "shared"
+    REPLICATED = "replicated"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DiskFailover:
+    """What :meth:`StandbyDisks.fail_over` did to one disk."""
+
+    disk: int
+    path: Path
+    replayed: int  # records written (shared: the kept ones; replicated: none)
+    epochs: tuple[int, ...]  # the epochs those records belonged to
+
+
+class _Disk:
+    def __init__(self, index: int, path: Path) -> None:
+        self.index = index
+        self.path = path
+        self.backend: RawFileBackend | None = None
+        self.kept: dict[int, list[DiskWrite]] = {}  # shared: epoch -> records, in order
+        self.synced = False  # replicated: the initial copy is complete on this image
+        self.applied = 0
+
+
+class StandbyDisks:
+    """The standby's disks of one VM (``paths[i]`` is disk *i*'s image on this host)."""
+
+    def __init__(self, paths: Sequence[Path], mode: StorageMode) -> None:
+        self.mode = mode
+        self._disks = [_Disk(index, path) for index, path in enumerate(paths)]
+        self.committed_epoch: int | None = None
+
+    def _disk(self, record: DiskWrite) -> _Disk:
+        if record.disk >= len(self._disks):
+            raise EventTapError(
+                f"record for disk {record.disk}, this VM has {len(self._disks)} disk(s)"
+            )
+        return self._disks[record.disk]
+
+    @property
+    def synced(self) -> bool:
+        """Replicated: every image holds the initial copy; shared: always True."""
+        return self.mode is StorageMode.SHARED or all(disk.synced for disk in self._disks)
+
+    def kept_records(self) -> int:
+        """Shared: records kept for a failover."""
+        return sum(len(records) for disk in self._disks for records in disk.kept.values())
+
+    def new_session(self) -> None:
+        """A new primary session starts (epochs restart, a new initial copy will come).
+
+        Shared: what is kept stays until a release marker covers it (a new primary
+        runs on the same image, so its first commit's marker is the earliest).
+        Replicated: the image is not known to match the new primary until its copy ends.
+        """
+        for disk in self._disks:
+            disk.synced = False
+
+    async def committed(self, epoch: int, records: Sequence[DiskWrite]) -> None:
+        """Transaction ``epoch`` is committed; ``records`` are its disk records, in order.
+
+        Replicated: applied to the images before returning (call it before the commit
+        is acknowledged, so an acknowledged epoch is on the standby's image).
+        """
+        for record in records:
+            if record.epoch != epoch:
+                raise EventTapError(f"record of epoch {record.epoch} in transaction {epoch}")
+            disk = self._disk(record)
+            if record.op is DiskOp.RELEASED:
+                if self.mode is StorageMode.SHARED:
+                    for old in [e for e in disk.kept if e <= record.offset]:
+                        del disk.kept[old]
+            elif record.op is DiskOp.SYNCED:
+                disk.synced = True
+            elif self.mode is StorageMode.SHARED:
+                disk.kept.setdefault(epoch, []).append(record)
+            else:
+                await _apply(await self._open(disk), record)
+                disk.applied += 1
+        self.committed_epoch = epoch
+
+    async def _open(self, disk: _Disk) -> RawFileBackend:
+        if disk.backend is None:
+            try:
+                disk.backend = RawFileBackend.open(disk.path)
+            except Exception as exc:
+                raise EventTapError(f"standby disk {disk.index}: {exc}") from exc
+        return disk.backend
+
+    async def fail_over(self) -> list[DiskFailover]:
+        """Bring every image to the committed epoch and close it (the failover QEMU's
+        NBD server opens it next).  FailoverError when an image cannot be trusted."""
+        if not self.synced:
+            raise FailoverError(
+                "refusing to fail over: the initial disk copy to this standby has not "
+                "completed (its image does not match the guest yet)"
+            )
+        done = []
+        for disk in self._disks:
+            replayed = 0
+            epochs = tuple(sorted(disk.kept))
+            try:
+                backend = await self._open(disk)
+                for epoch in epochs:
+                    for record in disk.kept[epoch]:
+                        await _apply(backend, record)
+                        replayed += 1
+                await backend.flush()
+            except (OSError, EventTapError) as exc:
+                raise FailoverError(f"standby disk {disk.index} ({disk.path}): {exc}") from exc
+            disk.kept.clear()
+            done.append(DiskFailover(disk.index, disk.path, replayed, epochs))
+        await self.close()
+        return done
+
+    async def close(self) -> None:
+        """Close every image this object opened (unlocking it)."""
+        for disk in self._disks:
+            backend, disk.backend = disk.backend, None
+            if backend is not None:
+                await backend.close()
+
+
+async def _apply(backend: RawFileBackend, record: DiskWrite) -> None:
+    if record.end > backend.size:
+        raise EventTapError(
+            f"record [{record.offset}, {record.end}) lies beyond the image ({backend.size} bytes)"
+        )
+    if record.op is DiskOp.WRITE:
+        await backend.write(record.offset, record.data, fua=False)
+    elif record.op is DiskOp.TRIM:
+        await backend.trim(record.offset, record.length, fua=False)
+    elif record.op in (DiskOp.ZERO, DiskOp.PUNCH):
+        await backend.write_zeroes(
+            record.offset, record.length, may_trim=record.op is DiskOp.PUNCH, fua=False
+        )
