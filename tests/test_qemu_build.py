@@ -132,14 +132,18 @@ def debian_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_patch_applies_to_debian_source_and_only_once(debian_source: Path) -> None:
     colo = debian_source / "migration" / "colo.c"
+    physmem = debian_source / "softmmu" / "physmem.c"
     before = colo.read_text()
     apply_patch(debian_source, read_patch(), _quiet)
     after = colo.read_text()
     assert after.count("qemu_mutex_lock_iothread();\n    qemu_savevm_live_state(") == 1
     assert len(after.splitlines()) == len(before.splitlines()) + 2
+    flushed = physmem.read_text()
+    assert "run_on_cpu(cpuas->cpu, tcg_flush_after_sync, RUN_ON_CPU_NULL);" in flushed
     with pytest.raises(QemuError, match="failed"):
         apply_patch(debian_source, read_patch(), _quiet)
     assert colo.read_text() == after  # a refused patch changes nothing
+    assert physmem.read_text() == flushed
 
 
 def test_patch_that_does_not_fit_is_refused_cleanly(debian_source: Path) -> None:
