@@ -20,6 +20,7 @@ import contextlib
 import enum
 import fcntl
 import os
+import shutil
 import signal
 import sys
 import time
@@ -155,6 +156,11 @@ class Agent:
         """Keep the replica until ``failover`` (True: QEMU now runs) or a stop (False)."""
         replica_dir = self.config.resolved_replica_dir()
         applier = ReplicaApplier(replica_dir, config_digest=self.config.replication_digest().hex())
+        # Exit order (LIFO): a failover QEMU (registered later) stops first, then the
+        # applier closes, then the replica goes: it is useless without this agent (a new
+        # protection session always starts with a new initial sync).  Only a crash of
+        # the agent leaves it behind, for the next start to recover.
+        stack.callback(shutil.rmtree, replica_dir, ignore_errors=True)
         stack.callback(applier.close)
         identity = Identity(self.config.name, self.config.replication_digest())
         self.receiver = StandbyReceiver(uri, identity, applier)

@@ -1,16 +1,25 @@
-"""The demo: a guest under Kemari on one machine, reached by a client over a real network.
+"""The demo: guests under Kemari on one machine, reached over a real (namespaced) network.
 
-It builds a small lab of network namespaces (a hypervisor-like host with a
-bridge, and a client), boots the ``records`` guest under ``kemari run`` inside
-the host (disk served by Kemari over NBD, NIC carried by Kemari to a tap on the
-host bridge), and shows a client storing records and reading them back.
+Act 1: a lab of network namespaces (a hypervisor-like host with a bridge, and a
+client); the ``records`` guest runs under ``kemari run`` inside the host (disk served
+by Kemari over NBD, NIC carried by Kemari to a tap on the host bridge), and a client
+stores records and reads them back.
+
+Act 2, fault tolerance: two hosts, ``primary`` and ``standby``, with addresses on the
+LAN; the ``ticks`` guest runs on the primary and is protected by the standby
+(checkpoints cross the LAN bridge as ft-transactions); the primary's QEMU and agent
+are killed with SIGKILL, the standby is told to fail over, and the guest's counter
+carries on from the last committed checkpoint without a reboot.
+
 Everything it creates is removed when it ends, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -24,6 +33,9 @@ from kemari.testbed.vm import AgentProcess
 
 GUEST_IP = "10.213.0.2"
 CLIENT_IP = "10.213.0.100"
+PRIMARY_IP = "10.213.0.11"
+STANDBY_IP = "10.213.0.12"
+PROTECTION_PORT = 4444
 
 
 def step(message: str) -> None:
@@ -73,8 +85,56 @@ def run_demo(records_count: int = 20, keep_running: bool = False) -> int:
                 agent.process.wait()
             step("stopping the VM")
             status = agent.stop()
-        print(f"\ndemo finished (agent exit status {status}); lab removed")
+        if status == 0:
+            status = _failover_act(lab, workdir)
+        print(f"\ndemo finished (exit status {status}); lab removed")
         return status
+
+
+def _failover_act(lab: Topology, workdir: Path) -> int:
+    """Act 2: protect a running guest, kill its host, fail over, watch it carry on."""
+    step("fault tolerance: hosts 'primary' (10.213.0.11) and 'standby' (10.213.0.12)")
+    primary_ns = lab.add_host("primary", f"{PRIMARY_IP}/24")
+    standby_ns = lab.add_host("standby", f"{STANDBY_IP}/24")
+    address = f"kemari:tcp:{STANDBY_IP}:{PROTECTION_PORT}"
+    ticks_args = ["--workload", "ticks"]
+    step(f"standby: kemari run -incoming {address} (no QEMU; keeps the replica)")
+    standby = AgentProcess(
+        "ft", workdir, [*ticks_args, "--incoming", address], standby_ns, label="standby"
+    )
+    with standby, AgentProcess("ft", workdir, ticks_args, primary_ns, label="primary") as active:
+        standby.wait_monitor()
+        active.wait_serial(r"tick 3\b")
+        step(f"primary: kemari monitor ... migrate -d {address}")
+        print("    " + active.monitor("migrate", "-d", address).text)
+        deadline = time.monotonic() + 120
+        while active.status()["protection"] != "protected":
+            if time.monotonic() > deadline:
+                raise KemariError("protection did not start within 120 s")
+            time.sleep(0.2)
+        time.sleep(3)
+        print("    " + active.monitor("info", "status").text.replace("\n", "\n    "))
+        last_tick = _last_line(active, "tick ")
+        step(f"kill -9 the primary's QEMU and Kemari agent (last tick printed: {last_tick!r})")
+        qemu_pid = active.status()["qemu_pid"]
+        for pid in (qemu_pid, active.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        active.process.wait(30)
+        step("standby: kemari monitor ... failover")
+        print("    " + standby.monitor("failover").text)
+        standby.wait_serial(r"tick \d+", after=0)
+        time.sleep(2)
+        print("    the guest console on the standby (no reboot, the counter carries on):")
+        for line in standby.serial_text().splitlines()[-6:]:
+            print(f"    | {line}")
+        print("    " + standby.monitor("info", "status").text.replace("\n", "\n    "))
+        return standby.stop()
+
+
+def _last_line(agent: AgentProcess, prefix: str) -> str:
+    lines = [line for line in agent.serial_text().splitlines() if line.startswith(prefix)]
+    return lines[-1] if lines else ""
 
 
 def _records(client: Namespace, *args: str) -> list[dict[str, object]]:
