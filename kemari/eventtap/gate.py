@@ -33,8 +33,12 @@ from kemari.checkpoint.trigger import CheckpointTrigger
 from kemari.errors import EventTapError
 from kemari.eventtap.outputs import Output, OutputKind, OutputLog
 from kemari.eventtap.policy import SyncPolicy
+from kemari.replica import crashpoint
 
 Release = Callable[[Output], None]
+# crashpoint (KEMARI_REPLICA_TEST_CRASH=output-release=N): SIGKILL at the N-th commit
+# that has outputs to release, after COMMIT_ACK and before any of them left.
+CRASH_BEFORE_RELEASE = "output-release"
 
 
 class Producer(Protocol):
@@ -68,6 +72,7 @@ class EventTap:
         self._source: CheckpointSource | None = None
         self._trigger: CheckpointTrigger | None = None
         self._paused = False
+        self._commits_with_outputs = 0
 
     def add_device(
         self, kind: OutputKind, device: int, release: Release, producer: Producer | None = None
@@ -98,7 +103,14 @@ class EventTap:
 
     def checkpoint_committed(self, epoch: int) -> None:
         """SourceListener: the standby holds ``epoch``; its outputs and older ones leave."""
-        self._send(self.log.release(epoch))
+        outputs = self.log.release(epoch)
+        if outputs:
+            self._commits_with_outputs += 1
+            # Test hook: die like kill -9 between COMMIT_ACK and the release (the standby
+            # must replay these outputs at failover).
+            if self._commits_with_outputs == crashpoint.limit(CRASH_BEFORE_RELEASE):
+                crashpoint.kill()
+        self._send(outputs)
 
     def protection_ended(self, state: SourceState) -> None:
         """SourceListener: release everything (guest runs on) or discard it (guest died)."""

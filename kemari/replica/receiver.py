@@ -74,6 +74,7 @@ class StandbyReceiver:
         self._vmdesc = b""
         self.outputs = OutputStore(applier.root / OUTPUTS_DIRECTORY)
         self._open_outputs: list[Output] = []
+        self.outputs_committed = 0  # guest outputs of committed transactions (all sessions)
 
     def committed_outputs(self) -> tuple[Output, ...]:
         """The guest outputs of the replica's committed epoch (for failover to release)."""
@@ -110,6 +111,7 @@ class StandbyReceiver:
             if last is None
             else round(time.time() - last.committed_at, 3),
             "last_checkpoint_pages": None if last is None else last.pages,
+            "outputs_committed": self.outputs_committed,
             "last_frame_age_s": None
             if self.last_frame_at is None
             else round(time.monotonic() - self.last_frame_at, 3),
@@ -224,10 +226,12 @@ class StandbyReceiver:
             self.applier.finish_sync(device_state, self._vmdesc)
             await session.acknowledge(committed)
             self.outputs.committed(0)
+            self.outputs_committed += committed.outputs
             return
         self.applier.set_device_state(committed.epoch, device_state)
         # The journal holds the epoch now (commit point): acknowledge, then copy pages.
         self.applier.commit_checkpoint(committed.epoch, defer_apply=True)
         await session.acknowledge(committed)
         self.outputs.committed(committed.epoch)
+        self.outputs_committed += committed.outputs
         self.applier.apply_pending()

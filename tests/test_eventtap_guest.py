@@ -1,0 +1,279 @@
+"""The network event-tap with a real guest: two host namespaces, a client, real packets.
+
+Topology (kemari.testbed.topology): a primary and a standby host namespace, each with its
+own ``br0`` bridged to one LAN, and a client namespace on the LAN.  The primary runs the
+``records`` guest under ``kemari run``; the standby runs ``kemari run --incoming`` and
+receives the checkpoints over the LAN (host addresses on ``br0``, not loopback).
+
+* Answers wait for their checkpoint: the standby agent is frozen (SIGSTOP) while the
+  client sends a request; the guest's answer is produced (the primary's event-tap holds
+  it) but no frame of it reaches the client until the standby runs again and the
+  checkpoint commits.  Every frame the primary released travelled inside a committed
+  transaction first (the standby's output counter), none passed unheld while protected.
+* Failover replays the last event: the primary kills itself (SIGKILL, crashpoint
+  ``output-release``) right after the standby committed a checkpoint carrying the
+  answer to a request, before the answer left; the standby's failover sends it again,
+  the client gets it on its still-open connection, and the same connection keeps
+  working.  A capture in the client namespace shows the guest's self-announce (RARP)
+  arriving through the standby's path after the failover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kemari.image.builder import default_image
+from kemari.image.disk import create_data_disk
+from kemari.qemu.build import patched_qemu
+from kemari.replica.crashpoint import ENVIRONMENT_VARIABLE
+from kemari.testbed.topology import Namespace, Topology
+from kemari.testbed.vm import AgentProcess
+
+pytestmark = [pytest.mark.guest, pytest.mark.root]
+
+GUEST_IP = "10.213.0.2"
+PRIMARY_IP = "10.213.0.11"
+STANDBY_IP = "10.213.0.12"
+CLIENT_IP = "10.213.0.100"
+GUEST_MAC = "52:54:00:e7:00:01"
+PORT = 7100
+ETH_P_RARP = 0x8035
+
+# A records client on one TCP connection: "PUT warm" at once, then one request per stdin
+# line; every answer is printed as one line.
+CLIENT_SCRIPT = """
+import socket, sys
+sock = socket.create_connection((sys.argv[1], 7000), timeout=180)
+replies = sock.makefile("rb")
+def call(line):
+    sock.sendall(line.encode() + b"\\n")
+    return replies.readline().decode().strip()
+print(call("PUT warm"), flush=True)
+for line in sys.stdin:
+    print(call(line.strip()), flush=True)
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prerequisites() -> None:
+    default_image()
+    if patched_qemu() is None:
+        pytest.fail("the patched QEMU is not built: run 'kemari qemu build'")
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Topology]:
+    with Topology() as topology:
+        yield topology
+    for leftover in Path("/dev/shm").glob(f"kemari-evt-{os.getpid()}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def agent_args(disk: Path, tap: str, sync: str) -> list[str]:
+    return [
+        "--workload", "records", "--accel", "tcg", "--guest-ip", f"{GUEST_IP}/24",
+        "--disk", str(disk), "--nic", f"mac={GUEST_MAC},tap={tap},bridge=br0", "--sync", sync,
+    ]  # fmt: skip
+
+
+def start_pair(
+    lab: Topology, workdir: Path, sync: str, crash: str | None = None
+) -> tuple[AgentProcess, AgentProcess, Namespace, Namespace]:
+    """The primary (records guest booted) and a listening standby, and the client ns."""
+    primary_ns = lab.add_host("primary", f"{PRIMARY_IP}/24")
+    standby_ns = lab.add_host("standby", f"{STANDBY_IP}/24")
+    client_ns = lab.add_client("client", f"{CLIENT_IP}/24")
+    disk = workdir / "data.img"
+    create_data_disk(disk, 64)
+    environment = dict(os.environ)
+    if crash is not None:
+        os.environ[ENVIRONMENT_VARIABLE] = crash
+    try:
+        primary = AgentProcess(
+            "evt", workdir, agent_args(disk, "kt-evt0", sync), namespace=primary_ns, label="p"
+        )
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+    standby = AgentProcess(
+        "evt",
+        workdir,
+        [
+            *agent_args(disk, "kt-evt0", sync),
+            "--incoming", f"kemari:tcp:{STANDBY_IP}:{PORT}",
+            "--replica-dir", f"/dev/shm/kemari-evt-{os.getpid()}-{sync}",
+        ],
+        namespace=standby_ns,
+        label="s",
+    )  # fmt: skip
+    primary.wait_serial(r"workload records ready")
+    primary.wait_monitor()
+    standby.wait_monitor()
+    return primary, standby, client_ns, standby_ns
+
+
+def protect(primary: AgentProcess) -> None:
+    primary.monitor("migrate", "-d", f"kemari:tcp:{STANDBY_IP}:{PORT}")
+    wait_for(lambda: primary.status()["protection"] == "protected", "protection", 120)
+
+
+class Client:
+    """CLIENT_SCRIPT running in the client namespace."""
+
+    def __init__(self, namespace: Namespace) -> None:
+        self.process = namespace.popen(
+            [sys.executable, "-c", CLIENT_SCRIPT, GUEST_IP],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self._pending = b""
+
+    def send(self, request: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(request.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def line(self, timeout: float) -> str | None:
+        """The next answer, or None if none came within ``timeout`` seconds."""
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready, _, _ = select.select([self.process.stdout], [], [], remaining)
+            if ready:
+                chunk = os.read(self.process.stdout.fileno(), 4096)
+                if not chunk:
+                    raise AssertionError(f"client exited ({self.process.wait()})")
+                self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode()
+
+
+@contextlib.contextmanager
+def capture(namespace: Namespace, interface: str, path: Path) -> Iterator[Path]:
+    """tcpdump of every frame from the guest's MAC on ``interface`` into ``path``."""
+    process = namespace.popen(
+        ["tcpdump", "-i", interface, "-U", "-w", str(path), "ether", "src", GUEST_MAC],
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    process.stderr.readline()  # "listening on ...": the capture is armed
+    try:
+        yield path
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def pcap_frames(path: Path) -> list[bytes]:
+    """The frames of a classic pcap file (microsecond timestamps, Ethernet)."""
+    data = path.read_bytes()
+    magic = struct.unpack_from("<I", data)[0]
+    assert magic == 0xA1B2C3D4, hex(magic)
+    frames = []
+    position = 24
+    while position + 16 <= len(data):
+        captured = struct.unpack_from("<IIII", data, position)[2]
+        frames.append(data[position + 16 : position + 16 + captured])
+        position += 16 + captured
+    return frames
+
+
+def test_answers_leave_only_after_their_checkpoint_commits(tmp_path: Path, lab: Topology) -> None:
+    primary, standby, client_ns, _ = start_pair(lab, tmp_path, "event")
+    with primary, standby:
+        client = Client(client_ns)
+        assert (client.line(120) or "").startswith("OK ")  # unprotected: flows at once
+        assert primary.status()["eventtap"]["passed"] > 0
+        protect(primary)
+        passed = primary.status()["eventtap"]["passed"]
+        for index in range(20):
+            client.send(f"PUT protected-{index}")
+            assert (client.line(60) or "").startswith("OK ")
+        time.sleep(0.5)  # let the guest's last delayed ACK commit: the tap is idle now
+
+        os.kill(standby.process.pid, signal.SIGSTOP)
+        try:
+            client.send("PUT frozen")
+            wait_for(lambda: primary.status()["eventtap"]["held"] > 0, "a held answer", 5)
+            # The guest answered, the checkpoint cannot commit: nothing reaches the client.
+            assert client.line(2.0) is None
+            tap = primary.status()["eventtap"]
+            assert tap["held"] > 0 and tap["passed"] == passed, tap
+        finally:
+            os.kill(standby.process.pid, signal.SIGCONT)
+        answer = client.line(30)
+        assert answer is not None and answer.startswith("OK "), answer
+
+        wait_for(lambda: primary.status()["eventtap"]["held"] == 0, "release", 10)
+        status = primary.status()
+        tap = status["eventtap"]
+        assert status["protection"] == "protected"
+        assert tap["passed"] == passed  # nothing left unheld while protected
+        assert tap["released"] >= 21 and tap["latency_ms_p50"] is not None
+        # Every released frame was inside a transaction the standby committed.
+        assert standby.status()["standby"]["outputs_committed"] >= tap["released"]
+        client.send("COUNT")
+        assert client.line(30) is not None
+
+
+def test_failover_replays_the_answer_the_primary_never_released(
+    tmp_path: Path, lab: Topology
+) -> None:
+    primary, standby, client_ns, standby_ns = start_pair(
+        lab, tmp_path, "event+periodic", crash="output-release=1"
+    )
+    with primary, standby:
+        client = Client(client_ns)
+        assert (client.line(120) or "").startswith("OK ")
+        protect(primary)
+        qemu_pid = primary.status()["qemu_pid"]
+        with (
+            capture(standby_ns, "kt-evt0", tmp_path / "standby-tap.pcap") as standby_pcap,
+            capture(client_ns, "eth0", tmp_path / "client.pcap") as client_pcap,
+        ):
+            client.send("PUT replayed")
+            # The first commit carrying an output kills the primary before the release.
+            assert primary.process.wait(60) == -signal.SIGKILL
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(qemu_pid, signal.SIGKILL)
+            reply = standby.monitor("failover")
+            assert reply.data["replayed_frames"] >= 1
+            answer = client.line(60)
+            assert answer is not None and answer.startswith("OK "), answer
+            # The same TCP connection goes on with the failed-over guest.
+            client.send("PUT after-failover")
+            assert (client.line(60) or "").startswith("OK ")
+            time.sleep(1.0)  # QEMU's announce rounds (50 ms, then 100 ms steps)
+        standby_frames = pcap_frames(standby_pcap)
+        assert len(standby_frames) >= reply.data["replayed_frames"]
+        rarps = [f for f in pcap_frames(client_pcap) if f[12:14] == ETH_P_RARP.to_bytes(2, "big")]
+        assert rarps, "QEMU's self-announce did not reach the client"
+        records = client_ns.run(
+            [sys.executable, "-m", "kemari.testbed.records", GUEST_IP, "get"], timeout=120
+        ).stdout
+        for payload in ("warm", "replayed", "after-failover"):
+            assert f'"{payload}"' in records, records
