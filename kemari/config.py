@@ -21,6 +21,8 @@ from kemari.errors import ConfigError
 from kemari.eventtap.policy import DEFAULT_EPOCH_MS, DEFAULT_SYNC, MAX_EPOCH_MS, SyncPolicy
 
 ACCELS = ("auto", "kvm", "tcg")
+# Where the standby's disks come from (kemari.eventtap.diskreplica.StorageMode).
+STORAGE_MODES = ("shared", "replicated")
 WORKLOADS = ("ticks", "records", "diskload", "shell")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -72,6 +74,8 @@ class VMConfig:
     # When checkpoints happen (kemari.eventtap.policy): host-local, not in the digest.
     sync: str = DEFAULT_SYNC
     epoch_ms: int = DEFAULT_EPOCH_MS
+    # shared: both hosts open the same image; replicated: each host has its own copy.
+    storage: str = "shared"
 
     @property
     def uses_built_image(self) -> bool:
@@ -222,7 +226,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
     allowed = {
         "name", "memory", "vcpus", "accel", "kernel", "initrd", "append", "workload",
         "guest_ip", "disk", "nic", "monitor", "serial_log", "runtime_dir", "incoming",
-        "replica_dir", "sync", "epoch_ms",
+        "replica_dir", "sync", "epoch_ms", "storage",
     }  # fmt: skip
     _check_keys(raw, allowed, "")
     if "name" not in raw:
@@ -248,6 +252,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
         incoming=_expect(raw, "incoming", str, "") if "incoming" in raw else None,
         sync=_expect(raw, "sync", str, "") if "sync" in raw else DEFAULT_SYNC,
         epoch_ms=_expect(raw, "epoch_ms", int, "") if "epoch_ms" in raw else DEFAULT_EPOCH_MS,
+        storage=_expect(raw, "storage", str, "") if "storage" in raw else "shared",
         disks=tuple(_disk_from(d, i) for i, d in enumerate(disks)),
         nics=tuple(_nic_from(n, i, name) for i, n in enumerate(nics)),
         **optional_paths,
@@ -294,6 +299,8 @@ def validate(config: VMConfig) -> None:
     SyncPolicy.parse(config.sync)
     if not 1 <= config.epoch_ms <= MAX_EPOCH_MS:
         raise ConfigError(f"epoch_ms: {config.epoch_ms} is outside 1..{MAX_EPOCH_MS}")
+    if config.storage not in STORAGE_MODES:
+        raise ConfigError(f"storage: {config.storage!r} is not one of {', '.join(STORAGE_MODES)}")
     if config.incoming is not None and not config.incoming.startswith("kemari:tcp:"):
         raise ConfigError(f"incoming: {config.incoming!r} is not kemari:tcp:HOST:PORT")
     if config.initrd is not None and config.kernel is None:

@@ -31,6 +31,7 @@ _SCALAR_FLAGS = {
     "replica_dir": "replica_dir",
     "sync": "sync",
     "epoch_ms": "epoch_ms",
+    "storage": "storage",
 }
 
 
@@ -78,6 +79,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument(
         "--epoch-ms", type=int, help=f"checkpoint period in ms (default {DEFAULT_EPOCH_MS})"
+    )
+    parser.add_argument(
+        "--storage",
+        choices=("shared", "replicated"),
+        help="shared: both hosts open the same disk image (default); replicated: each host "
+        "has its own image, kept equal at every committed checkpoint",
     )
     parser.add_argument(
         "--console", action="store_true", help="also copy the guest serial console to stdout"
