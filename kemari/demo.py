@@ -126,7 +126,7 @@ def _failover_act(lab: Topology, workdir: Path) -> int:
         standby.wait_serial(r"tick \d+", after=0)
         time.sleep(2)
         print("    the guest console on the standby (no reboot, the counter carries on):")
-        for line in standby.serial_text().splitlines()[-6:]:
+        for line in standby.serial_text().splitlines()[:6]:
             print(f"    | {line}")
         print("    " + standby.monitor("info", "status").text.replace("\n", "\n    "))
         return standby.stop()
