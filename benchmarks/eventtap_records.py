@@ -7,6 +7,9 @@ fast as it can on one TCP connection for ``--seconds``.  Printed per mode: clien
 latency p50/p99 and requests/s, the event-tap's output-commit latency (held → released)
 p50/p99, and checkpoints/s.
 
+Also printed: the checkpoint pause p50 (VMSTATE_SEND → LOADED, over the source's recent
+checkpoints) and the pages of the last checkpoint, to see where output-commit time goes.
+
 Needs root, the guest image (``kemari image build``) and the patched QEMU
 (``kemari qemu build``).  Usage::
 
@@ -124,6 +127,9 @@ def run_mode(name: str, sync: str, epoch_ms: int, seconds: float, workdir: Path)
         status["replication"]["epoch"] if status["replication"] else 0 for status in (before, after)
     ]
     result["checkpoints_per_s"] = (epochs[1] - epochs[0]) / elapsed
+    recent = after["replication"]["recent"] if after["replication"] else {}
+    result["pause_p50_ms"] = recent.get("pause_ms_p50")
+    result["pages_last"] = recent.get("pages_last")
     return result
 
 
@@ -150,16 +156,17 @@ def main() -> int:
         return "-" if value is None else f"{value:.1f}"
 
     print(
-        "| mode | requests/s | latency p50 / p99 ms | output-commit p50 / p99 ms | checkpoints/s |"
+        "| mode | requests/s | latency p50 / p99 ms | output-commit p50 / p99 ms "
+        "| checkpoints/s | pause p50 ms | pages (last checkpoint) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     base = results.get("unprotected", {}).get("per_s")
     for mode, r in results.items():
         ratio = f" ({r['per_s'] / base:.2f}x)" if base else ""
         print(
             f"| {mode} | {r['per_s']:.0f}{ratio} | {cell(r['p50_ms'])} / {cell(r['p99_ms'])} | "
             f"{cell(r['commit_p50_ms'])} / {cell(r['commit_p99_ms'])} | "
-            f"{r['checkpoints_per_s']:.1f} |"
+            f"{r['checkpoints_per_s']:.1f} | {cell(r['pause_p50_ms'])} | {r['pages_last'] or '-'} |"
         )
     return 0
 
