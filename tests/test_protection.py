@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ import pytest
 from kemari.errors import KemariError
 from kemari.image.builder import default_image
 from kemari.qemu.build import patched_qemu
-from kemari.testbed.vm import AgentProcess
+from kemari.testbed.vm import KEMARI_ARGV, AgentProcess
 
 pytestmark = [pytest.mark.guest]
 
@@ -129,6 +130,9 @@ def test_failover_rounds_continue_the_counter(workdir: Path) -> None:
             time.sleep(rng.uniform(0.0, 2.0))
             kill_active(active, rng)
             upper = ticks(active)[-1] + 1
+            # Losing the primary does not make the standby take over by itself.
+            time.sleep(0.5)
+            assert standby.status()["role"] == "standby"
             reply = standby.monitor("failover")
             assert reply.data["epoch"] >= epoch
             wait_for(lambda standby=standby: len(ticks(standby)) >= 5, "ticks after failover")
@@ -168,9 +172,16 @@ def test_standby_loss_leaves_the_guest_running_and_protection_restarts(workdir: 
         before = ticks(active)[-1]
         wait_for(lambda: ticks(active)[-1] >= before + 5, "ticks while unprotected")
         assert active.status()["vm"] == "running"
-        # A new standby (same address) takes over protection.
+        # A new standby (same address) takes over protection; this time through the CLI
+        # without -d, which follows the initial sync with a progress bar until protected.
         standby = start_standby(workdir, "survivor", port, "second")
-        protect(active, port)
+        follow = subprocess.run(
+            [*KEMARI_ARGV, "monitor", str(active.monitor_path), "migrate",
+             f"kemari:tcp:127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+        assert follow.returncode == 0, follow.stdout + follow.stderr
+        assert "protected by 127.0.0.1:" in follow.stdout
         assert active.monitor("checkpoint").data["epoch"] >= 1
     finally:
         standby.stop()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 
 from kemari.errors import MonitorError
@@ -32,4 +34,30 @@ def _monitor(args: argparse.Namespace) -> int:
         raise MonitorError("no command given (try 'help')")
     reply = run_command(args.socket, args.words, timeout=args.timeout)
     print(json.dumps(reply.data, indent=2) if args.json else reply.text)
+    if args.words[0] == "migrate" and "-d" not in args.words[1:]:
+        # Like QEMU's HMP migrate without -d: stay and show the initial sync.
+        return _follow_initial_sync(args.socket, args.timeout)
     return 0
+
+
+def _follow_initial_sync(socket: Path, timeout: float) -> int:
+    """Draw a progress bar of the initial sync until the VM is protected (0) or not (1)."""
+    width = 40
+    while True:
+        status = run_command(socket, ["info", "status"], timeout=timeout).data
+        replication = status.get("replication") or {}
+        state = status.get("protection")
+        progress = replication.get("sync_progress")
+        if progress and progress.get("ram_bytes"):
+            done = min(progress["received_bytes"] / progress["ram_bytes"], 1.0)
+            bar = "#" * int(done * width)
+            rate = progress["rate_bytes_per_s"] / 2**20
+            print(f"\r[{bar:<{width}}] {done:4.0%} {rate:7.1f} MiB/s", end="", flush=True)
+        if state == "protected":
+            print(f"\nprotected by {replication.get('peer')} (epoch {replication.get('epoch')})")
+            return 0
+        if state == "unprotected":
+            reason = replication.get("reason") or "protection ended"
+            print(f"\ninitial sync failed: {reason}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
