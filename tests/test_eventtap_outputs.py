@@ -3,7 +3,6 @@ sync policies, and the EventTap gate's release rules driven through a real Outpu
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -48,7 +47,7 @@ def test_release_takes_committed_tags_in_arrival_order() -> None:
     assert log.outputs_of(1) == [net(b"a" * 20), disk(b"b", 4096)]
     assert log.release(0) == []
     assert log.release(1, now=0.010) == [net(b"a" * 20), disk(b"b", 4096)]
-    assert len(log) == 1 and log.held_bytes == 20 and log.oldest_epoch == 2
+    assert len(log) == 1 and log.held_bytes == 20 and log.outputs_of(2) == [net(b"c" * 20)]
     assert log.release(5, now=0.012) == [net(b"c" * 20)]
     stats = log.stats()
     assert (stats.held, stats.released, stats.released_bytes) == (0, 3, 41)
@@ -270,7 +269,7 @@ class CountingTrigger:
         return 0
 
 
-class Path_:
+class DevicePath:
     """One device's output path: what left, and whether it is paused."""
 
     def __init__(self) -> None:
@@ -287,9 +286,9 @@ class Path_:
         self.paused = False
 
 
-def gate(policy: SyncPolicy, log: OutputLog | None = None) -> tuple[EventTap, Path_]:
+def gate(policy: SyncPolicy, log: OutputLog | None = None) -> tuple[EventTap, DevicePath]:
     tap = EventTap(policy, log)
-    path = Path_()
+    path = DevicePath()
     tap.add_device(OutputKind.NET, 0, path.release, producer=path)
     return tap, path
 
@@ -367,4 +366,3 @@ def test_gate_status_is_plain_data() -> None:
     tap, _ = gate(SyncPolicy.EVENT_PERIODIC)
     status = tap.status()
     assert status["sync"] == "event+periodic" and status["mode"].startswith("pass-through")
-    asyncio.run(asyncio.sleep(0))  # the gate needs no event loop of its own

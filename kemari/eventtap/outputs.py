@@ -25,7 +25,6 @@ import dataclasses
 import enum
 import statistics
 import time
-from collections.abc import Iterator
 
 from kemari.errors import EventTapError
 
@@ -131,11 +130,6 @@ class OutputLog:
             and len(self._held) < self.max_count * RESUME_FRACTION
         )
 
-    @property
-    def oldest_epoch(self) -> int | None:
-        """The tag of the oldest held output (None when empty)."""
-        return self._held[0].epoch if self._held else None
-
     def hold(self, output: Output, epoch: int, now: float | None = None) -> None:
         """Append ``output`` with tag ``epoch``; tags must not decrease (EventTapError)."""
         if epoch < self._last_epoch:
@@ -184,15 +178,14 @@ class OutputLog:
 
     def outputs_of(self, epoch: int) -> list[Output]:
         """The outputs tagged exactly ``epoch``, in arrival order (they stay held)."""
-        return [entry.output for entry in self._entries_of(epoch)]
-
-    def _entries_of(self, epoch: int) -> Iterator[HeldOutput]:
+        outputs = []
         # Tags are sorted: skip the older run, stop at the first newer tag.
         for entry in self._held:
             if entry.epoch > epoch:
-                return
+                break
             if entry.epoch == epoch:
-                yield entry
+                outputs.append(entry.output)
+        return outputs
 
     def _account_released(self, released: list[Output]) -> None:
         size = sum(len(output.data) for output in released)
