@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +22,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kemari.errors import QemuError
-from kemari.qemu.binary import qemu_binary
 from kemari.qemu.build import (
     CONFIGURE_OPTIONS,
     BuildKey,
@@ -167,7 +167,9 @@ def test_patched_binary_is_debians_qemu_with_the_fix(patched: PatchedQemu) -> No
     key = current_key()
     assert patched.key == key
     assert f"Debian {key.debian_version}, kemari colo-tcg-bql" in patched.version
-    stock = qemu_binary("tcg").path
+    found = shutil.which(QEMU_PROGRAM)
+    assert found is not None
+    stock = Path(found)
     stock_version = subprocess.run(
         [str(stock), "--version"], capture_output=True, text=True, check=True
     ).stdout.split()[3]
