@@ -209,6 +209,8 @@ class OverlayBackend:
         # Holding outlives _emit while unprotect() drains: a write passing through
         # before older held writes reached the base would be overwritten by them.
         self._holding = False
+        # After discard(): this host must never write the image again (docs/storage.md).
+        self._fenced = False
         self._starts: list[int] = []  # extent starts, sorted (parallel to _extents)
         self._extents: list[_Extent] = []
         self._log: collections.deque[_Held] = collections.deque()
@@ -338,6 +340,8 @@ class OverlayBackend:
             while self._log and self._log[0].record.epoch <= committed_epoch:
                 held = self._log[0]
                 await self._apply_to_base(held)
+                if self._fenced:  # discard() ran meanwhile
+                    return written
                 self._log.popleft()
                 self._forget(held)
                 written += 1
@@ -364,6 +368,8 @@ class OverlayBackend:
             while self._log:
                 held = self._log[0]
                 await self._apply_to_base(held)
+                if self._fenced:  # discard() ran meanwhile
+                    return written
                 self._log.popleft()
                 self._forget(held)
                 written += 1
@@ -371,6 +377,20 @@ class OverlayBackend:
             self._holding = False
             await self.base.flush()
             return written
+
+    def discard(self) -> int:
+        """The guest died before its held writes committed (protection FAILED): forget them
+        all and fence the disk, so nothing from this host reaches the image any more (the
+        standby resumes from the last commit and replays committed writes itself)."""
+        dropped = len(self._log)
+        self._fenced = True
+        self._emit = None
+        self._epoch_of_write = None
+        self._log.clear()
+        self._extents.clear()
+        self._starts.clear()
+        self._held_bytes = 0
+        return dropped
 
     async def snapshot_read(self, offset: int, length: int) -> bytes:
         """What a read returns, valid at the moment this call returns (for the disk copy).
@@ -419,6 +439,8 @@ class OverlayBackend:
     def _passes_through(self) -> bool:
         """True when a request goes straight to the base: not holding, or nothing held
         and no checkpoint covers outputs yet (held writes keep every later one behind)."""
+        if self._fenced:
+            raise OSError(errno.EIO, "the disk was fenced: the guest died uncommitted")
         if not self._holding:
             return True
         if self._log:
