@@ -13,11 +13,13 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
 from kemari.errors import EventTapError, FailoverError
 from kemari.eventtap.disk import (
     DiskOp,
@@ -30,6 +32,7 @@ from kemari.eventtap.disk import (
 )
 from kemari.eventtap.diskcopy import DiskCopier
 from kemari.eventtap.diskreplica import StandbyDisks, StorageMode
+from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.outputs import OutputLog
 from kemari.nbd.backend import RawFileBackend
 from kemari.nbd.server import NbdServer
@@ -463,5 +466,67 @@ def test_pass_through_until_tagging_starts(image: Path) -> None:
             await overlay.unprotect()
         assert image.read_bytes()[:11] == b"protected!!"
         assert image.read_bytes()[100:105] == b"after"
+
+    asyncio.run(scenario())
+
+
+# -- DiskTap: the overlays following a protection session ---------------------------------
+
+
+class SessionStub:
+    """The two things DiskTap uses of a CheckpointSource and of a CheckpointTrigger."""
+
+    def __init__(self) -> None:
+        self.output_epoch: int | None = None
+        self.listeners: list[object] = []
+        self.requests = 0
+
+    def add_listener(self, listener: object) -> None:
+        self.listeners.append(listener)
+
+    def request_checkpoint(self) -> int:
+        self.requests += 1
+        return 0
+
+
+def test_disk_tap_releases_committed_epochs_drains_and_fences(tmp_path: Path) -> None:
+    path = tmp_path / "tap.raw"
+    random_image(path, 64 * 1024, 3)
+
+    async def scenario() -> None:
+        base = RawFileBackend.open(path)
+        overlay = OverlayBackend(base, max_held_bytes=4096)
+        tap = DiskTap([overlay])
+        session = SessionStub()
+        await tap.attach(cast(CheckpointSource, session), cast(CheckpointTrigger, session))
+        assert session.listeners == [tap]
+        session.output_epoch = 1
+        await overlay.write(0, b"one" * 2000, fua=False)
+        session.output_epoch = 2
+        await overlay.write(8192, b"two" * 100, fua=False)
+        assert session.requests == 2  # each write left more than 4096 bytes held
+        records = [record_of(1, output) for output in tap.outputs_of(1)]
+        assert [(r.op, r.offset, r.length) for r in records] == [(DiskOp.WRITE, 0, 6000)]
+        tap.checkpoint_committed(1)
+        await tap._drained()
+        assert path.read_bytes()[:6000] == b"one" * 2000
+        assert path.read_bytes()[8192:8492] != b"two" * 100
+        # The RELEASED marker of epoch 1 travels in epoch 2, after epoch 2's write.
+        ops = [record_of(2, output).op for output in tap.outputs_of(2)]
+        assert ops == [DiskOp.WRITE, DiskOp.RELEASED]
+        tap.protection_ended(SourceState.UNPROTECTED)
+        await tap._drained()
+        assert path.read_bytes()[8192:8492] == b"two" * 100 and not overlay.protected
+        # A new session; then the guest dies uncommitted: nothing more reaches the image.
+        session = SessionStub()
+        await tap.attach(cast(CheckpointSource, session), cast(CheckpointTrigger, session))
+        session.output_epoch = 1
+        await overlay.write(0, b"lost" * 10, fua=False)
+        tap.protection_ended(SourceState.FAILED)
+        with pytest.raises(OSError, match="fenced"):
+            await overlay.write(0, b"late", fua=False)
+        await tap.close()
+        await base.close()
+        assert path.read_bytes()[:40] == (b"one" * 2000)[:40]
 
     asyncio.run(scenario())
