@@ -329,8 +329,7 @@ class Primary:
         assert self.epoch is not None
         epoch = self.epoch
         self.epoch += 1  # VMSTATE_SEND: later writes belong to the next checkpoint
-        records = [record_of(epoch, output) for output in self.log.outputs_of(epoch)]
-        await self.standby.committed(epoch, records)
+        await self.standby.committed_outputs(epoch, self.log.outputs_of(epoch))
         self.log.release(epoch)
         self.committed = epoch
         self.commit_event.set()

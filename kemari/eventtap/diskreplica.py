@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kemari.errors import EventTapError, FailoverError
-from kemari.eventtap.disk import DiskOp, DiskWrite
+from kemari.eventtap.disk import DiskOp, DiskWrite, record_of
+from kemari.eventtap.outputs import Output, OutputKind
 from kemari.nbd.backend import RawFileBackend
 
 
@@ -114,6 +115,12 @@ class StandbyDisks:
                 await _apply(await self._open(disk), record)
                 disk.applied += 1
         self.committed_epoch = epoch
+
+    async def committed_outputs(self, epoch: int, outputs: Sequence[Output]) -> None:
+        """:meth:`committed` for a transaction's outputs as the receiver holds them: the
+        DISK ones are decoded (EventTapError if malformed), the others ignored."""
+        records = [record_of(epoch, o) for o in outputs if o.kind is OutputKind.DISK]
+        await self.committed(epoch, records)
 
     async def _open(self, disk: _Disk) -> RawFileBackend:
         if disk.backend is None:
