@@ -30,7 +30,11 @@ from typing import Any, TextIO
 
 from kemari.checkpoint.protection import Protection
 from kemari.config import VMConfig
-from kemari.errors import ConfigError, FailoverError, NetError, QemuError
+from kemari.errors import ConfigError, FailoverError, KemariError, NetError, QemuError
+from kemari.eventtap.disk import OverlayBackend
+from kemari.eventtap.diskcopy import DiskCopier
+from kemari.eventtap.diskreplica import StandbyDisks, StorageMode
+from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.gate import EventTap
 from kemari.eventtap.net import NetOutputs, replay_frames
 from kemari.eventtap.policy import SyncPolicy
@@ -77,6 +81,11 @@ class Agent:
         self.bridges: list[NetBridge] = []
         # Every guest output passes the event-tap; it holds them while protected.
         self.event_tap = EventTap(SyncPolicy.parse(config.sync))
+        # Guest disk writes are held in overlays while protected (docs/storage.md).
+        self.disk_tap: DiskTap | None = None
+        self.disk_copies: list[DiskCopier] = []  # replicated storage: initial disk copies
+        self._copy_tasks: list[asyncio.Task[None]] = []
+        self.standby_disks: StandbyDisks | None = None
         self.machine: QemuMachine | None = None
         self.protection: Protection | None = None
         self.receiver: StandbyReceiver | None = None
@@ -144,13 +153,22 @@ class Agent:
         return status
 
     async def _start_disks(self, stack: contextlib.AsyncExitStack) -> None:
+        overlays: list[OverlayBackend] = []
         for index, disk in enumerate(self.config.disks):
             backend = RawFileBackend.open(disk.path, read_only=disk.read_only)
             stack.push_async_callback(backend.close)
-            server = NbdServer(backend, self.runtime_dir / f"disk{index}.sock", NBD_EXPORT)
+            # Writable disks get an overlay: it passes writes through until protected.
+            served: RawFileBackend | OverlayBackend = backend
+            if not disk.read_only:
+                served = OverlayBackend(backend, disk=index)
+                overlays.append(served)
+            server = NbdServer(served, self.runtime_dir / f"disk{index}.sock", NBD_EXPORT)
             await server.start()
             stack.push_async_callback(server.close)
             self.nbd_servers.append(server)
+        self.disk_tap = DiskTap(overlays)
+        # Closed before the servers and images, after protection (registered later) ended.
+        stack.push_async_callback(self.disk_tap.close)
 
     async def _serve_as_standby(self, stack: contextlib.AsyncExitStack, uri: str) -> bool:
         """Keep the replica until ``failover`` (True: QEMU now runs) or a stop (False)."""
@@ -163,7 +181,11 @@ class Agent:
         stack.callback(shutil.rmtree, replica_dir, ignore_errors=True)
         stack.callback(applier.close)
         identity = Identity(self.config.name, self.config.replication_digest())
-        self.receiver = StandbyReceiver(uri, identity, applier)
+        self.standby_disks = StandbyDisks(
+            [disk.path for disk in self.config.disks], StorageMode(self.config.storage)
+        )
+        stack.push_async_callback(self.standby_disks.close)
+        self.receiver = StandbyReceiver(uri, identity, applier, self.standby_disks)
         await self.receiver.start()
         self.state = AgentState.STANDBY
         self._say(
@@ -202,6 +224,9 @@ class Agent:
             # have released the outputs of the epoch we resume from (duplicates are fine).
             replayed = replay_frames(receiver.committed_outputs(), self.bridges)
             assert self._stack is not None and self._spec is not None
+            # Disks at the committed epoch before any QEMU opens them (docs/storage.md).
+            if self.standby_disks is not None:
+                await self.standby_disks.fail_over()
             await self._start_disks(self._stack)
             binary = qemu_binary(self._spec.accel)
             result = await fail_over(receiver.applier, self._spec, binary.path)
@@ -291,6 +316,9 @@ class Agent:
         raise QemuError(f"QEMU ended unexpectedly: {end.describe()}")
 
     async def _stop_protection(self) -> None:
+        for task in self._copy_tasks:
+            task.cancel()
+        self._copy_tasks.clear()
         if self.protection is not None:
             protection, self.protection = self.protection, None
             await protection.close()
@@ -370,12 +398,40 @@ class Agent:
             identity,
             epoch_ms=policy.qemu_epoch_ms(self.config.epoch_ms),
             event_tap=self.event_tap,
+            disk_tap=self.disk_tap,
         )
+        if self.config.storage == StorageMode.REPLICATED.value and self.disk_tap is not None:
+            self._start_disk_copies(self.protection)
         self._say(f"protection of VM {self.config.name} started: initial sync to {uris[0]}")
         return Reply(
             data={"peer": self.protection.peer},
             text=f"initial sync to {self.protection.peer} started; see 'info status'",
         )
+
+    def _start_disk_copies(self, protection: Protection) -> None:
+        """Replicated storage: copy every writable disk to the standby while the guest runs."""
+        assert self.disk_tap is not None
+        for task in self._copy_tasks:
+            task.cancel()
+        self._copy_tasks.clear()
+        self.disk_copies = [
+            DiskCopier(
+                overlay,
+                wait_committed=protection.source.wait_committed,
+                request_checkpoint=protection.trigger.request_checkpoint,
+            )
+            for overlay in self.disk_tap.overlays
+        ]
+        for copier in self.disk_copies:
+            self._copy_tasks.append(asyncio.create_task(self._copy_disk(copier)))
+
+    async def _copy_disk(self, copier: DiskCopier) -> None:
+        try:
+            await copier.run()
+        except KemariError as exc:  # protection ended: the next session copies again
+            self._say(f"disk {copier.overlay.disk} copy stopped: {exc}")
+        else:
+            self._say(f"disk {copier.overlay.disk} copied to the standby")
 
     async def _checkpoint(self, args: list[str]) -> Reply:
         if args:
@@ -433,6 +489,8 @@ class Agent:
             ],
             "nics": [bridge.counters.as_dict() for bridge in self.bridges],
             "eventtap": self.event_tap.status(),
+            "storage": self.config.storage,
+            "disk_copy": [copier.progress().line() for copier in self.disk_copies],
             "serial_log": str(self.config.resolved_serial_log()),
         }
 
@@ -462,6 +520,7 @@ class Agent:
             f"p50 {tap['latency_ms_p50']} ms, p99 {tap['latency_ms_p99']} ms"
         )
         lines += _replication_lines(data["replication"])
+        lines += [f"  {line}" for line in data["disk_copy"]]
         if data["standby"] is not None:
             standby = data["standby"]
             lines.append(

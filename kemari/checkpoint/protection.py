@@ -21,13 +21,16 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kemari.checkpoint.sender import TransactionSender
 from kemari.checkpoint.source import CheckpointSource, SourceState
 from kemari.checkpoint.trigger import CheckpointTrigger
 from kemari.errors import TransactionError
+from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.gate import EventTap
+from kemari.eventtap.outputs import Output
 from kemari.qemu.machine import QemuMachine
 from kemari.transaction.session import Identity, PrimarySession
 from kemari.transaction.transport import connect
@@ -53,6 +56,8 @@ class Protection:
         identity: Identity,
         epoch_ms: int = DEFAULT_EPOCH_MS,
         event_tap: EventTap | None = None,
+        *,
+        disk_tap: DiskTap | None = None,
     ) -> Protection:
         """Connect to the standby at ``uri`` and start the initial sync in the background."""
         transport = await connect(uri, HANDSHAKE_TIMEOUT_S)
@@ -61,18 +66,22 @@ class Protection:
         except BaseException:
             await transport.close()
             raise
-        outputs_of = None if event_tap is None else event_tap.outputs_of
+        outputs_of = _outputs_of(event_tap, disk_tap)
         sender = TransactionSender(session, outputs_of=outputs_of)
         source = CheckpointSource(machine, sender, epoch_ms=epoch_ms)
         trigger = CheckpointTrigger(source)
         if event_tap is not None:
             event_tap.attach(source, trigger)
+        if disk_tap is not None:
+            await disk_tap.attach(source, trigger)
         try:
             await source.start()
         except BaseException:
             if event_tap is not None:
                 # Nothing was tagged yet (the stream never started): let go of the source.
                 event_tap.protection_ended(SourceState.UNPROTECTED)
+            if disk_tap is not None:
+                disk_tap.protection_ended(SourceState.UNPROTECTED)
             await session.close("could not start the migration stream")
             raise
         await trigger.start()
@@ -122,3 +131,17 @@ class Protection:
                 "pages_last": recent[-1].pages if recent else None,
             },
         }
+
+
+def _outputs_of(
+    event_tap: EventTap | None, disk_tap: DiskTap | None
+) -> Callable[[int], list[Output]] | None:
+    """What the sender ships in transaction N: network outputs, then disk records (only
+    the order within each device matters)."""
+    if disk_tap is None:
+        return None if event_tap is None else event_tap.outputs_of
+    disks = disk_tap
+    if event_tap is None:
+        return disks.outputs_of
+    network = event_tap
+    return lambda epoch: [*network.outputs_of(epoch), *disks.outputs_of(epoch)]

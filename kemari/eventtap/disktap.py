@@ -37,14 +37,13 @@ log = logging.getLogger(__name__)
 
 
 class DiskTap:
-    """Connects a VM's overlays (index = disk number) to protection sessions."""
+    """Connects a VM's overlays (each with its own disk number) to protection sessions."""
 
     def __init__(
         self, overlays: Sequence[OverlayBackend], output_log: OutputLog | None = None
     ) -> None:
-        for index, overlay in enumerate(overlays):
-            if overlay.disk != index:
-                raise EventTapError(f"overlay {index} serves disk {overlay.disk}")
+        if len({overlay.disk for overlay in overlays}) != len(overlays):
+            raise EventTapError("two overlays serve the same disk number")
         self.overlays = tuple(overlays)
         self.log = OutputLog() if output_log is None else output_log
         self.last_error = ""

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from kemari.errors import KemariError, ReplicaError, TransactionError
+from kemari.eventtap.diskreplica import StandbyDisks
 from kemari.eventtap.outputs import Output
 from kemari.eventtap.store import OutputStore
 from kemari.replica.applier import ReplicaApplier
@@ -59,8 +60,16 @@ log = logging.getLogger(__name__)
 class StandbyReceiver:
     """Receives one primary at a time into ``applier`` until :meth:`close`."""
 
-    def __init__(self, uri: str, identity: Identity, applier: ReplicaApplier) -> None:
+    def __init__(
+        self,
+        uri: str,
+        identity: Identity,
+        applier: ReplicaApplier,
+        disks: StandbyDisks | None = None,
+    ) -> None:
         self.listener = Listener(uri)
+        # The guest's disks on this host (docs/storage.md): committed disk records go there.
+        self.disks = disks
         self.identity = identity
         self.applier = applier
         self.peer: str | None = None
@@ -202,6 +211,8 @@ class StandbyReceiver:
             blocks=tuple(RamBlock(b.name, b.size, b.gpa) for b in blocks.blocks),
         )
         self.applier.start_sync(configuration, block_list)
+        if self.disks is not None:
+            self.disks.new_session()
         self._block_names = tuple(block.name for block in blocks.blocks)
 
     def _put_pages(self, pages: RamPages) -> None:
@@ -220,6 +231,9 @@ class StandbyReceiver:
         # Ordering: the outputs are kept before the replica commits the epoch, the older
         # epochs' are removed only after (kemari.eventtap.store).
         self.outputs.stage(committed.epoch, self._open_outputs)
+        if self.disks is not None:
+            # Before the acknowledgement: replicated storage has the epoch on its image.
+            await self.disks.committed_outputs(committed.epoch, self._open_outputs)
         if committed.epoch == 0:
             if not self._vmdesc:
                 raise ReplicaError("the initial sync ended without a VM description")
