@@ -125,8 +125,9 @@ class VMConfig:
 
         The guest-visible machine (memory, vCPUs, kernel command line, the
         number and kind of disks, NIC MAC addresses) must match for a replica to
-        be loadable; host-local things (paths, sockets, tap and bridge names,
-        the accelerator) may differ between hosts and are left out.
+        be loadable, and both hosts must agree on the storage mode; host-local
+        things (paths, sockets, tap and bridge names, the accelerator) may differ
+        between hosts and are left out.
         """
         guest_visible = {
             "name": self.name,
@@ -136,6 +137,7 @@ class VMConfig:
             "built_image": self.uses_built_image,
             "disks": [disk.read_only for disk in self.disks],
             "nics": [nic.mac for nic in self.nics],
+            "storage": self.storage,
         }
         return hashlib.sha256(json.dumps(guest_visible, sort_keys=True).encode()).digest()
 

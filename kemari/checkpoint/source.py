@@ -491,6 +491,12 @@ class CheckpointSource:
         self._reason = reason
         self._state = SourceState.RELEASING
         self._signal_progress()
+        # Ordering: shut the stream down before any QMP command.  A QEMU blocked writing
+        # a checkpoint to a socket nobody reads holds the BQL, so QMP would never answer;
+        # the shutdown fails that write and lets QEMU go on to its failover path.
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
         try:
             await self._release_guest()
         except KemariError as exc:
