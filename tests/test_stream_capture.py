@@ -6,13 +6,11 @@ same grammar as the x-colo initial migration minus the ENABLE_COLO command.
 
 import asyncio
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from qemu.qmp import QMPClient
+from bare_qemu import bare_qemu, load_stream, wait_migration
 
-from kemari.qemu.binary import qemu_binary
 from kemari.stream import (
     Configuration,
     DeviceState,
@@ -28,43 +26,18 @@ from kemari.stream import (
 )
 from kemari.stream.format import PAGE_SIZE
 
-QEMU = str(qemu_binary("tcg").path)
 pytestmark = pytest.mark.guest
 MEMORY = 64 << 20
 
 
 async def _capture(tmp_path: Path, ignore_shared: bool) -> bytes:
-    qmp_path = tmp_path / "qmp.sock"
     out = tmp_path / "stream.bin"
-    argv = [QEMU, "-accel", "tcg", "-nodefaults", "-display", "none", "-S", "-m", "64M"]
-    argv += ["-machine", "pc,memory-backend=pc.ram"]
-    argv += [
-        "-object",
-        f"memory-backend-file,id=pc.ram,size=64M,mem-path={tmp_path / 'ram'},share=on",
-    ]
-    argv += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-    qmp = QMPClient("capture")
-    try:
-        for _ in range(200):
-            if qmp_path.exists():
-                break
-            await asyncio.sleep(0.05)
-        await qmp.connect(str(qmp_path))
+    async with bare_qemu(tmp_path, "capture", tmp_path / "ram") as qmp:
         caps = [{"capability": "x-ignore-shared", "state": ignore_shared}]
         await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
         await qmp.execute("migrate", {"uri": f"exec:cat > {out}"})
-        while True:
-            info = await qmp.execute("query-migrate")
-            assert isinstance(info, dict)
-            if info.get("status") in ("completed", "failed"):
-                assert info["status"] == "completed", info
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await qmp.disconnect()
-        proc.terminate()
-        proc.wait(timeout=10)
+        info = await wait_migration(qmp)
+        assert info["status"] == "completed", info
     return out.read_bytes()
 
 
@@ -113,44 +86,11 @@ async def _load_failover_stream(
     tmp_path: Path, stream: list[bytes | memoryview]
 ) -> dict[str, object]:
     """Start a fresh QEMU on the same shared RAM file and feed it ``stream``."""
-    qmp_path = tmp_path / "qmp-dst.sock"
-    incoming = tmp_path / "incoming.sock"
-    argv = [QEMU, "-accel", "tcg", "-nodefaults", "-display", "none", "-S", "-m", "64M"]
-    argv += ["-machine", "pc,memory-backend=pc.ram", "-incoming", "defer"]
-    argv += [
-        "-object",
-        f"memory-backend-file,id=pc.ram,size=64M,mem-path={tmp_path / 'ram'},share=on",
-    ]
-    argv += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-    qmp = QMPClient("failover")
-    try:
-        for _ in range(200):
-            if qmp_path.exists():
-                break
-            await asyncio.sleep(0.05)
-        await qmp.connect(str(qmp_path))
-        caps = [{"capability": "x-ignore-shared", "state": True}]
-        await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
-        await qmp.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
-        _, writer = await asyncio.open_unix_connection(str(incoming))
-        for chunk in stream:
-            writer.write(chunk)
-        await writer.drain()
-        while True:
-            info = await qmp.execute("query-migrate")
-            assert isinstance(info, dict)
-            if info.get("status") in ("completed", "failed"):
-                break
-            await asyncio.sleep(0.05)
+    async with bare_qemu(tmp_path, "dst", tmp_path / "ram", incoming=True) as qmp:
+        info = await load_stream(qmp, tmp_path, stream)
         status = await qmp.execute("query-status")
         assert isinstance(status, dict)
-        writer.close()
         return {"migrate": info["status"], "status": status["status"]}
-    finally:
-        await qmp.disconnect()
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_fresh_qemu_loads_the_failover_stream(tmp_path: Path) -> None:

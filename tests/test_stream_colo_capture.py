@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from bare_qemu import bare_qemu, load_stream
 from qemu.qmp import QMPClient
 
 from kemari.qemu.binary import qemu_binary
@@ -136,42 +137,12 @@ def test_parser_follows_a_live_colo_primary_through_a_checkpoint(
 
 async def _fail_over(tmp_path: Path, ram_file: Path, stream: list[bytes | memoryview]) -> list[str]:
     """Fresh QEMU on the replica's RAM file: load ``stream``, then continue the guest."""
-    qmp_path = tmp_path / "qmp-failover.sock"
-    incoming = tmp_path / "incoming.sock"
-    argv = [str(qemu_binary("tcg").path), "-accel", "tcg", "-nodefaults", "-display", "none"]
-    argv += ["-S", "-m", "64M", "-machine", "pc,memory-backend=pc.ram", "-incoming", "defer"]
-    argv += ["-object", f"memory-backend-file,id=pc.ram,size=64M,mem-path={ram_file},share=on"]
-    argv += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-    qmp = QMPClient("failover")
-    try:
-        for _ in range(200):
-            if qmp_path.exists():
-                break
-            await asyncio.sleep(0.05)
-        await qmp.connect(str(qmp_path))
-        caps = [{"capability": "x-ignore-shared", "state": True}]
-        await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
-        await qmp.execute("migrate-incoming", {"uri": f"unix:{incoming}"})
-        _, writer = await asyncio.open_unix_connection(str(incoming))
-        with contextlib.closing(writer):
-            for chunk in stream:
-                writer.write(chunk)
-            await writer.drain()
-            while True:
-                info = await qmp.execute("query-migrate")
-                assert isinstance(info, dict)
-                if info.get("status") in ("completed", "failed"):
-                    break
-                await asyncio.sleep(0.05)
+    async with bare_qemu(tmp_path, "failover", ram_file, incoming=True) as qmp:
+        info = await load_stream(qmp, tmp_path, stream)
         await qmp.execute("cont")
         status = await qmp.execute("query-status")
         assert isinstance(status, dict)
         return [str(info["status"]), str(status["status"])]
-    finally:
-        await qmp.disconnect()
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def test_fresh_qemu_takes_over_from_the_checkpoint(
