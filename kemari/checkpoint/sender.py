@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from kemari.checkpoint.source import PageBatch
 from kemari.errors import CheckpointError
 from kemari.eventtap.outputs import Output
+from kemari.replica import crashpoint
 from kemari.stream import Configuration, RamBlockList, RamPage
 from kemari.stream.format import PAGE_SIZE
 from kemari.transaction.session import Committed, PrimarySession
@@ -42,6 +43,9 @@ from kemari.transaction.wire import (
 # Pages per RAM_PAGES frame: 1024 pages = 4 MiB, far below the frame limit, and big
 # enough that per-frame costs vanish next to the copy of the page data.
 PAGES_PER_FRAME = 1024
+# Test hooks (kemari/replica/crashpoint.py): die inside checkpoint N's transaction.
+CRASH_DURING_PAGES = "during-pages"
+CRASH_AFTER_DEVICE_STATE = "after-device-state"
 # Device state is split into frames of at most this many bytes.
 DEVICE_STATE_CHUNK = 8 << 20
 # Held outputs are packed into OUTPUT frames of about this many data bytes.
@@ -106,12 +110,16 @@ class TransactionSender:
         """Forward a batch of page records as RAM_PAGES frames, grouped by block."""
         for frame in page_frames(self._epoch, batch, self._block_index, self._block_pages):
             await self.session.send(frame)
+            if self._epoch and self._epoch == crashpoint.limit(CRASH_DURING_PAGES):
+                crashpoint.kill()  # test hook: die in the middle of a transaction
 
     async def device_state(self, epoch: int, data: bytes) -> None:
         """Forward the device state of ``epoch`` in frames of bounded size."""
         view = memoryview(data)
         for start in range(0, len(view), DEVICE_STATE_CHUNK):
             await self.session.send(DeviceState(epoch, view[start : start + DEVICE_STATE_CHUNK]))
+        if epoch and epoch == crashpoint.limit(CRASH_AFTER_DEVICE_STATE):
+            crashpoint.kill()  # test hook: die before the outputs and COMMIT
 
     async def commit(self, epoch: int) -> None:
         """Send the epoch's held outputs and COMMIT; return once the standby acknowledged it."""

@@ -42,6 +42,7 @@ from typing import Protocol
 
 from kemari.errors import CheckpointError, KemariError
 from kemari.qemu.machine import QemuMachine, QmpCommandError
+from kemari.replica import crashpoint
 from kemari.stream import (
     ColoEvent,
     ColoMessage,
@@ -61,6 +62,7 @@ PageBatch = Sequence[PageRecord]
 _PAGE_TYPES = (RamPage, RamZeroPage)
 
 FD_NAME = "kemari_colo"
+CRASH_BEFORE_REPLY = "before-reply"  # test hook (kemari/replica/crashpoint.py)
 # Above what a unix socket hands over per read (about 200 KiB), so one read takes it all.
 _RECV_BYTES = 512 << 10
 # QEMU's rate limit applies to the initial sync only (checkpoints are sent unthrottled);
@@ -445,6 +447,8 @@ class CheckpointSource:
     async def _colo_event(self, event: ColoEvent, sock: socket.socket) -> None:
         message = event.message
         if message is ColoMessage.CHECKPOINT_REQUEST:
+            if self._requested + 1 == crashpoint.limit(CRASH_BEFORE_REPLY):
+                crashpoint.kill()  # test hook: die before answering the request
             self._requested += 1
             # Answer first: QEMU stops the VM only after reading the REPLY.
             await asyncio.get_running_loop().sock_sendall(sock, _REPLY)

@@ -39,6 +39,7 @@ Release = Callable[[Output], None]
 # crashpoint (KEMARI_REPLICA_TEST_CRASH=output-release=N): SIGKILL at the N-th commit
 # that has outputs to release, after COMMIT_ACK and before any of them left.
 CRASH_BEFORE_RELEASE = "output-release"
+CRASH_DURING_RELEASE = "during-release"
 
 
 class Producer(Protocol):
@@ -73,6 +74,7 @@ class EventTap:
         self._trigger: CheckpointTrigger | None = None
         self._paused = False
         self._commits_with_outputs = 0
+        self._commits_with_several_outputs = 0
 
     def add_device(
         self, kind: OutputKind, device: int, release: Release, producer: Producer | None = None
@@ -109,6 +111,12 @@ class EventTap:
             # Test hook: die like kill -9 between COMMIT_ACK and the release (the standby
             # must replay these outputs at failover).
             if self._commits_with_outputs == crashpoint.limit(CRASH_BEFORE_RELEASE):
+                crashpoint.kill()
+        if len(outputs) >= 2:
+            self._commits_with_several_outputs += 1
+            # Test hook: die after the first output of a commit left, the rest not.
+            if self._commits_with_several_outputs == crashpoint.limit(CRASH_DURING_RELEASE):
+                self._send(outputs[:1])
                 crashpoint.kill()
         self._send(outputs)
 

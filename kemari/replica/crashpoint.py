@@ -1,4 +1,4 @@
-"""Test-only hook that SIGKILLs the process at a named point of a commit (docs/replica.md).
+"""Test-only hook that SIGKILLs the process at a named point (docs/replica.md, docs/protocol.md).
 
 ``KEMARI_REPLICA_TEST_CRASH=<point>`` or ``<point>=<count>`` makes the process kill itself
 with a real SIGKILL when it reaches ``point`` (for counted points: once ``count`` units
@@ -10,6 +10,14 @@ are done).  Unset, every check is one comparison against None.  The points:
 - ``apply-pages=N``: after N journaled pages/fills were applied in place;
 - ``state-written``: the new state file is renamed into place, journal not yet marked;
 - ``initial-pages=N``: after N pages of the first (unjournaled) checkpoint were written.
+
+Points of the active host's agent, one per protocol phase of checkpoint N:
+
+- ``before-reply=N``: QEMU's CHECKPOINT_REQUEST of checkpoint N arrived, no REPLY sent;
+- ``during-pages=N``: the first RAM_PAGES frame of checkpoint N was sent, more follow;
+- ``after-device-state=N``: DEVICE_STATE of N was sent, no OUTPUT/COMMIT yet;
+- ``output-release=N``: the N-th commit carrying outputs was acknowledged, none released;
+- ``during-release=N``: the N-th commit carrying two or more outputs released its first.
 """
 
 import os

@@ -1,0 +1,95 @@
+"""A kill of the active host at each phase of a checkpoint loses nothing acknowledged.
+
+The active agent kills itself with a real SIGKILL (test hook, kemari/replica/crashpoint.py)
+at one named phase of a checkpoint while a client stores records back to back on one TCP
+connection to the ``records`` guest (shared storage, disk through Kemari's overlay):
+
+- ``before-reply``: QEMU asked for checkpoint N, Kemari had not answered;
+- ``during-pages``: half of checkpoint N's transaction was on the wire;
+- ``after-device-state``: all of N but its outputs and COMMIT were sent;
+- ``output-release``: N was committed on the standby, none of its outputs released;
+- ``during-release``: N's first output was released, the others not.
+
+After the manual failover the same connection goes on, every record the client saw
+acknowledged is stored in the guest, in order (no answer escaped before its commit, no
+acknowledged write was lost), and the data disk passes ``e2fsck`` after its journal is
+replayed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_eventtap_guest import GUEST_IP, LOOP_SCRIPT, PORT, STANDBY_IP, start_pair
+
+from kemari.image.builder import default_image
+from kemari.qemu.build import patched_qemu
+from kemari.testbed.topology import Topology
+
+pytestmark = [pytest.mark.guest, pytest.mark.root]
+
+E2FSCK = shutil.which("e2fsck") or "/usr/sbin/e2fsck"
+PHASES = [
+    "before-reply=6",
+    "during-pages=6",
+    "after-device-state=6",
+    "output-release=3",
+    "during-release=2",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prerequisites() -> None:
+    default_image()
+    if patched_qemu() is None:
+        pytest.fail("the patched QEMU is not built: run 'kemari qemu build'")
+
+
+@pytest.fixture
+def phase_lab() -> Iterator[Topology]:
+    with Topology() as topology:
+        yield topology
+
+
+@pytest.mark.parametrize("crash", PHASES)
+def test_kill_at_a_protocol_phase_loses_nothing_acknowledged(
+    tmp_path: Path, phase_lab: Topology, crash: str
+) -> None:
+    primary, standby, client_ns, _ = start_pair(phase_lab, tmp_path, "event+periodic", crash)
+    with primary, standby:
+        loop = client_ns.popen(
+            [sys.executable, "-c", LOOP_SCRIPT, GUEST_IP, "20"], stdout=subprocess.PIPE
+        )
+        primary.monitor("migrate", "-d", f"kemari:tcp:{STANDBY_IP}:{PORT}")
+        # The hook fires on its own once the named phase of checkpoint N is reached.
+        assert primary.process.wait(120) == -9, primary.agent_output()[-2000:]
+        reply = standby.monitor("failover")
+        assert reply.data["epoch"] >= 1
+        stdout, _ = loop.communicate(timeout=240)
+        assert loop.returncode == 0, "the client's connection did not survive the failover"
+        acked = stdout.decode().split()
+        assert acked, "the client stored nothing"
+        stored = client_ns.run(
+            [sys.executable, "-m", "kemari.testbed.records", GUEST_IP, "get"], timeout=120
+        ).stdout
+        loop_records = [payload for payload in json.loads(stored) if payload.startswith("loop-")]
+        assert loop_records[: len(acked)] == acked, (crash, acked[-3:], loop_records[-3:])
+        assert len(loop_records) <= len(acked) + 1
+        assert standby.stop() == 0
+    check = tmp_path / "check.img"
+    shutil.copyfile(tmp_path / "data.img", check)
+    replay = subprocess.run(
+        [E2FSCK, "-E", "journal_only", "-p", str(check)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert replay.returncode in (0, 1), replay.stdout + replay.stderr
+    fsck = subprocess.run([E2FSCK, "-fn", str(check)], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
