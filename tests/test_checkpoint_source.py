@@ -15,32 +15,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from patched_qemu import PATCHED_QEMU, needs_patched
 from ticker_rom import ticker_rom, ticks
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, PageBatch, SourceState
 from kemari.errors import CheckpointError
-from kemari.qemu.build import patched_qemu
 from kemari.qemu.cmdline import MachineSpec, MemoryFile
 from kemari.qemu.machine import QemuMachine
 from kemari.stream import Configuration, RamBlock, RamBlockList, RamPage
 from kemari.stream.format import PAGE_SIZE
 
-_patched = patched_qemu()
-# KEMARI_PATCHED_QEMU runs these tests against another build of the patched QEMU.
-_override = os.environ.get("KEMARI_PATCHED_QEMU")
-PATCHED_QEMU = Path(_override) if _override else _patched.binary if _patched else None
 _stock = shutil.which("qemu-system-x86_64")
 STOCK_QEMU = Path(_stock) if _stock is not None else None
-needs_patched = pytest.mark.skipif(
-    PATCHED_QEMU is None, reason="patched QEMU not built (kemari qemu build)"
-)
 needs_qemu = pytest.mark.skipif(STOCK_QEMU is None, reason="qemu-system-x86_64 not installed")
 pytestmark = pytest.mark.guest
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from patched_qemu import PATCHED_QEMU, needs_patched
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
 from kemari.eventtap.disk import OverlayBackend, hold_in, record_of
@@ -44,18 +44,14 @@ from kemari.image.builder import default_image
 from kemari.image.disk import create_data_disk
 from kemari.nbd.backend import RawFileBackend
 from kemari.nbd.server import NbdServer
-from kemari.qemu.build import patched_qemu
 from kemari.qemu.cmdline import MachineSpec, NbdDisk
 from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ReplicaApplier
 from kemari.stream import Configuration, RamBlockList, RamPage, RamZeroPage
 
-_patched = patched_qemu()
-_override = os.environ.get("KEMARI_PATCHED_QEMU")
-PATCHED_QEMU = Path(_override) if _override else _patched.binary if _patched else None
 pytestmark = [
     pytest.mark.guest,
-    pytest.mark.skipif(PATCHED_QEMU is None, reason="patched QEMU not built (kemari qemu build)"),
+    needs_patched,
 ]
 
 DISK_MIB = 64

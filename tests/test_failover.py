@@ -35,24 +35,21 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from patched_qemu import PATCHED_QEMU, needs_patched
 from ticker_rom import ticker_rom
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
 from kemari.errors import FailoverError, KemariError
 from kemari.failover import fail_over
 from kemari.image.builder import GuestImage, default_image
-from kemari.qemu.build import patched_qemu
 from kemari.qemu.cmdline import MachineSpec
 from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ApplierState, ReplicaApplier
 from kemari.stream import Configuration, RamBlockList, RamPage, RamZeroPage
 
-_patched = patched_qemu()
-_override = os.environ.get("KEMARI_PATCHED_QEMU")
-PATCHED_QEMU = Path(_override) if _override else _patched.binary if _patched else None
 pytestmark = [
     pytest.mark.guest,
-    pytest.mark.skipif(PATCHED_QEMU is None, reason="patched QEMU not built (kemari qemu build)"),
+    needs_patched,
 ]
 
 MEMORY_MIB = 128
