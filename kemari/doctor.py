@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari.errors import QemuError
+from kemari.image.builder import image_dir
 from kemari.qemu.accel import AccelDecision, decide_accel, gather_host_facts
 from kemari.qemu.binary import qemu_binary
 from kemari.qemu.debian import QEMU_PACKAGE, qemu_version
@@ -88,10 +89,8 @@ class Report:
 
 
 def guest_image_manifest() -> Path:
-    """Where ``kemari image build`` records a finished image (``$KEMARI_CACHE_DIR`` or ~/.cache)."""
-    cache = os.environ.get("KEMARI_CACHE_DIR")
-    root = Path(cache) if cache else Path.home() / ".cache" / "kemari"
-    return root / "image" / "manifest.json"
+    """Where ``kemari image build`` records a finished image."""
+    return image_dir() / "manifest.json"
 
 
 def run_checks() -> Report:

@@ -10,23 +10,21 @@ inputs match the manifest is reused; the same inputs give byte-identical outputs
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import platform
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from kemari.cache import cache_dir as kemari_cache_dir
+from kemari.cache import exclusive_lock
 from kemari.errors import ImageError
 from kemari.image import debs, modules
 from kemari.image.initramfs import Initramfs
@@ -51,18 +49,9 @@ class GuestImage:
     kguest: Path  # the same static workload binary, runnable on the host
 
 
-def default_cache_dir() -> Path:
-    """``$KEMARI_CACHE_DIR``, else ``$XDG_CACHE_HOME/kemari``, else ``~/.cache/kemari``."""
-    explicit = os.environ.get("KEMARI_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "kemari"
-
-
 def image_dir(cache_dir: Path | None = None) -> Path:
     """Directory of the built image inside the cache."""
-    return (cache_dir or default_cache_dir()) / "image"
+    return (cache_dir or kemari_cache_dir()) / "image"
 
 
 def read_manifest(cache_dir: Path | None = None) -> dict[str, Any]:
@@ -104,13 +93,13 @@ def verify_image(cache_dir: Path | None = None) -> list[str]:
 
 def build_image(cache_dir: Path | None = None, force: bool = False) -> GuestImage:
     """Build the guest image into the cache, or reuse it if its inputs are unchanged."""
-    cache = cache_dir or default_cache_dir()
+    cache = cache_dir or kemari_cache_dir()
     if platform.machine() != "x86_64":
         raise ImageError(
             f"the guest image is x86_64 and needs an x86_64 host, not {platform.machine()}"
         )
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / "image.lock"):
+    with exclusive_lock(cache / "image.lock"):
         kernel_meta, busybox_pkg = debs.resolve(KERNEL_META_PACKAGE, BUSYBOX_PACKAGE)
         (kernel_pkg,) = debs.resolve(_real_kernel_package(kernel_meta))
         inputs = {
@@ -296,14 +285,3 @@ def _prune(cache: Path, keep: set[str]) -> None:
             shutil.rmtree(tree)
         else:
             tree.unlink()
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    # One builder at a time per cache (parallel test runs share it).
-    with path.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -17,9 +17,7 @@ and the firmware path) resolve to Debian's ROMs, keymaps and firmware.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -28,9 +26,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from kemari.cache import cache_dir, exclusive_lock
 from kemari.errors import QemuError
 from kemari.qemu.debian import QEMU_PACKAGE, QEMU_PROGRAM, qemu_version
 
@@ -117,10 +116,8 @@ class PatchedQemu:
 
 
 def cache_root() -> Path:
-    """``$KEMARI_CACHE_DIR/qemu`` or ``~/.cache/kemari/qemu``."""
-    configured = os.environ.get("KEMARI_CACHE_DIR")
-    root = Path(configured) if configured else Path.home() / ".cache" / "kemari"
-    return root / "qemu"
+    """The patched QEMU builds: ``qemu/`` in Kemari's cache (kemari.cache)."""
+    return cache_dir() / "qemu"
 
 
 def recipe_sha256(patch: bytes, configure_options: Sequence[str]) -> str:
@@ -215,23 +212,13 @@ def build_patched_qemu(
     key = current_key()
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / ".build.lock"):
+    with exclusive_lock(root / ".build.lock"):
         if not force:
             found = cached_build(key, root)
             if found is not None:
                 progress(f"cached: {found.binary}")
                 return found
         return _build(key, root, jobs or os.cpu_count() or 1, progress)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _build(key: BuildKey, root: Path, jobs: int, progress: Progress) -> PatchedQemu:
