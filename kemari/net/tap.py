@@ -2,8 +2,16 @@
 
 The tap is created with ``IFF_TAP | IFF_NO_PI`` (raw frames, no packet-info
 prefix) and is *not* persistent: the kernel removes the interface when the last
-descriptor closes, so a crashed Kemari leaves no tap behind.  Link state and
-bridge membership are set with ``ip link`` in the caller's network namespace.
+descriptor closes, so a crashed Kemari leaves no tap behind.  Link state, address
+and bridge membership are set with ``ip link`` in the caller's network namespace.
+
+A Linux bridge without an address of its own set takes the lowest MAC among its
+ports.  The tap's address is therefore ``fe:`` plus random bytes (libvirt's rule),
+above any real NIC's: with the kernel's random one, adding the tap (or its removal
+when Kemari dies) could change the host's own address on ``br0``, and peers'
+stale ARP entries then stall new connections to the host for seconds (found by the
+records soak: a standby restarted on a host right after its agent died could not
+be reached).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import secrets
 import struct
 import subprocess
 from types import TracebackType
@@ -36,6 +45,11 @@ def validate_ifname(name: str) -> str:
             "not starting with a punctuation character"
         )
     return name
+
+
+def tap_mac() -> str:
+    """A random locally administered unicast MAC starting with ``fe`` (see the docstring)."""
+    return ":".join(f"{byte:02x}" for byte in b"\xfe" + secrets.token_bytes(5))
 
 
 def run_ip(*args: str) -> None:
@@ -70,8 +84,10 @@ class Tap:
                 fcntl.ioctl(fd, _TUNSETIFF, request)
             except OSError as exc:
                 raise NetError(f"cannot create tap {self.name}: {exc.strerror}") from exc
-            # Ordering: join the bridge before the link goes up so no frame
-            # reaches the tap while it is still a stand-alone interface.
+            # Ordering: the address is set before the tap joins the bridge (so the
+            # bridge's own address never changes), and the tap joins the bridge before
+            # the link goes up (so no frame reaches it while it is stand-alone).
+            run_ip("link", "set", "dev", self.name, "address", tap_mac())
             if self.bridge is not None:
                 run_ip("link", "set", "dev", self.name, "master", self.bridge)
             run_ip("link", "set", "dev", self.name, "up")
