@@ -7,8 +7,12 @@ fast as it can on one TCP connection for ``--seconds``.  Printed per mode: clien
 latency p50/p99 and requests/s, the event-tap's output-commit latency (held → released)
 p50/p99, and checkpoints/s.
 
-Also printed: the checkpoint pause p50 (VMSTATE_SEND → LOADED, over the source's recent
-checkpoints) and the pages of the last checkpoint, to see where output-commit time goes.
+Also printed, to see where output-commit time goes: the checkpoint pause p50
+(VMSTATE_SEND → LOADED, over the source's recent checkpoints), the pages and device-state
+bytes of the last checkpoint, and the p50 of each phase of a checkpoint: ``kick`` (asking
+QEMU → its CHECKPOINT_REQUEST), ``stop`` (REQUEST → VMSTATE_SEND: QEMU stops the VM and
+drains its disks), ``transfer`` (VMSTATE_SEND → device state received: RAM and devices
+forwarded to the standby) and ``commit`` (COMMIT → COMMIT_ACK).
 
 Needs root, the guest image (``kemari image build``) and the patched QEMU
 (``kemari qemu build``).  Usage::
@@ -129,6 +133,11 @@ def run_mode(name: str, sync: str, epoch_ms: int, seconds: float, workdir: Path)
     result["checkpoints_per_s"] = (epochs[1] - epochs[0]) / elapsed
     recent = after["replication"]["recent"] if after["replication"] else {}
     result["pause_p50_ms"] = recent.get("pause_ms_p50")
+    result["device_bytes_last"] = recent.get("device_bytes_last")
+    # Where one checkpoint's time goes (p50 of each phase, ms).
+    result["phases_ms"] = {
+        phase: recent.get(f"{phase}_ms_p50") for phase in ("kick", "stop", "transfer", "commit")
+    }
     result["pages_last"] = recent.get("pages_last")
     return result
 
@@ -167,6 +176,17 @@ def main() -> int:
             f"| {mode} | {r['per_s']:.0f}{ratio} | {cell(r['p50_ms'])} / {cell(r['p99_ms'])} | "
             f"{cell(r['commit_p50_ms'])} / {cell(r['commit_p99_ms'])} | "
             f"{r['checkpoints_per_s']:.1f} | {cell(r['pause_p50_ms'])} | {r['pages_last'] or '-'} |"
+        )
+    print()
+    print("| mode | kick | stop | transfer | commit (p50 ms) | device state bytes |")
+    print("|---|---|---|---|---|---|")
+    for mode, r in results.items():
+        if mode == "unprotected":
+            continue
+        phases = r["phases_ms"]
+        print(
+            f"| {mode} | {cell(phases['kick'])} | {cell(phases['stop'])} | "
+            f"{cell(phases['transfer'])} | {cell(phases['commit'])} | {r['device_bytes_last']} |"
         )
     return 0
 

@@ -106,6 +106,10 @@ class Protection:
         source = self.source
         recent = source.recent()
         pauses = sorted(record.pause_s * 1000 for record in recent)
+
+        def p50_ms(values: list[float]) -> float | None:
+            return round(statistics.median(values) * 1000, 3) if values else None
+
         sync = source.sync
         last_age = time.monotonic() - recent[-1].committed_at if recent else None
         return {
@@ -127,6 +131,14 @@ class Protection:
                 "count": len(recent),
                 "pause_ms_p50": round(statistics.median(pauses), 3) if pauses else None,
                 "pause_ms_max": round(pauses[-1], 3) if pauses else None,
+                # Where a checkpoint's time goes (docs/checkpoint.md, "Where the time goes"):
+                # asking QEMU, QEMU stopping the VM, RAM and devices reaching the standby,
+                # and the commit round trip.
+                "kick_ms_p50": self.trigger.kick_latency_ms_p50(),
+                "stop_ms_p50": p50_ms([record.stop_s for record in recent]),
+                "transfer_ms_p50": p50_ms([record.transfer_s for record in recent]),
+                "commit_ms_p50": p50_ms([record.commit_s for record in recent]),
+                "device_bytes_last": recent[-1].device_bytes if recent else None,
                 "bytes_last": recent[-1].stream_bytes if recent else None,
                 "pages_last": recent[-1].pages if recent else None,
             },

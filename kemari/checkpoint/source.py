@@ -152,7 +152,9 @@ class CheckpointRecord:
     """What one committed checkpoint cost."""
 
     epoch: int
+    stop_s: float  # CHECKPOINT_REQUEST received → VMSTATE_SEND received (QEMU stops the VM)
     pause_s: float  # VMSTATE_SEND received → VMSTATE_LOADED sent (the VM is stopped)
+    transfer_s: float  # VMSTATE_SEND → device state received (RAM and devices forwarded)
     commit_s: float  # time spent in the sink's commit()
     pages: int  # page records (data and zero pages)
     stream_bytes: int  # bytes QEMU sent for this checkpoint, COLO messages included
@@ -196,6 +198,7 @@ class CheckpointSource:
         self._received = 0  # stream bytes so far
         self._received_at_mark = 0  # stream bytes when the last sync/checkpoint ended
         self._started_at = 0.0
+        self._requested_at = 0.0
         self._stopped_at = 0.0
         self._sync: SyncRecord | None = None
         self._recent: collections.deque[CheckpointRecord] = collections.deque(
@@ -450,6 +453,7 @@ class CheckpointSource:
             if self._requested + 1 == crashpoint.limit(CRASH_BEFORE_REPLY):
                 crashpoint.kill()  # test hook: die before answering the request
             self._requested += 1
+            self._requested_at = time.monotonic()
             # Answer first: QEMU stops the VM only after reading the REPLY.
             await asyncio.get_running_loop().sock_sendall(sock, _REPLY)
             self._signal_progress()
@@ -464,6 +468,7 @@ class CheckpointSource:
     async def _finish_checkpoint(self, device_state: bytes, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         epoch = self._requested
+        transferred_at = time.monotonic()
         await self.sink.device_state(epoch, device_state)
         commit_started = time.monotonic()
         await self.sink.commit(epoch)
@@ -475,7 +480,9 @@ class CheckpointSource:
         self._recent.append(
             CheckpointRecord(
                 epoch=epoch,
+                stop_s=self._stopped_at - self._requested_at,
                 pause_s=now - self._stopped_at,
+                transfer_s=transferred_at - self._stopped_at,
                 commit_s=now - commit_started,
                 pages=self._pages,
                 stream_bytes=self._received - self._received_at_mark,

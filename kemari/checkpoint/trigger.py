@@ -20,12 +20,15 @@ thread has read them is lost (seen in about 1 of 70 back-to-back checkpoints on 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import statistics
 
 from kemari.checkpoint.source import CheckpointSource, SourceState
 from kemari.errors import KemariError
 
 DEFAULT_RETRY_S = 0.02
+LATENCY_SAMPLES = 256
 
 
 class CheckpointTrigger:
@@ -40,6 +43,8 @@ class CheckpointTrigger:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.kicks = 0  # times QEMU was asked for a checkpoint
+        # Asked → QEMU's CHECKPOINT_REQUEST seen, for the asks that were answered.
+        self._kick_latencies_s: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
         self.last_error = ""
 
     async def start(self) -> None:
@@ -59,6 +64,12 @@ class CheckpointTrigger:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    def kick_latency_ms_p50(self) -> float | None:
+        """Median time from asking QEMU for a checkpoint to its CHECKPOINT_REQUEST."""
+        if not self._kick_latencies_s:
+            return None
+        return round(statistics.median(self._kick_latencies_s) * 1000, 3)
 
     def request_checkpoint(self) -> int:
         """Ask for a checkpoint that covers everything the guest did until now.
@@ -102,6 +113,8 @@ class CheckpointTrigger:
                 # Protection ended: waiters learn it from wait_committed.
                 return
             requested = source.requested_epoch
+            loop = asyncio.get_running_loop()
+            asked_at = loop.time()
             try:
                 await source.machine.execute(
                     "migrate-set-parameters", {"x-checkpoint-delay": source.epoch_ms}
@@ -110,10 +123,11 @@ class CheckpointTrigger:
             except KemariError as exc:
                 # QEMU left COLO state or is gone; the source notices and reports it.
                 self.last_error = str(exc)
-            loop = asyncio.get_running_loop()
             deadline = loop.time() + self.retry_s
             while source.requested_epoch == requested and source.state is SourceState.PROTECTED:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
                 await source.wait_progress(remaining)
+            if source.requested_epoch != requested:
+                self._kick_latencies_s.append(loop.time() - asked_at)
