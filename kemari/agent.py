@@ -37,6 +37,7 @@ from kemari.eventtap.diskreplica import StandbyDisks, StorageMode
 from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.gate import EventTap
 from kemari.eventtap.net import NetOutputs, replay_frames
+from kemari.eventtap.outputs import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, OutputLog
 from kemari.eventtap.policy import SyncPolicy
 from kemari.failover.failover import FailoverResult, fail_over
 from kemari.image.builder import default_image
@@ -79,8 +80,16 @@ class Agent:
         self.monitor = MonitorServer(config.resolved_monitor())
         self.nbd_servers: list[NbdServer] = []
         self.bridges: list[NetBridge] = []
-        # Every guest output passes the event-tap; it holds them while protected.
-        self.event_tap = EventTap(SyncPolicy.parse(config.sync))
+        # Every guest frame passes the event-tap; it holds them while protected.  The count
+        # bound scales with the byte bound at the default's ratio (32 MiB / 32768 = 1 KiB per
+        # frame): full-size frames (1514 bytes) meet the byte bound first, and a flood of
+        # minimum frames (60 bytes + ~230 bytes of bookkeeping each) meets the count bound
+        # before its bookkeeping costs more than about a quarter of the byte bound.
+        held_bytes = config.held_frames_max_bytes
+        self.event_tap = EventTap(
+            SyncPolicy.parse(config.sync),
+            OutputLog(held_bytes, max(1, held_bytes * DEFAULT_MAX_COUNT // DEFAULT_MAX_BYTES)),
+        )
         # Guest disk writes are held in overlays while protected (docs/storage.md).
         self.disk_tap: DiskTap | None = None
         self.disk_copies: list[DiskCopier] = []  # replicated storage: initial disk copies
@@ -487,10 +496,15 @@ class Agent:
                 }
                 for disk, server in zip(self.config.disks, self.nbd_servers, strict=False)
             ],
-            "nics": [bridge.counters.as_dict() for bridge in self.bridges],
+            "nics": [
+                {**bridge.counters.as_dict(), "guest_reading_paused": bridge.guest_reading_paused}
+                for bridge in self.bridges
+            ],
             "eventtap": self.event_tap.status(),
             "storage": self.config.storage,
-            "disk_copy": [copier.progress().line() for copier in self.disk_copies],
+            "disk_copy": [
+                {**copier.progress().as_dict(), "done": copier.done} for copier in self.disk_copies
+            ],
             "serial_log": str(self.config.resolved_serial_log()),
         }
 
@@ -516,11 +530,12 @@ class Agent:
         tap = data["eventtap"]
         lines.append(
             f"event-tap ({tap['sync']}): {tap['mode']}; held {tap['held']} outputs "
-            f"({tap['held_bytes']} bytes), released {tap['released']}, output-commit latency "
-            f"p50 {tap['latency_ms_p50']} ms, p99 {tap['latency_ms_p99']} ms"
+            f"({tap['held_bytes']} of max {tap['max_bytes']} bytes), released "
+            f"{tap['released']}, paused {tap['pauses']} times{' (now)' if tap['paused'] else ''}, "
+            f"output-commit latency p50 {tap['latency_ms_p50']} ms, p99 {tap['latency_ms_p99']} ms"
         )
         lines += _replication_lines(data["replication"])
-        lines += [f"  {line}" for line in data["disk_copy"]]
+        lines += [f"  {copy['line']}" for copy in data["disk_copy"]]
         if data["standby"] is not None:
             standby = data["standby"]
             lines.append(

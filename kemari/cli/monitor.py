@@ -41,23 +41,48 @@ def _monitor(args: argparse.Namespace) -> int:
 
 
 def _follow_initial_sync(socket: Path, timeout: float) -> int:
-    """Draw a progress bar of the initial sync until the VM is protected (0) or not (1)."""
-    width = 40
+    """Draw progress bars of the initial sync until the VM is protected (0) or not (1).
+
+    First the RAM sync; with ``replicated`` storage, then the disks' initial copy (the
+    standby refuses to fail over until it is complete).
+    """
     while True:
         status = run_command(socket, ["info", "status"], timeout=timeout).data
         replication = status.get("replication") or {}
         state = status.get("protection")
         progress = replication.get("sync_progress")
         if progress and progress.get("ram_bytes"):
-            done = min(progress["received_bytes"] / progress["ram_bytes"], 1.0)
-            bar = "#" * int(done * width)
-            rate = progress["rate_bytes_per_s"] / 2**20
-            print(f"\r[{bar:<{width}}] {done:4.0%} {rate:7.1f} MiB/s", end="", flush=True)
+            done = progress["received_bytes"] / progress["ram_bytes"]
+            _draw("RAM ", done, f"{progress['rate_bytes_per_s'] / 2**20:7.1f} MiB/s")
         if state == "protected":
-            print(f"\nprotected by {replication.get('peer')} (epoch {replication.get('epoch')})")
-            return 0
+            break
         if state == "unprotected":
             reason = replication.get("reason") or "protection ended"
             print(f"\ninitial sync failed: {reason}", file=sys.stderr)
             return 1
         time.sleep(0.2)
+    print(f"\nprotected by {replication.get('peer')} (epoch {replication.get('epoch')})")
+    copies = status.get("disk_copy") or []
+    while copies:
+        committed = sum(copy["committed_bytes"] for copy in copies)
+        total = sum(copy["total_bytes"] for copy in copies)
+        _draw(
+            "disk", committed / total if total else 1.0, f"{committed >> 20} of {total >> 20} MiB"
+        )
+        if all(copy["done"] for copy in copies):
+            print("\ndisks copied: the standby can take over")
+            return 0
+        if status.get("protection") != "protected":
+            print("\ndisk copy stopped: protection ended", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+        status = run_command(socket, ["info", "status"], timeout=timeout).data
+        copies = status.get("disk_copy") or []
+    return 0
+
+
+def _draw(label: str, fraction: float, detail: str) -> None:
+    width = 40
+    fraction = min(max(fraction, 0.0), 1.0)
+    bar = "#" * int(fraction * width)
+    print(f"\r{label} [{bar:<{width}}] {fraction:4.0%} {detail}", end="", flush=True)

@@ -53,6 +53,16 @@ class CopyProgress:
             f"committed, {self.sent >> 20} MiB sent, {rate:.0f} MiB/s"
         )
 
+    def as_dict(self) -> dict[str, float | int | str]:
+        """Plain data for ``info status``."""
+        return {
+            "committed_bytes": self.committed,
+            "sent_bytes": self.sent,
+            "total_bytes": self.total,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "line": self.line(),
+        }
+
 
 class DiskCopier:
     """Copies one protected disk to the standby (``await run()``; cancel to abandon).
