@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari.errors import ConfigError
+from kemari.eventtap.outputs import DEFAULT_MAX_BYTES
 from kemari.eventtap.policy import DEFAULT_EPOCH_MS, DEFAULT_SYNC, MAX_EPOCH_MS, SyncPolicy
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -32,6 +33,9 @@ _SIZE_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 1 << 20
 MAX_VCPUS = 64
+# Bounds of held_frames_max (the network event-tap's held-frame memory, in bytes).
+MIN_HELD_FRAMES_BYTES = 64 << 10
+MAX_HELD_FRAMES_BYTES = 1 << 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,9 @@ class VMConfig:
     epoch_ms: int = DEFAULT_EPOCH_MS
     # shared: both hosts open the same image; replicated: each host has its own copy.
     storage: str = "shared"
+    # Bytes of guest frames held before the network path stops reading QEMU (back-pressure):
+    # host-local (not guest-visible), so not in the digest.
+    held_frames_max_bytes: int = DEFAULT_MAX_BYTES
 
     @property
     def uses_built_image(self) -> bool:
@@ -157,8 +164,9 @@ class VMConfig:
         return result
 
 
-def parse_size_mib(value: object, what: str) -> int:
-    """Parse ``256``, ``"256M"``, ``"1G"`` or ``"1GiB"`` into MiB (bare numbers are MiB)."""
+def parse_size_bytes(value: object, what: str) -> int:
+    """Parse ``256``, ``"64K"``, ``"256M"``, ``"1G"`` or ``"1GiB"`` into bytes (bare numbers
+    are MiB)."""
     if isinstance(value, bool):
         raise ConfigError(f"{what}: expected a size like 256M or 1G, got {value!r}")
     if isinstance(value, int):
@@ -167,7 +175,12 @@ def parse_size_mib(value: object, what: str) -> int:
         number, unit = int(match.group(1)), match.group(2).upper()
     else:
         raise ConfigError(f"{what}: expected a size like 256M or 1G, got {value!r}")
-    size_bytes = number * _SIZE_UNITS[unit]
+    return number * _SIZE_UNITS[unit]
+
+
+def parse_size_mib(value: object, what: str) -> int:
+    """Parse ``256``, ``"256M"``, ``"1G"`` or ``"1GiB"`` into MiB (bare numbers are MiB)."""
+    size_bytes = parse_size_bytes(value, what)
     if size_bytes % (1 << 20):
         raise ConfigError(f"{what}: {value!r} is not a whole number of MiB")
     return size_bytes >> 20
@@ -228,7 +241,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
     allowed = {
         "name", "memory", "vcpus", "accel", "kernel", "initrd", "append", "workload",
         "guest_ip", "disk", "nic", "monitor", "serial_log", "runtime_dir", "incoming",
-        "replica_dir", "sync", "epoch_ms", "storage",
+        "replica_dir", "sync", "epoch_ms", "storage", "held_frames_max",
     }  # fmt: skip
     _check_keys(raw, allowed, "")
     if "name" not in raw:
@@ -255,6 +268,9 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
         sync=_expect(raw, "sync", str, "") if "sync" in raw else DEFAULT_SYNC,
         epoch_ms=_expect(raw, "epoch_ms", int, "") if "epoch_ms" in raw else DEFAULT_EPOCH_MS,
         storage=_expect(raw, "storage", str, "") if "storage" in raw else "shared",
+        held_frames_max_bytes=parse_size_bytes(raw["held_frames_max"], "held_frames_max")
+        if "held_frames_max" in raw
+        else DEFAULT_MAX_BYTES,
         disks=tuple(_disk_from(d, i) for i, d in enumerate(disks)),
         nics=tuple(_nic_from(n, i, name) for i, n in enumerate(nics)),
         **optional_paths,
@@ -303,6 +319,10 @@ def validate(config: VMConfig) -> None:
         raise ConfigError(f"epoch_ms: {config.epoch_ms} is outside 1..{MAX_EPOCH_MS}")
     if config.storage not in STORAGE_MODES:
         raise ConfigError(f"storage: {config.storage!r} is not one of {', '.join(STORAGE_MODES)}")
+    if not MIN_HELD_FRAMES_BYTES <= config.held_frames_max_bytes <= MAX_HELD_FRAMES_BYTES:
+        raise ConfigError(
+            f"held_frames_max: {config.held_frames_max_bytes} bytes is outside 64K..1T"
+        )
     if config.incoming is not None and not config.incoming.startswith("kemari:tcp:"):
         raise ConfigError(f"incoming: {config.incoming!r} is not kemari:tcp:HOST:PORT")
     if config.initrd is not None and config.kernel is None:

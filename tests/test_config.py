@@ -72,6 +72,9 @@ bridge = "br0"
         ({"name": "a", "nic": [{}, {"tap": "kt-a-0"}]}, "share a tap"),
         ({"name": "a", "colour": "red"}, "unknown key(s): colour"),
         ({"name": "a", "disk": {"path": "x"}}, "arrays of tables"),
+        ({"name": "a", "held_frames_max": "32K"}, "held_frames_max: 32768 bytes is outside"),
+        ({"name": "a", "held_frames_max": "2T"}, "held_frames_max"),
+        ({"name": "a", "held_frames_max": "lots"}, "held_frames_max: expected a size"),
     ],
 )
 def test_invalid_values_are_refused(raw: dict[str, object], message: str) -> None:
@@ -102,7 +105,9 @@ def test_size_parsing_never_crashes(text: str) -> None:
 
 def test_replication_digest_ignores_host_local_settings(tmp_path: Path) -> None:
     base = {"name": "vm", "memory": "512M", "nic": [{"mac": "52:54:00:00:00:01"}]}
-    host_a = config_from_mapping({**base, "runtime_dir": "/a", "accel": "tcg"})
+    host_a = config_from_mapping(
+        {**base, "runtime_dir": "/a", "accel": "tcg", "held_frames_max": "64K"}
+    )
     host_b = config_from_mapping(
         {**base, "monitor": "/b/m.sock", "nic": [{"mac": "52:54:00:00:00:01", "tap": "other"}]}
     )
@@ -111,3 +116,13 @@ def test_replication_digest_ignores_host_local_settings(tmp_path: Path) -> None:
     assert bigger.replication_digest() != host_a.replication_digest()
     other_mac = config_from_mapping({**base, "nic": [{"mac": "52:54:00:00:00:02"}]})
     assert other_mac.replication_digest() != host_a.replication_digest()
+
+
+def test_held_frames_max_is_a_size_with_the_log_default() -> None:
+    assert config_from_mapping({"name": "a"}).held_frames_max_bytes == 32 << 20
+    assert config_from_mapping({"name": "a", "held_frames_max": "64K"}).held_frames_max_bytes == (
+        64 << 10
+    )
+    assert config_from_mapping({"name": "a", "held_frames_max": 8}).held_frames_max_bytes == (
+        8 << 20
+    )

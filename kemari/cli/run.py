@@ -32,6 +32,7 @@ _SCALAR_FLAGS = {
     "sync": "sync",
     "epoch_ms": "epoch_ms",
     "storage": "storage",
+    "held_frames_max": "held_frames_max",
 }
 
 
@@ -85,6 +86,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         choices=("shared", "replicated"),
         help="shared: both hosts open the same disk image (default); replicated: each host "
         "has its own image, kept equal at every committed checkpoint",
+    )
+    parser.add_argument(
+        "--held-frames-max",
+        metavar="SIZE",
+        help="memory for guest frames held until their checkpoint commits, e.g. 64K or 32M "
+        "(default 32M); when full, Kemari stops reading the guest's NIC until half has left",
     )
     parser.add_argument(
         "--console", action="store_true", help="also copy the guest serial console to stdout"
