@@ -120,9 +120,14 @@ def agent_args(disk: Path, tap: str, sync: str) -> list[str]:
 
 
 def start_pair(
-    lab: Topology, workdir: Path, sync: str, crash: str | None = None
+    lab: Topology,
+    workdir: Path,
+    sync: str,
+    crash: str | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> tuple[AgentProcess, AgentProcess, Namespace, Namespace]:
-    """The primary (records guest booted) and a listening standby, and the client ns."""
+    """The primary (records guest booted) and a listening standby, and the client ns;
+    ``extra_args`` go to both agents' ``kemari run``."""
     primary_ns = lab.add_host("primary", f"{PRIMARY_IP}/24")
     standby_ns = lab.add_host("standby", f"{STANDBY_IP}/24")
     client_ns = lab.add_client("client", f"{CLIENT_IP}/24")
@@ -133,7 +138,11 @@ def start_pair(
         os.environ[ENVIRONMENT_VARIABLE] = crash
     try:
         primary = AgentProcess(
-            "evt", workdir, agent_args(disk, "kt-evt0", sync), namespace=primary_ns, label="p"
+            "evt",
+            workdir,
+            [*agent_args(disk, "kt-evt0", sync), *extra_args],
+            namespace=primary_ns,
+            label="p",
         )
     finally:
         os.environ.clear()
@@ -143,6 +152,7 @@ def start_pair(
         workdir,
         [
             *agent_args(disk, "kt-evt0", sync),
+            *extra_args,
             "--incoming", f"kemari:tcp:{STANDBY_IP}:{PORT}",
             "--replica-dir", f"/dev/shm/kemari-evt-{os.getpid()}-{sync}",
         ],

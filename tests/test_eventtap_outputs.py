@@ -3,6 +3,7 @@ sync policies, and the EventTap gate's release rules driven through a real Outpu
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,7 @@ class DevicePath:
     def __init__(self) -> None:
         self.sent: list[bytes] = []
         self.paused = False
+        self.drains = 0
 
     def release(self, output: Output) -> None:
         self.sent.append(output.data)
@@ -284,6 +286,10 @@ class DevicePath:
 
     def resume(self) -> None:
         self.paused = False
+
+    async def drain(self) -> None:
+        assert not self.paused, "drained while paused"
+        self.drains += 1
 
 
 def gate(policy: SyncPolicy, log: OutputLog | None = None) -> tuple[EventTap, DevicePath]:
@@ -351,6 +357,26 @@ def test_gate_pauses_producers_at_the_bound_and_resumes_when_drained() -> None:
     tap.submit(frame(4))  # the producer's last read: held, never dropped
     tap.checkpoint_committed(1)
     assert not path.paused and len(path.sent) == 4 and len(tap.log) == 1
+
+
+def test_gate_runs_paused_producers_from_a_checkpoint_request_to_its_commit() -> None:
+    tap, path = gate(SyncPolicy.PERIODIC, OutputLog(max_bytes=1 << 20, max_count=2))
+    source, _ = attach(tap)
+    source.output_epoch = 1
+    tap.submit(frame(0))
+    tap.submit(frame(1))
+    assert path.paused
+    # QEMU drops what its NIC backend cannot hand over when it stops the VM: the request
+    # resumes and drains the producers, which stay running although the log is full.
+    asyncio.run(tap.checkpoint_requested(1))
+    assert not path.paused and path.drains == 1
+    source.output_epoch = 2
+    for n in range(2, 6):
+        assert tap.submit(frame(n))
+    assert not path.paused and tap.status()["pauses"] == 1
+    tap.checkpoint_committed(1)  # frames 2..5 stay held: still full, paused again
+    assert [data[0] for data in path.sent] == [0, 1]
+    assert path.paused and tap.status()["pauses"] == 2
 
 
 def test_gate_refuses_a_second_session_and_a_second_device() -> None:

@@ -122,8 +122,12 @@ class CheckpointSink(Protocol):
 class SourceListener(Protocol):
     """Told when checkpoints commit and when protection ends (the event-tap releases outputs).
 
-    Called synchronously from the source's task; must not raise or block.
+    Called from the source's task; must not raise or block.
     """
+
+    async def checkpoint_requested(self, epoch: int) -> None:
+        """QEMU asked for checkpoint ``epoch``; it stops the VM once every listener returned
+        (QEMU drops the frames its NIC backend cannot hand over at that stop)."""
 
     def checkpoint_committed(self, epoch: int) -> None:
         """The standby holds checkpoint ``epoch`` (the guest has not resumed past it yet)."""
@@ -454,7 +458,10 @@ class CheckpointSource:
                 crashpoint.kill()  # test hook: die before answering the request
             self._requested += 1
             self._requested_at = time.monotonic()
-            # Answer first: QEMU stops the VM only after reading the REPLY.
+            # Ordering: the listeners first (the network path drains QEMU's stream), then
+            # the answer; QEMU stops the VM only after reading the REPLY.
+            for listener in self._listeners:
+                await listener.checkpoint_requested(self._requested)
             await asyncio.get_running_loop().sock_sendall(sock, _REPLY)
             self._signal_progress()
             await self.sink.begin(self._requested)

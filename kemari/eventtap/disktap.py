@@ -70,6 +70,9 @@ class DiskTap:
         """The disk records of ``epoch``, in order, for the transaction sender."""
         return self.log.outputs_of(epoch)
 
+    async def checkpoint_requested(self, epoch: int) -> None:
+        """SourceListener: nothing to do; the overlays hold writes without back-pressure."""
+
     def checkpoint_committed(self, epoch: int) -> None:
         """SourceListener: the standby holds ``epoch``: its writes may reach the images."""
         self.log.release(epoch)

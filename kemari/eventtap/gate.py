@@ -19,7 +19,11 @@ Rules (docs/protocol.md, "Event-tap"):
   never committed, a standby would resume from before them, so they are discarded.
 * Memory is bounded by the log's bounds: when full, every device that can pause
   stops producing (the network path stops reading QEMU), and resumes when the log has
-  drained to half.  Nothing is dropped to make room.
+  drained to half.  Nothing is dropped to make room.  Except from a checkpoint's
+  request to its commit: QEMU drops the frames it cannot hand over when it stops the VM,
+  so the producers run and drain before Kemari answers the request; the log may grow by
+  what they had queued (QEMU's stream socket) and what the guest sends until the stop.
+  The commit pauses them again, before the guest resumes, if the log is still full.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ class Producer(Protocol):
     def resume(self) -> None:
         """Take outputs from the guest again."""
 
+    async def drain(self) -> None:
+        """Take what the guest already produced (not paused; the VM stops next)."""
+
 
 @dataclasses.dataclass
 class TapCounters:
@@ -73,6 +80,7 @@ class EventTap:
         self._source: CheckpointSource | None = None
         self._trigger: CheckpointTrigger | None = None
         self._paused = False
+        self._checkpointing = False  # from a checkpoint's request to its commit
         self._commits_with_outputs = 0
         self._commits_with_several_outputs = 0
 
@@ -103,6 +111,18 @@ class EventTap:
         self._source, self._trigger = source, trigger
         source.add_listener(self)
 
+    async def checkpoint_requested(self, epoch: int) -> None:
+        """SourceListener: QEMU stops the VM for ``epoch`` once this returns: producers
+        run until the commit, and have drained what they had queued (see module docstring)."""
+        del epoch
+        self._checkpointing = True
+        if self._paused:
+            self._paused = False
+            for producer in self._producers:
+                producer.resume()
+        for producer in self._producers:
+            await producer.drain()
+
     def checkpoint_committed(self, epoch: int) -> None:
         """SourceListener: the standby holds ``epoch``; its outputs and older ones leave."""
         outputs = self.log.release(epoch)
@@ -119,10 +139,15 @@ class EventTap:
                 self._send(outputs[:1])
                 crashpoint.kill()
         self._send(outputs)
+        self._checkpointing = False
+        # Ordering: before Kemari answers LOADED, so the guest resumes with its NIC paused
+        # if what the drain added still fills the log.
+        self._pause_if_full()
 
     def protection_ended(self, state: SourceState) -> None:
         """SourceListener: release everything (guest runs on) or discard it (guest died)."""
         self._source = self._trigger = None
+        self._checkpointing = False
         if state is SourceState.UNPROTECTED:
             self._send(self.log.release_all())
         else:
@@ -152,12 +177,15 @@ class EventTap:
         if self.policy.on_output and trigger is not None and epoch > source.requested_epoch:
             trigger.request_checkpoint()
             self.counters.checkpoint_requests += 1
-        if self.log.full and not self._paused:
+        self._pause_if_full()
+        return True
+
+    def _pause_if_full(self) -> None:
+        if self.log.full and not self._paused and not self._checkpointing:
             self._paused = True
             self.counters.pauses += 1
             for producer in self._producers:
                 producer.pause()
-        return True
 
     def _send(self, outputs: list[Output]) -> None:
         for output in outputs:
@@ -177,6 +205,9 @@ class EventTap:
         return {
             "sync": self.policy.value,
             "mode": mode,
+            "max_bytes": self.log.max_bytes,
+            "max_count": self.log.max_count,
+            "paused": self._paused,
             **stats,
             **dataclasses.asdict(self.counters),
         }

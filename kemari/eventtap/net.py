@@ -4,7 +4,8 @@
 frame the guest sends becomes an :class:`~kemari.eventtap.outputs.Output` of kind NET on
 NIC *i*, submitted to the VM's :class:`~kemari.eventtap.gate.EventTap`.  A held frame
 later leaves through :meth:`NetBridge.write_to_host`; while the tap's log is full the
-bridge stops reading QEMU's stream socket (back-pressure, never a drop).  Frames to the
+bridge stops reading QEMU's stream socket (back-pressure, never a drop), except from
+a checkpoint's request to its commit (see :meth:`NetBridge.drain_guest_stream`).  Frames to the
 guest are never held: the bridge delivers them itself.
 
 :func:`replay_frames` is the failover's half: the standby sends the frames of the
@@ -45,6 +46,10 @@ class NetOutputs:
     def resume(self) -> None:
         """Producer: read guest frames from QEMU again."""
         self.bridge.resume_guest_reading()
+
+    async def drain(self) -> None:
+        """Producer: read the frames QEMU already wrote (it stops the VM next)."""
+        await self.bridge.drain_guest_stream()
 
 
 def replay_frames(outputs: Sequence[Output], bridges: Sequence[NetBridge]) -> int:

@@ -30,7 +30,10 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import fcntl
 import logging
+import struct
+import termios
 from pathlib import Path
 from typing import Protocol
 
@@ -105,6 +108,15 @@ class _GuestConnection(asyncio.Protocol):
         self._bridge = bridge
         self._decoder = FrameDecoder(bridge.max_frame)
         self.transport: asyncio.Transport | None = None
+        self.received = 0  # stream bytes read so far
+
+    def unread(self) -> int:
+        """Stream bytes QEMU wrote that Kemari has not read yet (the socket's FIONREAD)."""
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        pending = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        count: int = struct.unpack("i", pending)[0]
+        return count
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -112,6 +124,7 @@ class _GuestConnection(asyncio.Protocol):
         self._bridge._attach(self)
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         try:
             frames = self._decoder.feed(data)
         except FramingError as exc:
@@ -159,6 +172,11 @@ class NetBridge:
     def tap_name(self) -> str:
         """Name of the host tap interface."""
         return self._tap.name
+
+    @property
+    def guest_reading_paused(self) -> bool:
+        """True while reading guest frames is paused (held output at its bound)."""
+        return self._guest_reading_paused
 
     @property
     def guest_attached(self) -> bool:
@@ -289,6 +307,23 @@ class NetBridge:
         peer = self._peer
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
             peer.transport.resume_reading()
+
+    async def drain_guest_stream(self) -> None:
+        """Read what QEMU already wrote to the stream socket, paused or not.
+
+        The checkpoint's ``vm_stop`` makes QEMU flush the frames it queued for the stream
+        (``net_vm_change_state_handler``), and *purge* what the socket cannot take: the
+        guest believes those frames were sent, no one has them.  So before Kemari lets
+        QEMU stop the VM, reading must have resumed and emptied the socket; returns once
+        the bytes unread at the call have been read (the guest may write more meanwhile:
+        reading goes on, so the socket keeps room for the flush).
+        """
+        peer = self._peer
+        if self._guest_reading_paused or peer is None or peer.transport is None:
+            return
+        target = peer.received + peer.unread()
+        while self._peer is peer and not peer.transport.is_closing() and peer.received < target:
+            await asyncio.sleep(0)
 
     # -- host side ----------------------------------------------------------
 
