@@ -2,8 +2,11 @@
 
 Used by the tests and the demo from inside a client network namespace:
 ``python -m kemari.testbed.records HOST:PORT put COUNT [--prefix P]`` stores
-records and prints the acknowledged ones as JSON; ``... get`` prints every
-stored record; ``... reboot`` asks the guest to reboot cleanly.
+records and prints the acknowledged ones as JSON; ``... loop [--seconds S]``
+stores records back to back on one connection and prints each acknowledged
+payload on its own line (for ``S`` seconds, or until its stdin reaches EOF);
+``... get`` prints every stored record; ``... reboot`` asks the guest to reboot
+cleanly.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import select
 import socket
 import sys
 import time
@@ -20,6 +25,9 @@ from kemari.errors import KemariError
 
 RECORDS_PORT = 7000
 MAX_REPLY_LINE = 64 * 1024
+# A loop's connection lives across failovers: an answer may wait out the kill of the
+# primary, the failover and the client's TCP retransmission backoff.
+LOOP_TIMEOUT_S = 180.0
 
 
 class RecordsError(KemariError):
@@ -104,13 +112,36 @@ def wait_for_service(host: str, port: int = RECORDS_PORT, timeout: float = 120.0
             time.sleep(0.2)
 
 
+def store_loop(client: RecordsClient, prefix: str, seconds: float | None) -> None:
+    """Store ``PREFIX-0``, ``PREFIX-1``, ... back to back, printing each acknowledged payload.
+
+    Stops after ``seconds``, or (``seconds`` None) once stdin reaches EOF; a record
+    in flight is always finished first, so every printed line was acknowledged.
+    """
+    deadline = None if seconds is None else time.monotonic() + seconds
+    number = 0
+    while not _loop_done(deadline):
+        payload = f"{prefix}-{number}"
+        client.put(payload)
+        print(payload, flush=True)
+        number += 1
+
+
+def _loop_done(deadline: float | None) -> bool:
+    if deadline is not None:
+        return time.monotonic() >= deadline
+    readable, _, _ = select.select([sys.stdin], [], [], 0)
+    return bool(readable) and not os.read(sys.stdin.fileno(), 4096)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry for use inside a client namespace."""
     parser = argparse.ArgumentParser(prog="python -m kemari.testbed.records")
     parser.add_argument("server", help="HOST:PORT or HOST")
-    parser.add_argument("action", choices=("put", "get", "reboot", "wait"))
+    parser.add_argument("action", choices=("put", "loop", "get", "reboot", "wait"))
     parser.add_argument("count", type=int, nargs="?", default=1)
     parser.add_argument("--prefix", default="record")
+    parser.add_argument("--seconds", type=float, help="loop: stop after this long (default: EOF)")
     args = parser.parse_args(argv)
     host, _, port_text = args.server.partition(":")
     port = int(port_text) if port_text else RECORDS_PORT
@@ -118,8 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.action == "wait":
             wait_for_service(host, port)
             return 0
-        with RecordsClient(host, port) as client:
-            if args.action == "put":
+        timeout = LOOP_TIMEOUT_S if args.action == "loop" else 30.0
+        with RecordsClient(host, port, timeout=timeout) as client:
+            if args.action == "loop":
+                store_loop(client, args.prefix, args.seconds)
+            elif args.action == "put":
                 acked = [
                     {"seq": client.put(f"{args.prefix}-{i}"), "payload": f"{args.prefix}-{i}"}
                     for i in range(args.count)

@@ -7,12 +7,15 @@ its monitor is reached through the real monitor socket.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,6 +26,17 @@ from kemari.monitor.protocol import Reply
 from kemari.testbed.topology import Namespace
 
 KEMARI_ARGV = (sys.executable, "-m", "kemari.cli.main")
+
+
+def wait_for(
+    predicate: Callable[[], object], what: str, timeout: float = 60.0, interval: float = 0.05
+) -> None:
+    """Poll ``predicate`` until it is true; KemariError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise KemariError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
 
 
 class AgentProcess:
@@ -129,3 +143,22 @@ class AgentProcess:
                 self.process.wait()
         self._log_handle.close()
         return self.process.returncode
+
+
+def kill_active(active: AgentProcess, rng: random.Random) -> list[str]:
+    """SIGKILL the active side's QEMU, its agent, or both, in a random order.
+
+    Returns what was killed on purpose, in order (``"qemu"``, ``"agent"``); once
+    this returns, both are gone.
+    """
+    qemu_pid = active.status()["qemu_pid"]
+    victims = [("qemu", qemu_pid), ("agent", active.process.pid)]
+    rng.shuffle(victims)
+    killed = victims[: rng.choice((1, 2))]
+    for _, pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    active.process.wait(30)
+    # A killed agent takes its QEMU along (PR_SET_PDEATHSIG); make sure it is gone.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(qemu_pid, signal.SIGKILL)
+    return [name for name, _ in killed]
