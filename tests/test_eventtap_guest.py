@@ -37,7 +37,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -46,7 +45,7 @@ from kemari.image.disk import create_data_disk
 from kemari.qemu.build import patched_qemu
 from kemari.replica.crashpoint import ENVIRONMENT_VARIABLE
 from kemari.testbed.topology import Namespace, Topology
-from kemari.testbed.vm import AgentProcess
+from kemari.testbed.vm import AgentProcess, wait_for
 
 pytestmark = [pytest.mark.guest, pytest.mark.root]
 
@@ -73,20 +72,15 @@ for line in sys.stdin:
 """
 
 
-# Stores records on one connection for argv[2] seconds, printing each acknowledged one.
-LOOP_SCRIPT = """
-import socket, sys, time
-sock = socket.create_connection((sys.argv[1], 7000), timeout=180)
-replies = sock.makefile("rb")
-deadline = time.monotonic() + float(sys.argv[2])
-n = 0
-while time.monotonic() < deadline:
-    sock.sendall(f"PUT loop-{n}\\n".encode())
-    reply = replies.readline().decode().strip()
-    assert reply.startswith("OK "), reply
-    print(f"loop-{n}", flush=True)
-    n += 1
-"""
+def loop_client(namespace: Namespace, seconds: float) -> subprocess.Popen[bytes]:
+    """``loop-N`` records stored on one connection for ``seconds``; prints each acknowledged."""
+    return namespace.popen(
+        [
+            sys.executable, "-m", "kemari.testbed.records", GUEST_IP, "loop",
+            "--prefix", "loop", "--seconds", str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,14 +96,6 @@ def lab(tmp_path: Path) -> Iterator[Topology]:
         yield topology
     for leftover in Path("/dev/shm").glob(f"kemari-evt-{os.getpid()}-*"):
         shutil.rmtree(leftover, ignore_errors=True)
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def agent_args(disk: Path, tap: str, sync: str) -> list[str]:
@@ -319,9 +305,7 @@ def test_acknowledged_records_survive_a_kill_at_a_random_moment(
     with primary, standby:
         protect(primary)
         qemu_pid = primary.status()["qemu_pid"]
-        loop = client_ns.popen(
-            [sys.executable, "-c", LOOP_SCRIPT, GUEST_IP, "15"], stdout=subprocess.PIPE
-        )
+        loop = loop_client(client_ns, 15)
         time.sleep(rng.uniform(1.0, 4.0))
         victims = [qemu_pid, primary.process.pid]
         rng.shuffle(victims)

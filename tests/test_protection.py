@@ -17,7 +17,6 @@ every round is also a re-protection.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re
@@ -35,7 +34,7 @@ import pytest
 from kemari.errors import KemariError
 from kemari.image.builder import default_image
 from kemari.qemu.build import patched_qemu
-from kemari.testbed.vm import KEMARI_ARGV, AgentProcess
+from kemari.testbed.vm import KEMARI_ARGV, AgentProcess, kill_active, wait_for
 
 pytestmark = [pytest.mark.guest]
 
@@ -63,14 +62,6 @@ def ticks(agent: AgentProcess) -> list[int]:
     return [int(value) for value in TICK_RE.findall(text[: text.rfind("\n") + 1])]
 
 
-def wait_for(predicate, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def start_standby(workdir: Path, name: str, port: int, label: str) -> AgentProcess:
     standby = AgentProcess(
         name,
@@ -90,19 +81,6 @@ def start_standby(workdir: Path, name: str, port: int, label: str) -> AgentProce
 def protect(active: AgentProcess, port: int) -> None:
     active.monitor("migrate", "-d", f"kemari:tcp:127.0.0.1:{port}")
     wait_for(lambda: active.status()["protection"] == "protected", "protection", 120)
-
-
-def kill_active(active: AgentProcess, rng: random.Random) -> None:
-    """SIGKILL the active side's QEMU, its agent, or both, in a random order."""
-    qemu_pid = active.status()["qemu_pid"]
-    victims = [qemu_pid, active.process.pid]
-    rng.shuffle(victims)
-    for pid in victims[: rng.choice((1, 2))]:
-        os.kill(pid, signal.SIGKILL)
-    active.process.wait(30)
-    # A killed agent takes its QEMU along (PR_SET_PDEATHSIG); make sure it is gone.
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(qemu_pid, signal.SIGKILL)
 
 
 @pytest.fixture

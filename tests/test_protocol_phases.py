@@ -19,22 +19,20 @@ replayed.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_eventtap_guest import GUEST_IP, LOOP_SCRIPT, PORT, STANDBY_IP, start_pair
+from test_eventtap_guest import GUEST_IP, PORT, STANDBY_IP, loop_client, start_pair
 
 from kemari.image.builder import default_image
 from kemari.qemu.build import patched_qemu
+from kemari.testbed.fsck import check_crashed_disk
 from kemari.testbed.topology import Topology
 
 pytestmark = [pytest.mark.guest, pytest.mark.root]
 
-E2FSCK = shutil.which("e2fsck") or "/usr/sbin/e2fsck"
 # (hook, sync policy): a release of several outputs at once needs periodic checkpoints
 # (with the event policy the first output of an epoch triggers its checkpoint at once, so
 # most commits carry a single output).
@@ -66,9 +64,7 @@ def test_kill_at_a_protocol_phase_loses_nothing_acknowledged(
 ) -> None:
     primary, standby, client_ns, _ = start_pair(phase_lab, tmp_path, sync, crash)
     with primary, standby:
-        loop = client_ns.popen(
-            [sys.executable, "-c", LOOP_SCRIPT, GUEST_IP, "20"], stdout=subprocess.PIPE
-        )
+        loop = loop_client(client_ns, 20)
         primary.monitor("migrate", "-d", f"kemari:tcp:{STANDBY_IP}:{PORT}")
         # The hook fires on its own once the named phase of checkpoint N is reached.
         assert primary.process.wait(120) == -9, primary.agent_output()[-2000:]
@@ -85,14 +81,4 @@ def test_kill_at_a_protocol_phase_loses_nothing_acknowledged(
         assert loop_records[: len(acked)] == acked, (crash, acked[-3:], loop_records[-3:])
         assert len(loop_records) <= len(acked) + 1
         assert standby.stop() == 0
-    check = tmp_path / "check.img"
-    shutil.copyfile(tmp_path / "data.img", check)
-    replay = subprocess.run(
-        [E2FSCK, "-E", "journal_only", "-p", str(check)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert replay.returncode in (0, 1), replay.stdout + replay.stderr
-    fsck = subprocess.run([E2FSCK, "-fn", str(check)], capture_output=True, text=True, check=False)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    check_crashed_disk(tmp_path / "data.img", tmp_path)

@@ -22,7 +22,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,13 +30,13 @@ import pytest
 from kemari.image.builder import default_image
 from kemari.image.disk import create_data_disk
 from kemari.qemu.build import patched_qemu
-from kemari.testbed.vm import AgentProcess
+from kemari.testbed.fsck import check_crashed_disk
+from kemari.testbed.vm import AgentProcess, wait_for
 
 pytestmark = [pytest.mark.guest]
 
 DISK_MIB = 64
 SYNCED_RE = re.compile(r"diskload: seq (\d+) synced")
-E2FSCK = shutil.which("e2fsck") or "/usr/sbin/e2fsck"
 DEBUGFS = shutil.which("debugfs") or "/usr/sbin/debugfs"
 
 
@@ -66,24 +65,9 @@ def synced(agent: AgentProcess) -> list[int]:
     return [int(seq) for seq in SYNCED_RE.findall(agent.serial_text())]
 
 
-def wait_for(predicate, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def check_image(image: Path, scratch: Path) -> None:
     """Journal replay on a copy, then e2fsck -fn and diskload-verify must be clean."""
-    copy = scratch / "check.raw"
-    shutil.copyfile(image, copy)
-    replay = subprocess.run(
-        [E2FSCK, "-E", "journal_only", "-p", str(copy)], capture_output=True, text=True, check=False
-    )
-    assert replay.returncode in (0, 1), replay.stdout + replay.stderr
-    check = subprocess.run([E2FSCK, "-fn", str(copy)], capture_output=True, text=True, check=False)
-    assert check.returncode == 0, check.stdout + check.stderr
+    copy = check_crashed_disk(image, scratch)
     dump = scratch / "data"
     dump.mkdir()
     subprocess.run(
@@ -131,14 +115,16 @@ def test_diskload_survives_kill_and_failover(workdir: Path, storage: str) -> Non
         agents.append(standby)
         standby.wait_monitor()
         active.monitor("migrate", "-d", f"kemari:tcp:127.0.0.1:{port}")
-        wait_for(lambda: active.status()["protection"] == "protected", "protection")
+        wait_for(lambda: active.status()["protection"] == "protected", "protection", 120)
         if storage == "replicated":
             wait_for(
-                lambda: "copied to the standby" in active.agent_output(), "the initial disk copy"
+                lambda: "copied to the standby" in active.agent_output(),
+                "the initial disk copy",
+                120,
             )
         # Let the guest write through some committed checkpoints, then kill the primary.
         before = synced(active)[-1]
-        wait_for(lambda: synced(active)[-1] >= before + 2048, "diskload progress")
+        wait_for(lambda: synced(active)[-1] >= before + 2048, "diskload progress", 120)
         epoch = active.monitor("checkpoint").data["epoch"]
         qemu_pid = active.status()["qemu_pid"]
         os.kill(active.process.pid, signal.SIGKILL)
@@ -148,9 +134,9 @@ def test_diskload_survives_kill_and_failover(workdir: Path, storage: str) -> Non
         reply = standby.monitor("failover")
         assert reply.data["epoch"] >= epoch
         # The guest goes on writing on the standby's disk.
-        wait_for(lambda: bool(synced(standby)), "diskload after failover")
+        wait_for(lambda: bool(synced(standby)), "diskload after failover", 120)
         assert synced(standby)[0] > last_printed - 2048
-        wait_for(lambda: len(synced(standby)) >= 2, "more diskload after failover")
+        wait_for(lambda: len(synced(standby)) >= 2, "more diskload after failover", 120)
         assert standby.stop() == 0
     finally:
         for agent in agents:
