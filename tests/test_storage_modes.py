@@ -3,7 +3,9 @@
 For ``shared`` (one image both agents name) and ``replicated`` (each agent has its own
 image; the standby's starts empty and is filled by the initial disk copy), one active
 agent runs the ``diskload`` guest, a standby protects it, the active QEMU and agent are
-killed with SIGKILL, and the standby fails over.  Checked:
+killed with SIGKILL, and the standby fails over.  In ``replicated`` mode protection
+starts through ``kemari monitor ... migrate`` without ``-d``, which must follow the RAM
+sync and then the disk copy and return only once the copy is complete.  Checked:
 
 - the guest goes on writing after the failover (a new ``diskload: seq N synced`` line on
   the failover QEMU's console, N above what was committed);
@@ -31,7 +33,7 @@ from kemari.image.builder import default_image
 from kemari.image.disk import create_data_disk
 from kemari.qemu.build import patched_qemu
 from kemari.testbed.fsck import check_crashed_disk
-from kemari.testbed.vm import AgentProcess, wait_for
+from kemari.testbed.vm import KEMARI_ARGV, AgentProcess, wait_for
 
 pytestmark = [pytest.mark.guest]
 
@@ -114,14 +116,21 @@ def test_diskload_survives_kill_and_failover(workdir: Path, storage: str) -> Non
         )  # fmt: skip
         agents.append(standby)
         standby.wait_monitor()
-        active.monitor("migrate", "-d", f"kemari:tcp:127.0.0.1:{port}")
-        wait_for(lambda: active.status()["protection"] == "protected", "protection", 120)
         if storage == "replicated":
-            wait_for(
-                lambda: "copied to the standby" in active.agent_output(),
-                "the initial disk copy",
-                120,
-            )
+            # Through the CLI without -d: it draws the RAM sync, then the disk copy, and
+            # returns once the standby has the whole image.
+            follow = subprocess.run(
+                [*KEMARI_ARGV, "monitor", str(active.monitor_path), "migrate",
+                 f"kemari:tcp:127.0.0.1:{port}"],
+                capture_output=True, text=True, timeout=240, check=False,
+            )  # fmt: skip
+            assert follow.returncode == 0, follow.stdout + follow.stderr
+            assert "disks copied: the standby can take over" in follow.stdout, follow.stdout
+            assert "copied to the standby" in active.agent_output()
+            assert all(copy["done"] for copy in active.status()["disk_copy"])
+        else:
+            active.monitor("migrate", "-d", f"kemari:tcp:127.0.0.1:{port}")
+        wait_for(lambda: active.status()["protection"] == "protected", "protection", 120)
         # Let the guest write through some committed checkpoints, then kill the primary.
         before = synced(active)[-1]
         wait_for(lambda: synced(active)[-1] >= before + 2048, "diskload progress", 120)
