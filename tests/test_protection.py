@@ -23,7 +23,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ import pytest
 from kemari.errors import KemariError
 from kemari.image.builder import default_image
 from kemari.qemu.build import patched_qemu
-from kemari.testbed.vm import KEMARI_ARGV, AgentProcess, kill_active, wait_for
+from kemari.testbed.vm import AgentProcess, kill_active, wait_for
 
 pytestmark = [pytest.mark.guest]
 
@@ -153,13 +152,8 @@ def test_standby_loss_leaves_the_guest_running_and_protection_restarts(workdir: 
         # A new standby (same address) takes over protection; this time through the CLI
         # without -d, which follows the initial sync with a progress bar until protected.
         standby = start_standby(workdir, "survivor", port, "second")
-        follow = subprocess.run(
-            [*KEMARI_ARGV, "monitor", str(active.monitor_path), "migrate",
-             f"kemari:tcp:127.0.0.1:{port}"],
-            capture_output=True, text=True, timeout=180, check=False,
-        )  # fmt: skip
-        assert follow.returncode == 0, follow.stdout + follow.stderr
-        assert "protected by 127.0.0.1:" in follow.stdout
+        follow = active.migrate_following(f"kemari:tcp:127.0.0.1:{port}")
+        assert "protected by 127.0.0.1:" in follow
         assert active.monitor("checkpoint").data["epoch"] >= 1
     finally:
         standby.stop()

@@ -33,7 +33,7 @@ from kemari.image.builder import default_image
 from kemari.image.disk import create_data_disk
 from kemari.qemu.build import patched_qemu
 from kemari.testbed.fsck import check_crashed_disk
-from kemari.testbed.vm import KEMARI_ARGV, AgentProcess, wait_for
+from kemari.testbed.vm import AgentProcess, wait_for
 
 pytestmark = [pytest.mark.guest]
 
@@ -119,13 +119,8 @@ def test_diskload_survives_kill_and_failover(workdir: Path, storage: str) -> Non
         if storage == "replicated":
             # Through the CLI without -d: it draws the RAM sync, then the disk copy, and
             # returns once the standby has the whole image.
-            follow = subprocess.run(
-                [*KEMARI_ARGV, "monitor", str(active.monitor_path), "migrate",
-                 f"kemari:tcp:127.0.0.1:{port}"],
-                capture_output=True, text=True, timeout=240, check=False,
-            )  # fmt: skip
-            assert follow.returncode == 0, follow.stdout + follow.stderr
-            assert "disks copied: the standby can take over" in follow.stdout, follow.stdout
+            follow = active.migrate_following(f"kemari:tcp:127.0.0.1:{port}")
+            assert "disks copied: the standby can take over" in follow, follow
             assert "copied to the standby" in active.agent_output()
             assert all(copy["done"] for copy in active.status()["disk_copy"])
         else:

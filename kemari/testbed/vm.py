@@ -127,6 +127,21 @@ class AgentProcess:
         """Send a monitor command and return the reply."""
         return run_command(self.monitor_path, list(words))
 
+    def migrate_following(self, uri: str, timeout: float = 240.0) -> str:
+        """``kemari monitor SOCK migrate URI`` without ``-d``, as an operator types it: the
+        CLI draws the initial sync until the standby can take over.  Returns its output;
+        KemariError if it fails."""
+        command = [*KEMARI_ARGV, "monitor", str(self.monitor_path), "migrate", uri]
+        follow = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if follow.returncode != 0:
+            raise KemariError(
+                f"migrate {uri} on {self.label} failed ({follow.returncode}): "
+                f"{follow.stdout[-1000:]}{follow.stderr[-1000:]}"
+            )
+        return follow.stdout
+
     def status(self) -> dict[str, Any]:
         """``info status`` as data."""
         data: dict[str, Any] = self.monitor("info", "status").data
