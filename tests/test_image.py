@@ -402,6 +402,8 @@ def test_records_protocol_errors_and_reboot_request(
     assert client.ask(b"PUT " + b"x" * 4097).startswith(b"ERR")
     assert client.ask(b"DELETE everything").startswith(b"ERR unknown command")
     assert client.ask(b"PING") == b"PONG"
+    netstat = client.ask(b"NETSTAT")  # the host's interfaces here: a count, whatever it is
+    assert netstat.startswith(b"NETSTAT tx_packets=") and netstat[19:].isdigit(), netstat
     flood = Client(port)
     flood.file.write(b"y" * 10000)  # no newline: rejected, connection closed
     flood.file.flush()

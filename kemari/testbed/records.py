@@ -5,8 +5,8 @@ Used by the tests and the demo from inside a client network namespace:
 records and prints the acknowledged ones as JSON; ``... loop [--seconds S]``
 stores records back to back on one connection and prints each acknowledged
 payload on its own line (for ``S`` seconds, or until its stdin reaches EOF);
-``... get`` prints every stored record; ``... reboot`` asks the guest to reboot
-cleanly.
+``... get`` prints every stored record; ``... netstat`` prints the guest's sent-frame
+count; ``... reboot`` asks the guest to reboot cleanly.
 """
 
 from __future__ import annotations
@@ -79,6 +79,14 @@ class RecordsClient:
                 raise RecordsError(f"GET answered {line!r} as record {len(records) + 1}")
             records.append(payload)
 
+    def netstat(self) -> int:
+        """Frames the guest's non-loopback interfaces have sent (sysfs ``tx_packets``)."""
+        reply = self._call("NETSTAT")
+        kind, _, value = reply.partition(" tx_packets=")
+        if kind != "NETSTAT" or not value.isdigit():
+            raise RecordsError(f"NETSTAT answered {reply!r}")
+        return int(value)
+
     def reboot(self) -> None:
         """Ask the guest to sync its data and reboot."""
         self._send("REBOOT")
@@ -138,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry for use inside a client namespace."""
     parser = argparse.ArgumentParser(prog="python -m kemari.testbed.records")
     parser.add_argument("server", help="HOST:PORT or HOST")
-    parser.add_argument("action", choices=("put", "loop", "get", "reboot", "wait"))
+    parser.add_argument("action", choices=("put", "loop", "get", "netstat", "reboot", "wait"))
     parser.add_argument("count", type=int, nargs="?", default=1)
     parser.add_argument("--prefix", default="record")
     parser.add_argument("--seconds", type=float, help="loop: stop after this long (default: EOF)")
@@ -161,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(acked))
             elif args.action == "get":
                 print(json.dumps(client.get()))
+            elif args.action == "netstat":
+                print(client.netstat())
             else:
                 client.reboot()
     except (OSError, KemariError) as exc:

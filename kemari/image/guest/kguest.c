@@ -17,6 +17,7 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -428,6 +429,45 @@ static int valid_payload(const char *p, size_t len)
 	return 1;
 }
 
+/*
+ * The frames this guest's network interfaces have sent, summed over every
+ * interface but loopback (sysfs statistics/tx_packets: what the driver saw
+ * completed).  Returns 0, or -1 with errno set.
+ */
+static int net_tx_packets(uint64_t *total)
+{
+	DIR *dir = opendir("/sys/class/net");
+	if (!dir)
+		return -1;
+	*total = 0;
+	int rc = 0;
+	struct dirent *ent;
+	while ((ent = readdir(dir))) {
+		if (ent->d_name[0] == '.' || !strcmp(ent->d_name, "lo"))
+			continue;
+		char path[320];
+		snprintf(path, sizeof(path), "/sys/class/net/%s/statistics/tx_packets", ent->d_name);
+		FILE *f = fopen(path, "r");
+		uint64_t n;
+		if (!f) {
+			rc = -1;
+			break;
+		}
+		int ok = fscanf(f, "%" SCNu64, &n) == 1;
+		fclose(f);
+		if (!ok) {
+			errno = EINVAL;
+			rc = -1;
+			break;
+		}
+		*total += n;
+	}
+	int saved = errno;
+	closedir(dir);
+	errno = saved;
+	return rc;
+}
+
 /* Handle one request line; returns 0, or EXIT_REBOOT / EXIT_POWEROFF. */
 static int handle_line(struct store *st, struct client *c, char *line, size_t len)
 {
@@ -450,6 +490,12 @@ static int handle_line(struct store *st, struct client *c, char *line, size_t le
 		buf_printf(&c->out, "COUNT %" PRIu64 "\n", st->count);
 	} else if (len == 4 && !memcmp(line, "PING", 4)) {
 		buf_printf(&c->out, "PONG\n");
+	} else if (len == 7 && !memcmp(line, "NETSTAT", 7)) {
+		uint64_t tx;
+		if (net_tx_packets(&tx) == 0)
+			buf_printf(&c->out, "NETSTAT tx_packets=%" PRIu64 "\n", tx);
+		else
+			buf_printf(&c->out, "ERR netstat: %s\n", strerror(errno));
 	} else if (len == 6 && !memcmp(line, "REBOOT", 6)) {
 		buf_printf(&c->out, "OK reboot\n");
 		return EXIT_REBOOT;
@@ -457,8 +503,8 @@ static int handle_line(struct store *st, struct client *c, char *line, size_t le
 		buf_printf(&c->out, "OK poweroff\n");
 		return EXIT_POWEROFF;
 	} else {
-		buf_printf(&c->out, "ERR unknown command (PUT <payload>, GET, COUNT, PING, REBOOT, "
-				    "POWEROFF)\n");
+		buf_printf(&c->out, "ERR unknown command (PUT <payload>, GET, COUNT, PING, NETSTAT, "
+				    "REBOOT, POWEROFF)\n");
 	}
 	return 0;
 }
