@@ -16,6 +16,11 @@ cannot take), the standby runs again, the checkpoint commits, and the test
 keeps asking for checkpoints until every answer arrived: each is complete and correct,
 the log is drained and reading resumed, and every frame the bridge read left exactly
 once.
+
+The second test counts losses: the guest's own sent-frame count (NETSTAT) against the
+frames the bridge read, over the same kind of burst with checkpoints back to back.  QEMU
+purges a frame at a checkpoint's stop when its stream socket is full; the guest counts it
+as sent (docs/protocol.md has the numbers; it is an expected failure until that is fixed).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 import pytest
 from test_eventtap_guest import (
     GUEST_IP,
+    Client,
     lab,
     prerequisites,
     protect,
@@ -42,7 +48,7 @@ from test_eventtap_guest import (
 
 from kemari.net.stream import QEMU_MAX_FRAME
 from kemari.testbed.topology import Topology
-from kemari.testbed.vm import wait_for
+from kemari.testbed.vm import AgentProcess, wait_for
 
 pytestmark = [pytest.mark.guest, pytest.mark.root]
 __all__ = ["lab", "prerequisites"]  # fixtures used by name
@@ -53,6 +59,9 @@ HELD_MAX = 64 << 10
 # selector transport is at most 256 KiB of stream (``_SelectorTransport.max_size``), and
 # it may complete one frame begun in the read before (at most QEMU_MAX_FRAME bytes).
 READ_SLACK = (256 << 10) + QEMU_MAX_FRAME
+# quiet_counts' first reading may miss two completed frames (the first NETSTAT's reply,
+# the second one's ACK): each ends up in the guest's delta, not in the bridge's.
+LOST_SLACK = 2
 CONNECTIONS = 40
 RECORDS = 100
 PAYLOAD_PREFIX = "held-" + "x" * 1000
@@ -82,6 +91,29 @@ for conn in conns:
             break
     print(len(answer), hashlib.sha256(answer).hexdigest(), flush=True)
 """
+
+
+def quiet_counts(primary: AgentProcess, client: Client) -> tuple[int, int]:
+    """(frames the guest counts as sent, frames the primary's bridge read from QEMU), taken
+    on ``client``'s connection when nothing else is in flight (outputs must be released:
+    unprotected, or a checkpoint clock running).
+
+    The guest's ``tx_packets`` counts a frame when QEMU completes it: written to the stream
+    socket, or purged.  Taken by the second of two NETSTATs, it misses at most the frames
+    completed but not yet reaped by the driver: the first NETSTAT's transmit reaped every
+    earlier one, so only its reply and the second request's ACK may be missed.  The bridge
+    count (released, failed and held frames) is taken once the reply arrived: the stream is
+    a FIFO and the reply was written after the guest read its counter, so every frame the
+    counter includes has been read, unless QEMU purged it.
+    """
+    for _ in range(2):
+        client.send("NETSTAT")
+        answer = client.line(120)
+        assert answer is not None and answer.startswith("NETSTAT tx_packets="), answer
+    status = primary.status()
+    tap, nic = status["eventtap"], status["nics"][0]
+    read = nic["guest_to_host"]["frames"] + nic["guest_to_host_failed"]["frames"] + tap["held"]
+    return int(answer.removeprefix("NETSTAT tx_packets=")), read
 
 
 def expected_answer(stored: list[dict[str, object]]) -> str:
@@ -189,3 +221,68 @@ def test_a_full_log_pauses_the_guest_nic_drops_nothing_and_resumes(
         assert tap["passed"] + tap["released"] == nic["guest_to_host"]["frames"], (tap, nic)
         assert nic["guest_to_host_failed"]["frames"] == 0, nic
         assert nic["framing_errors"] == 0, nic
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="QEMU still purges frames at checkpoints with the drain (docs/protocol.md): "
+    "measured 4-6 lost with it, 21-25 without it",
+)
+def test_no_frame_the_guest_sent_is_lost_at_a_checkpoint(tmp_path: Path, lab: Topology) -> None:
+    primary, standby, client_ns, _ = start_pair(
+        lab,
+        tmp_path,
+        "periodic",
+        extra_args=("--held-frames-max", "64K", "--epoch-ms", "600000"),
+    )
+    records = [sys.executable, "-m", "kemari.testbed.records", GUEST_IP]
+    with primary, standby:
+        stored = json.loads(
+            client_ns.run(
+                [*records, "put", str(RECORDS), "--prefix", PAYLOAD_PREFIX], timeout=120
+            ).stdout
+        )
+        counter = Client(client_ns)
+        assert counter.line(120) == f"OK {RECORDS + 1}"  # its "PUT warm": GETs list it
+        stored.append({"seq": RECORDS + 1, "payload": "warm"})
+        burst = client_ns.popen(
+            [sys.executable, "-c", BURST_SCRIPT, GUEST_IP, str(CONNECTIONS)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert burst.stdin is not None and burst.stdout is not None
+        assert burst.stdout.readline() == b"connected\n"
+        guest_sent, bridge_read = quiet_counts(primary, counter)
+        protect(primary)
+
+        # Checkpoints back to back while the answers are far more than the log holds: the
+        # NIC pauses, QEMU's stream socket fills, and checkpoints come while it is full.
+        done = threading.Event()
+
+        def clock() -> int:
+            while not done.is_set():
+                primary.monitor("checkpoint")
+            return 0
+
+        checkpoints = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        clocking = checkpoints.submit(clock)
+        try:
+            burst.stdin.write(b"go\n")
+            burst.stdin.flush()
+            assert burst.stdout.readline() == b"sent\n"
+            assert burst.stdout.readline() == b"data\n"
+            answers = [burst.stdout.readline().decode().strip() for _ in range(CONNECTIONS)]
+            assert burst.wait(30) == 0
+            guest_sent_end, bridge_read_end = quiet_counts(primary, counter)
+        finally:
+            done.set()
+            clocking.result(60)
+            checkpoints.shutdown()
+        assert answers == [expected_answer(stored)] * CONNECTIONS
+        tap = primary.status()["eventtap"]
+        assert tap["pauses"] > 0, tap  # the log did fill
+        # Every frame the guest counts as sent reached Kemari: QEMU purged none at a
+        # checkpoint's stop.  From quiet_counts: the guest's delta exceeds the bridge's by
+        # at most the frames the first reading missed (LOST_SLACK).
+        lost = (guest_sent_end - guest_sent) - (bridge_read_end - bridge_read)
+        assert lost <= LOST_SLACK, (guest_sent, guest_sent_end, bridge_read, bridge_read_end)
