@@ -545,6 +545,13 @@ class Agent:
             )
             if standby["last_error"]:
                 lines.append(f"  last error: {standby['last_error']}")
+            for index, disk in enumerate(standby["disks"]):
+                state = "holds the initial copy" if disk["synced"] else "initial copy not complete"
+                lines.append(
+                    f"  disk{index} {disk['image']}: {state}; {disk['applied']} writes applied, "
+                    f"{disk['kept']} kept for failover, {disk['background_flushes']} background "
+                    f"flushes" + (f"; ERROR {disk['flush_error']}" if disk["flush_error"] else "")
+                )
         if data["failover"] is not None:
             lines.append(
                 f"failed over: resumed from epoch {data['failover']['epoch']} in "

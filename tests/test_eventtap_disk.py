@@ -6,6 +6,7 @@ The guest test (marker ``guest``) lives in tests/test_eventtap_disk_guest.py.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import shutil
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
 from kemari.errors import EventTapError, FailoverError
+from kemari.eventtap import diskreplica
 from kemari.eventtap.disk import (
     DiskOp,
     DiskWrite,
@@ -443,6 +445,84 @@ def test_replicated_failover_before_the_copy_completed_is_refused(tmp_path: Path
         standby = StandbyDisks([tmp_path / "none.raw"], StorageMode.REPLICATED)
         with pytest.raises(FailoverError, match="initial disk copy"):
             await standby.fail_over()
+
+    asyncio.run(scenario())
+
+
+async def replicated_pair(
+    tmp_path: Path, standby: StandbyDisks
+) -> tuple[RawFileBackend, OverlayBackend, Primary]:
+    """A primary image copied to an empty standby image (SYNCED committed)."""
+    primary_path = tmp_path / "p.raw"
+    random_image(primary_path, 128 * 1024, 3)
+    (tmp_path / "s.raw").write_bytes(bytes(128 * 1024))
+    base = RawFileBackend.open(primary_path)
+    overlay = OverlayBackend(base)
+    primary = Primary(overlay, standby)
+    primary.end_sync()
+    copier = DiskCopier(
+        overlay, wait_committed=primary.wait_committed, request_checkpoint=lambda: None
+    )
+    copy = asyncio.create_task(copier.run())
+    while not copy.done():
+        await primary.checkpoint()
+        await asyncio.sleep(0.001)  # the copier reads in the backend's I/O thread
+    await copy
+    return base, overlay, primary
+
+
+def test_replicated_images_are_flushed_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Committed writes are flushed while protected, so a failover's flush finds little."""
+    monkeypatch.setattr(diskreplica, "BACKGROUND_FLUSH_INTERVAL_S", 0.0)
+
+    async def scenario() -> None:
+        standby = StandbyDisks([tmp_path / "s.raw"], StorageMode.REPLICATED)
+        base, overlay, primary = await replicated_pair(tmp_path, standby)
+        for round_number in range(4):
+            await overlay.write(round_number * 4096, b"x" * 4096, fua=False)
+            await primary.checkpoint()
+            await asyncio.sleep(0.01)  # the flush runs in the backend's I/O thread
+        [disk] = standby.status()
+        assert disk["synced"] and disk["flush_error"] is None
+        assert disk["background_flushes"] >= 2, disk
+        await base.close()
+        await standby.fail_over()
+        assert (tmp_path / "s.raw").read_bytes() == (tmp_path / "p.raw").read_bytes()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_background_flush_makes_failover_refuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fdatasync reports a writeback error once: the image may have lost writes."""
+    monkeypatch.setattr(diskreplica, "BACKGROUND_FLUSH_INTERVAL_S", 0.0)
+
+    async def scenario() -> None:
+        standby = StandbyDisks([tmp_path / "s.raw"], StorageMode.REPLICATED)
+        base, overlay, primary = await replicated_pair(tmp_path, standby)
+
+        standby_image = tmp_path / "s.raw"
+        real_flush = RawFileBackend.flush
+
+        async def failing_flush(self: RawFileBackend) -> None:
+            if self.path == standby_image:
+                raise OSError(errno.EIO, "Input/output error")
+            await real_flush(self)
+
+        # Fault injection: the disk under the standby's image fails its writeback.
+        monkeypatch.setattr(RawFileBackend, "flush", failing_flush)
+        await overlay.write(0, b"y" * 4096, fua=False)
+        await primary.checkpoint()
+        await asyncio.sleep(0.01)
+        assert "Input/output error" in str(standby.status()[0]["flush_error"])
+        await base.close()
+        with pytest.raises(FailoverError, match="may have lost committed writes"):
+            await standby.fail_over()
+        monkeypatch.undo()
+        await standby.close()
 
     asyncio.run(scenario())
 

@@ -17,12 +17,23 @@ checkpoint N inside transaction N.  :class:`StandbyDisks` receives the records o
 
 Records of an uncommitted transaction never reach this class (the receiver discards
 them), so nothing here ever has to be undone.
+
+Replicated images are flushed in the background (at most one flush per disk at a time,
+at most every :data:`BACKGROUND_FLUSH_INTERVAL_S` while writes arrive).  The guest was
+told its flushed writes are durable, so a failover must fdatasync the image before the
+guest runs on it; without these flushes that one would write back everything since the
+initial copy (64 MiB copied a second earlier cost ~140 ms of failover time).  A failed
+background flush may have lost writes (Linux reports a writeback error once), so it
+makes failover refuse.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
+import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +41,10 @@ from kemari.errors import EventTapError, FailoverError
 from kemari.eventtap.disk import DiskOp, DiskWrite, record_of
 from kemari.eventtap.outputs import Output, OutputKind
 from kemari.nbd.backend import RawFileBackend
+
+log = logging.getLogger(__name__)
+
+BACKGROUND_FLUSH_INTERVAL_S = 1.0
 
 
 class StorageMode(enum.Enum):
@@ -57,6 +72,13 @@ class _Disk:
         self.kept: dict[int, list[DiskWrite]] = {}  # shared: epoch -> records, in order
         self.synced = False  # replicated: the initial copy is complete on this image
         self.applied = 0
+        # Replicated: writes applied since the last background flush started, the flush
+        # in progress, when it started, and the first error one reported.
+        self.unflushed = False
+        self.flushing: asyncio.Task[None] | None = None
+        self.flush_started_at = 0.0
+        self.background_flushes = 0
+        self.flush_error: str | None = None
 
 
 class StandbyDisks:
@@ -82,6 +104,20 @@ class StandbyDisks:
     def kept_records(self) -> int:
         """Shared: records kept for a failover."""
         return sum(len(records) for disk in self._disks for records in disk.kept.values())
+
+    def status(self) -> list[dict[str, object]]:
+        """Plain data per disk for ``info status``."""
+        return [
+            {
+                "image": str(disk.path),
+                "synced": self.mode is StorageMode.SHARED or disk.synced,
+                "applied": disk.applied,
+                "kept": sum(len(records) for records in disk.kept.values()),
+                "background_flushes": disk.background_flushes,
+                "flush_error": disk.flush_error,
+            }
+            for disk in self._disks
+        ]
 
     def new_session(self) -> None:
         """A new primary session starts (epochs restart, a new initial copy will come).
@@ -114,7 +150,44 @@ class StandbyDisks:
             else:
                 await _apply(await self._open(disk), record)
                 disk.applied += 1
+                disk.unflushed = True
         self.committed_epoch = epoch
+        for disk in self._disks:
+            self._maybe_flush_in_background(disk)
+
+    def _maybe_flush_in_background(self, disk: _Disk) -> None:
+        backend = disk.backend
+        if backend is None or not disk.unflushed:
+            return
+        if disk.flushing is not None and not disk.flushing.done():
+            return
+        now = time.monotonic()
+        if now - disk.flush_started_at < BACKGROUND_FLUSH_INTERVAL_S:
+            return
+        # Ordering: cleared before the flush starts; a write applied while it runs may
+        # miss it, and sets the flag again for the next one.
+        disk.unflushed = False
+        disk.flush_started_at = now
+        disk.flushing = asyncio.create_task(
+            self._flush(disk, backend), name=f"standby-disk{disk.index}-flush"
+        )
+
+    @staticmethod
+    async def _flush(disk: _Disk, backend: RawFileBackend) -> None:
+        try:
+            await backend.flush()
+        except OSError as exc:
+            if disk.flush_error is None:
+                disk.flush_error = f"flushing {disk.path} failed: {exc}"
+                log.error("standby disk %d: %s", disk.index, disk.flush_error)
+        else:
+            disk.background_flushes += 1
+
+    @staticmethod
+    async def _wait_flush(disk: _Disk) -> None:
+        task, disk.flushing = disk.flushing, None
+        if task is not None:
+            await task  # _flush records its errors, it never raises OSError
 
     async def committed_outputs(self, epoch: int, outputs: Sequence[Output]) -> None:
         """:meth:`committed` for a transaction's outputs as the receiver holds them: the
@@ -142,6 +215,12 @@ class StandbyDisks:
         for disk in self._disks:
             replayed = 0
             epochs = tuple(sorted(disk.kept))
+            await self._wait_flush(disk)
+            if disk.flush_error is not None:
+                raise FailoverError(
+                    f"standby disk {disk.index}: {disk.flush_error}; the image may have "
+                    "lost committed writes"
+                )
             try:
                 backend = await self._open(disk)
                 for epoch in epochs:
@@ -159,6 +238,7 @@ class StandbyDisks:
     async def close(self) -> None:
         """Close every image this object opened (unlocking it)."""
         for disk in self._disks:
+            await self._wait_flush(disk)
             backend, disk.backend = disk.backend, None
             if backend is not None:
                 await backend.close()

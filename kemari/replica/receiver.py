@@ -121,6 +121,7 @@ class StandbyReceiver:
             else round(time.time() - last.committed_at, 3),
             "last_checkpoint_pages": None if last is None else last.pages,
             "outputs_committed": self.outputs_committed,
+            "disks": [] if self.disks is None else self.disks.status(),
             "last_frame_age_s": None
             if self.last_frame_at is None
             else round(time.monotonic() - self.last_frame_at, 3),
