@@ -22,6 +22,7 @@ from kemari.qemu.cmdline import (
     StreamNic,
     build_argv,
     escape_option_value,
+    inherited_fds,
 )
 
 QMP = Path("/run/kemari/vm/qmp.sock")
@@ -114,6 +115,49 @@ def test_full_spec_argv() -> None:
     assert "-no-reboot" not in argv
     assert "-S" in argv
     assert option_after(argv, "-incoming") == "unix:/run/k/in.sock"
+
+
+def test_inherited_nic_sockets_become_fd_netdevs() -> None:
+    machine = spec(
+        nics=(
+            StreamNic("52:54:00:00:00:01", fd=7),
+            StreamNic("52:54:00:00:00:02", Path("/run/k/net1.sock")),
+            StreamNic("52:54:00:00:00:03", fd=12),
+        )
+    )
+    argv = build_argv(machine)
+    netdevs = [argv[i + 1] for i, item in enumerate(argv) if item == "-netdev"]
+    assert netdevs == [
+        "stream,id=net0,server=off,addr.type=fd,addr.str=7",
+        "stream,id=net1,server=off,addr.type=unix,addr.path=/run/k/net1.sock",
+        "stream,id=net2,server=off,addr.type=fd,addr.str=12",
+    ]
+    assert "virtio-net-pci,netdev=net2,mac=52:54:00:00:00:03,id=vnet2" in argv
+    assert inherited_fds(machine) == (7, 12)
+    assert inherited_fds(spec()) == ()
+
+
+@pytest.mark.parametrize(
+    ("nics", "message"),
+    [
+        ((StreamNic("52:54:00:12:34:56"),), "exactly one of"),
+        ((StreamNic("52:54:00:12:34:56", Path("/n"), fd=5),), "exactly one of"),
+        ((StreamNic("52:54:00:12:34:56", fd=2),), "outside 3.."),
+        ((StreamNic("52:54:00:12:34:56", fd=-1),), "outside 3.."),
+        ((StreamNic("52:54:00:12:34:56", fd=1 << 31),), "outside 3.."),
+        ((StreamNic("52:54:00:12:34:56", fd=True),), "expected an integer"),
+        ((StreamNic("52:54:00:12:34:56", fd="7"),), "expected an integer"),  # type: ignore[arg-type]
+        (
+            (StreamNic("52:54:00:12:34:56", fd=7), StreamNic("52:54:00:12:34:57", fd=7)),
+            "share a stream socket descriptor",
+        ),
+    ],
+)
+def test_invalid_nic_descriptors_raise_config_error(
+    nics: tuple[StreamNic, ...], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        spec(nics=nics)
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,9 @@ MAX_VCPUS = 255  # the i440FX ``pc`` machine's limit
 # sun_path is 108 bytes including the terminating NUL.
 MAX_UNIX_SOCKET_PATH_BYTES = 107
 MAX_NBD_EXPORT_NAME_BYTES = 4096
+# Descriptors 0-2 are QEMU's stdin/stdout/stderr, which QemuMachine redirects.
+MIN_INHERITED_FD = 3
+MAX_INHERITED_FD = (1 << 31) - 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -49,10 +52,16 @@ class NbdDisk:
 
 @dataclasses.dataclass(frozen=True)
 class StreamNic:
-    """A virtio-net NIC whose frames travel over a ``-netdev stream`` unix socket."""
+    """A virtio-net NIC whose frames travel over a ``-netdev stream`` connection.
+
+    Exactly one of ``socket`` (QEMU connects to a listener on that unix path) and ``fd``
+    (QEMU uses a connected socket it inherits as that descriptor number; QemuMachine
+    passes it) is set.
+    """
 
     mac: str
-    socket: Path
+    socket: Path | None = None
+    fd: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +153,12 @@ def validate_spec(spec: MachineSpec) -> None:
         _check_nic(index, nic)
     if len({nic.mac.lower() for nic in spec.nics}) != len(spec.nics):
         raise ConfigError("two NICs share a MAC address")
-    if len({nic.socket for nic in spec.nics}) != len(spec.nics):
+    sockets = [nic.socket for nic in spec.nics if nic.socket is not None]
+    if len(set(sockets)) != len(sockets):
         raise ConfigError("two NICs share a stream socket")
+    fds = [nic.fd for nic in spec.nics if nic.fd is not None]
+    if len(set(fds)) != len(fds):
+        raise ConfigError("two NICs share a stream socket descriptor")
     if spec.serial_log is not None:
         _check_path("serial log", spec.serial_log)
     if spec.memory_file is not None:
@@ -196,7 +209,12 @@ def _check_nic(index: int, nic: StreamNic) -> None:
         raise ConfigError(f"nic[{index}]: MAC {nic.mac} is a multicast address")
     if int(nic.mac.replace(":", ""), 16) == 0:
         raise ConfigError(f"nic[{index}]: MAC {nic.mac} is all zeros")
-    _check_socket_path(f"nic[{index}] stream socket", nic.socket)
+    if (nic.socket is None) == (nic.fd is None):
+        raise ConfigError(f"nic[{index}]: give exactly one of a stream socket path and an fd")
+    if nic.socket is not None:
+        _check_socket_path(f"nic[{index}] stream socket", nic.socket)
+    else:
+        _check_int(f"nic[{index}] stream fd", nic.fd, MIN_INHERITED_FD, MAX_INHERITED_FD, "")
 
 
 def _check_incoming(incoming: Incoming) -> None:
@@ -234,6 +252,24 @@ def disk_node_name(index: int) -> str:
 def netdev_id(index: int) -> str:
     """The netdev id of NIC ``index`` (stable: QMP commands refer to it)."""
     return f"net{index}"
+
+
+def inherited_fds(spec: MachineSpec) -> tuple[int, ...]:
+    """The descriptors QEMU must inherit for ``spec`` (its NICs' stream sockets)."""
+    return tuple(nic.fd for nic in spec.nics if nic.fd is not None)
+
+
+def _stream_address(nic: StreamNic) -> dict[str, str]:
+    """The ``addr.*`` options of a stream netdev (QEMU 7.2 ``SocketAddress``).
+
+    With ``addr.type=fd`` a client netdev takes the descriptor as it is: QEMU 7.2's
+    net_stream_client_init -> qio_channel_socket_connect_async -> socket_connect ->
+    socket_get_fd parses the number (no monitor is current on the connect thread, nor
+    during command-line parsing), checks it is a socket and does not connect() it.
+    """
+    if nic.fd is not None:
+        return {"addr.type": "fd", "addr.str": str(nic.fd)}
+    return {"addr.type": "unix", "addr.path": str(nic.socket)}
 
 
 def incoming_uri(incoming: Incoming) -> str:
@@ -313,10 +349,7 @@ def build_argv(spec: MachineSpec) -> list[str]:
         netdev = netdev_id(index)
         argv += [
             "-netdev",
-            _options(
-                "stream",
-                {"id": netdev, "server": "off", "addr.type": "unix", "addr.path": str(nic.socket)},
-            ),
+            _options("stream", {"id": netdev, "server": "off", **_stream_address(nic)}),
             "-device",
             f"virtio-net-pci,netdev={netdev},mac={nic.mac.lower()},id=v{netdev}",
         ]

@@ -42,7 +42,7 @@ from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp import Runstate as QmpRunstate
 
 from kemari.errors import QemuError
-from kemari.qemu.cmdline import MachineSpec, build_argv
+from kemari.qemu.cmdline import MachineSpec, build_argv, inherited_fds
 from kemari.sockets import claim_socket_path
 
 OUTPUT_TAIL_LINES = 200
@@ -223,10 +223,15 @@ class QemuMachine:
             raise QemuError(f"machine {self.spec.name} was already started")
         if not os.access(self.binary, os.X_OK):
             raise QemuError(f"QEMU binary {self.binary} is missing or not executable")
+        pass_fds = inherited_fds(self.spec)
+        for fd in pass_fds:
+            _check_inheritable_socket(fd)
         # Refuses (ConfigError) when a live process listens on the path; removes a stale socket.
         claim_socket_path(self.spec.qmp_socket)
         self.run_state = RunState.STARTING
         try:
+            # pass_fds: the NICs' stream sockets keep their numbers in QEMU, which the
+            # argv names (addr.str); every other descriptor is closed in the child.
             self._process = await asyncio.create_subprocess_exec(
                 *self.argv,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -234,6 +239,7 @@ class QemuMachine:
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_die_with_parent(os.getpid()),
+                pass_fds=pass_fds,
             )
         except OSError as exc:
             self.run_state = RunState.FAILED
@@ -507,6 +513,16 @@ async def _exits_within(process: asyncio.subprocess.Process, timeout_s: float) -
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(process.wait()), timeout_s)
     return process.returncode is not None
+
+
+def _check_inheritable_socket(fd: int) -> None:
+    """Raise :class:`QemuError` unless ``fd`` is an open socket of this process."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise QemuError(f"NIC stream descriptor {fd} is not open: {exc.strerror}") from exc
+    if not stat.S_ISSOCK(mode):
+        raise QemuError(f"NIC stream descriptor {fd} is not a socket")
 
 
 def _remove_socket(path: Path) -> None:
