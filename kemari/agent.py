@@ -3,7 +3,8 @@
 Start order (each step needs the previous ones):
 
 1. lock the runtime directory, so two agents never drive one VM;
-2. start the NBD servers and network bridges, so QEMU finds its disk and NIC
+2. start the network bridges (their taps), so each QEMU launch gets a new
+   stream socketpair per NIC, and the NBD servers, so QEMU finds its disk
    sockets listening when it connects at start-up;
 3. start the monitor, so an operator can talk to the agent;
 4. start QEMU and wait until QMP answers.
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import fcntl
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -121,9 +124,9 @@ class Agent:
             binary = qemu_binary(spec.accel)
             self.binary_reason = binary.reason
             self.checkpoint_safe = binary.checkpoint_safe
-            # NIC paths exist before any QEMU: 7.2 connects -netdev stream only at start.
+            # Bridges (and taps) live as long as the agent; each QEMU gets new guest links.
             for index, nic in enumerate(self.config.nics):
-                bridge = NetBridge(self.runtime_dir / f"net{index}.sock", nic.tap, nic.bridge)
+                bridge = NetBridge(None, nic.tap, nic.bridge)
                 NetOutputs(self.event_tap, bridge, index)
                 await bridge.start()
                 stack.push_async_callback(bridge.close)
@@ -141,13 +144,14 @@ class Agent:
                 # Disks are opened only by the host that runs the guest (shared storage:
                 # the standby must not hold the image while the primary writes it).
                 await self._start_disks(stack)
-                machine = QemuMachine(spec, binary.path)
-                self.machine = machine
-                await stack.enter_async_context(machine)
+                async with self._guest_links(spec) as linked:
+                    machine = QemuMachine(linked, binary.path)
+                    self.machine = machine
+                    await stack.enter_async_context(machine)
             # Registered after QEMU: runs before QEMU is stopped, so the standby is told
             # goodbye while the guest still runs.
             stack.push_async_callback(self._stop_protection)
-            await self._wait_for_nics()
+            self._check_nics()
             if self.console is not None:
                 follower = asyncio.create_task(self._follow_serial(self.console))
                 stack.callback(follower.cancel)
@@ -238,7 +242,9 @@ class Agent:
                 await self.standby_disks.fail_over()
             await self._start_disks(self._stack)
             binary = qemu_binary(self._spec.accel)
-            result = await fail_over(receiver.applier, self._spec, binary.path)
+            # The standby's bridges had no guest; the failover QEMU gets new links to them.
+            async with self._guest_links(self._spec) as linked:
+                result = await fail_over(receiver.applier, linked, binary.path)
         except BaseException:
             self.state = AgentState.STANDBY_FAILED
             raise
@@ -284,10 +290,7 @@ class Agent:
                 )
                 for i, disk in enumerate(config.disks)
             ),
-            nics=tuple(
-                StreamNic(mac=nic.mac, socket=self.runtime_dir / f"net{i}.sock")
-                for i, nic in enumerate(config.nics)
-            ),
+            # NICs are added per launch, with that QEMU's descriptors (_guest_links).
             qmp_socket=self.runtime_dir / "qmp.sock",
             serial_log=config.resolved_serial_log(),
             # A guest reboot resets the machine in place (the records test relies on it).
@@ -332,14 +335,38 @@ class Agent:
             protection, self.protection = self.protection, None
             await protection.close()
 
-    async def _wait_for_nics(self, timeout_s: float = 10.0) -> None:
-        """QEMU 7.2 connects ``-netdev stream`` asynchronously: make sure every NIC did."""
-        deadline = time.monotonic() + timeout_s
-        while not all(bridge.guest_attached for bridge in self.bridges):
-            if time.monotonic() > deadline:
-                missing = [b.tap_name for b in self.bridges if not b.guest_attached]
-                raise NetError(f"QEMU did not connect the NIC(s) of tap {', '.join(missing)}")
-            await asyncio.sleep(0.02)
+    @contextlib.asynccontextmanager
+    async def _guest_links(self, spec: MachineSpec) -> AsyncIterator[MachineSpec]:
+        """``spec`` with one new guest link per NIC, its QEMU ends passed as descriptors.
+
+        Start QEMU inside the block.  Leaving it closes the agent's copies of QEMU's ends,
+        so from then on QEMU holds the only ones, and its exit (or a refused descriptor)
+        detaches the bridge's link; a QEMU that never started detaches them at once.
+        """
+        qemu_ends: list[socket.socket] = []
+        try:
+            for bridge in self.bridges:
+                qemu_ends.append(await bridge.plug_guest())
+            nics = tuple(
+                StreamNic(mac=nic.mac, fd=end.fileno())
+                for nic, end in zip(self.config.nics, qemu_ends, strict=True)
+            )
+            yield dataclasses.replace(spec, nics=nics)
+        finally:
+            for end in qemu_ends:
+                end.close()
+
+    def _check_nics(self) -> None:
+        """Every NIC's link is still attached once QEMU runs.
+
+        QEMU 7.2 takes an inherited ``-netdev stream`` descriptor on a connect thread during
+        start-up and closes it if unusable, which ends the link here.  A link is connected
+        from its creation, so there is nothing to wait for: guest frames flow as soon as
+        QEMU reads, and host frames wait in the socket until it does.
+        """
+        missing = [bridge.tap_name for bridge in self.bridges if not bridge.guest_attached]
+        if missing:
+            raise NetError(f"QEMU dropped the stream link of tap {', '.join(missing)}")
 
     @contextlib.contextmanager
     def _signal_handlers(self) -> Iterator[None]:

@@ -1,11 +1,23 @@
 """NetBridge: carries a guest NIC between QEMU's ``-netdev stream`` socket and a host tap.
 
-Kemari listens on a unix socket; QEMU connects to it as a client
-(``-netdev stream,id=n0,server=off,addr.type=unix,addr.path=PATH``).  Frames
-read from QEMU go out of the tap into the host (guest output); frames read from
-the tap go to QEMU (guest input).  At most one QEMU is attached at a time; when
-it disconnects the listener stays, so the QEMU that takes over after a failover
-connects to the same path.
+QEMU is always the stream client.  Two ways to give it the socket:
+
+* **Inherited (the agent).** :meth:`NetBridge.plug_guest` makes a connected
+  ``AF_UNIX`` socketpair per QEMU launch, attaches Kemari's end as the guest
+  connection and returns QEMU's end, which QEMU inherits
+  (``-netdev stream,id=n0,server=off,addr.type=fd,addr.str=FD``).  QEMU's end
+  gets a send buffer for a whole virtio TX ring (:data:`QEMU_SEND_BUFFER_BYTES`):
+  the checkpoint's ``vm_stop`` pushes the ring into the socket and QEMU purges
+  what does not fit, which the guest counts as sent.
+* **Listening (``kemari net bridge``).** With a ``stream_socket`` path, Kemari
+  listens there and QEMU connects to it
+  (``-netdev stream,id=n0,server=off,addr.type=unix,addr.path=PATH``); QEMU's
+  socket then has the system's default send buffer.
+
+Frames read from QEMU go out of the tap into the host (guest output); frames
+read from the tap go to QEMU (guest input).  At most one QEMU is attached at a
+time; when it goes, the bridge and its tap stay, so the QEMU that takes over
+after a failover (plugged anew, or connecting to the same path) carries on.
 
 Guest output leaves Kemari through exactly one method,
 :meth:`NetBridge._release_to_host`, which asks the bridge's :class:`ReleasePolicy`
@@ -32,6 +44,7 @@ import dataclasses
 import enum
 import fcntl
 import logging
+import socket
 import struct
 import termios
 from pathlib import Path
@@ -46,6 +59,72 @@ log = logging.getLogger(__name__)
 
 # Frames moved per tap-readable callback, so a flooding host cannot starve the guest side.
 _TAP_READ_BUDGET = 64
+
+# The send buffer QEMU's end of an inherited guest link gets (what SO_SNDBUF reads back).
+# At a checkpoint's vm_stop, QEMU 7.2 pushes every frame still in the guest's TX ring into
+# the socket and purges the first one that does not fit (net_vm_change_state_handler ->
+# qemu_flush_or_purge_queued_packets; each purge completes the frame, and
+# virtio_net_tx_complete fetches the next): the guest counts those as sent, nobody has them.
+# So the buffer must take a full ring on top of the little Kemari has not read yet (the
+# checkpoint drains the socket first, drain_guest_stream).  The ring: virtio-net's TX queue
+# has 256 descriptors (QEMU 7.2 VIRTIO_NET_TX_QUEUE_DEFAULT_SIZE), one frame each.  The
+# cost of a frame: on AF_UNIX stream sockets every write (4-byte length + frame) is one skb
+# charged to the *sender's* send buffer at its truesize (data rounded up to a slab, plus
+# skb_shared_info and sk_buff); measured on Linux 6.x by filling a socketpair: 2303 bytes
+# for a 1514-byte frame, 10485 for a 9014-byte jumbo frame.  256 x 2303 = 0.56 MiB (the
+# default net.core.wmem_default, 212992, holds only 92 such frames); 256 x 10485 = 2.6 MiB.
+# 4 MiB = 256 x 16 KiB holds a full ring of frames up to about 15000 bytes, so any
+# standard or jumbo MTU.  (A guest that raises its MTU towards virtio-net's 65535 could
+# still overflow it: 256 maximal frames cost about 17 MiB.)  The kernel charges this
+# memory only while frames wait unread, i.e. while Kemari has paused reading the guest.
+QEMU_SEND_BUFFER_BYTES = 4 << 20
+# Linux's SO_SNDBUFFORCE (asm-generic/socket.h; not exported by Python's socket module):
+# SO_SNDBUF without the net.core.wmem_max cap, for a process with CAP_NET_ADMIN.
+_SO_SNDBUFFORCE = 32
+
+
+def set_send_buffer(sock: socket.socket, size: int) -> int:
+    """Give ``sock`` a send buffer of ``size`` bytes, as near as allowed; returns what it got.
+
+    Linux doubles the value it is given (the extra half is its bookkeeping allowance) and
+    reports the doubled value, so ``size / 2`` is asked for.  Without CAP_NET_ADMIN,
+    SO_SNDBUFFORCE is refused and plain SO_SNDBUF is capped by net.core.wmem_max: then a
+    smaller buffer is logged as a warning, since frames may be lost at checkpoints.
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, size // 2)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size // 2)
+    granted: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    if granted < size:
+        log.warning(
+            "QEMU's stream socket got a %d-byte send buffer, not %d (no CAP_NET_ADMIN, and "
+            "net.core.wmem_max caps it): a full TX ring may not fit at a checkpoint, and "
+            "QEMU drops what does not",
+            granted,
+            size,
+        )
+    return granted
+
+
+def guest_socketpair() -> tuple[socket.socket, socket.socket]:
+    """A connected ``AF_UNIX`` stream pair: (Kemari's end, QEMU's end).
+
+    QEMU's end gets :data:`QEMU_SEND_BUFFER_BYTES` of send buffer.  Kemari's end keeps the
+    defaults: on AF_UNIX stream sockets the receiver's SO_RCVBUF limits nothing (the
+    kernel charges queued data to the sender, net/unix/af_unix.c), and Kemari's own send
+    buffer only bounds host frames waiting for QEMU, where asyncio's write-buffer marks
+    already stop the tap reader.  Both ends are close-on-exec; a child inherits QEMU's
+    end only through ``pass_fds``.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        set_send_buffer(theirs, QEMU_SEND_BUFFER_BYTES)
+    except OSError as exc:
+        ours.close()
+        theirs.close()
+        raise NetError(f"cannot size QEMU's stream socket: {exc}") from exc
+    return ours, theirs
 
 
 @dataclasses.dataclass
@@ -146,11 +225,15 @@ class _GuestConnection(asyncio.Protocol):
 
 
 class NetBridge:
-    """Moves frames between one QEMU ``-netdev stream`` client and a host tap."""
+    """Moves frames between one QEMU ``-netdev stream`` client and a host tap.
+
+    ``stream_socket``: the unix path to listen on for QEMU; None: no listener, each QEMU
+    gets its end of a socketpair from :meth:`plug_guest`.
+    """
 
     def __init__(
         self,
-        stream_socket: Path,
+        stream_socket: Path | None,
         tap_name: str,
         bridge: str | None = None,
         max_frame: int = QEMU_MAX_FRAME,
@@ -183,17 +266,26 @@ class NetBridge:
         """True while a QEMU is connected."""
         return self._peer is not None
 
+    @property
+    def _guest_side(self) -> str:
+        """The guest side's name in log lines."""
+        if self.stream_socket is None:
+            return f"the guest link of tap {self.tap_name}"
+        return str(self.stream_socket)
+
     async def start(self) -> None:
-        """Create the tap, then listen for QEMU (so a connected QEMU always has a tap)."""
+        """Create the tap, then listen for QEMU if there is a path (a QEMU always has a tap)."""
         if self.state is not BridgeState.CREATED:
             raise NetError(f"bridge cannot start in state {self.state.value}")
-        claim_socket_path(self.stream_socket)
+        if self.stream_socket is not None:
+            claim_socket_path(self.stream_socket)
         self._tap.open()
         try:
-            loop = asyncio.get_running_loop()
-            self._server = await loop.create_unix_server(
-                lambda: _GuestConnection(self), path=str(self.stream_socket)
-            )
+            if self.stream_socket is not None:
+                loop = asyncio.get_running_loop()
+                self._server = await loop.create_unix_server(
+                    lambda: _GuestConnection(self), path=str(self.stream_socket)
+                )
         except OSError as exc:
             self._tap.close()
             raise NetError(f"cannot listen on {self.stream_socket}: {exc.strerror}") from exc
@@ -202,7 +294,36 @@ class NetBridge:
             raise
         self.state = BridgeState.RUNNING
         self._set_tap_reading(enabled=True)
-        log.info("bridge %s <-> tap %s listening", self.stream_socket, self.tap_name)
+        if self.stream_socket is not None:
+            log.info("bridge %s <-> tap %s listening", self.stream_socket, self.tap_name)
+        else:
+            log.info("bridge of tap %s running (each QEMU gets a new link)", self.tap_name)
+
+    async def plug_guest(self) -> socket.socket:
+        """Connect a new guest link for the next QEMU; returns QEMU's end.
+
+        Kemari's end is attached at once as the guest connection.  The caller passes QEMU's
+        end to QEMU (``StreamNic(fd=...)``, inherited) and closes its own copy once QEMU has
+        started, or failed to: from then on QEMU holds the only copy, so QEMU's exit (or a
+        refused descriptor) reads as end-of-stream here and detaches the link, like a
+        disconnect on the listener.  Host frames that arrive before QEMU reads wait in the
+        socket, as in a NIC's receive ring.
+        """
+        if self.state is not BridgeState.RUNNING:
+            raise NetError(f"bridge of tap {self.tap_name} is {self.state.value}, not running")
+        if self._peer is not None:
+            # One guest per NIC identity: the previous QEMU must be gone first.
+            raise NetError(f"a QEMU is still attached to {self._guest_side}")
+        ours, theirs = guest_socketpair()
+        try:
+            loop = asyncio.get_running_loop()
+            # Returns after connection_made, i.e. after _attach.
+            await loop.connect_accepted_socket(lambda: _GuestConnection(self), sock=ours)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        return theirs
 
     async def wait_stopped(self) -> None:
         """Return once the bridge failed (see :attr:`failure`) or was closed."""
@@ -226,7 +347,7 @@ class NetBridge:
             # connection_lost runs on the next loop iteration; let it detach the peer.
             await asyncio.sleep(0)
         self._tap.close()
-        if listened:
+        if listened and self.stream_socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.stream_socket.unlink()
         self._stopped.set()
@@ -239,7 +360,7 @@ class NetBridge:
             # Two NICs on one guest identity would interleave two guests' frames:
             # the attached QEMU keeps the link until it disconnects.
             self.counters.refused_connections += 1
-            log.warning("refusing a second QEMU connection on %s", self.stream_socket)
+            log.warning("refusing a second QEMU connection on %s", self._guest_side)
             connection.transport.close()
             return
         self._peer = connection
@@ -247,7 +368,7 @@ class NetBridge:
         if self._guest_reading_paused:
             connection.transport.pause_reading()
         log.info(
-            "guest connected on %s (connection %d)", self.stream_socket, self.counters.connections
+            "guest connected on %s (connection %d)", self._guest_side, self.counters.connections
         )
 
     def _detach(self, connection: _GuestConnection, exc: Exception | None) -> None:
@@ -255,13 +376,13 @@ class NetBridge:
             return
         self._peer = None
         reason = f": {exc}" if exc is not None else ""
-        log.info("guest disconnected from %s%s", self.stream_socket, reason)
+        log.info("guest disconnected from %s%s", self._guest_side, reason)
         # A paused tap reader belongs to the old connection's back-pressure.
         self._set_tap_reading(enabled=self.state is BridgeState.RUNNING)
 
     def _framing_failed(self, connection: _GuestConnection, exc: FramingError) -> None:
         self.counters.framing_errors += 1
-        log.error("dropping QEMU connection on %s: malformed stream: %s", self.stream_socket, exc)
+        log.error("dropping QEMU connection on %s: malformed stream: %s", self._guest_side, exc)
         if connection.transport is not None:
             connection.transport.abort()
 
@@ -365,7 +486,7 @@ class NetBridge:
         self.counters.host_to_guest.add(frame)
 
     def _fail(self, error: NetError) -> None:
-        log.error("bridge %s failed: %s", self.stream_socket, error)
+        log.error("bridge %s failed: %s", self._guest_side, error)
         self._set_tap_reading(enabled=False)
         self.failure = error
         self.state = BridgeState.FAILED
