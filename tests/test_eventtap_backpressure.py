@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_eventtap_guest import (
@@ -215,7 +216,17 @@ def test_a_full_log_pauses_the_guest_nic_drops_nothing_and_resumes(
         last = primary.monitor("checkpoint").data["epoch"]
         assert last > epoch
 
-        status = primary.status()
+        # The clients' connections close now: the guest's last FIN/ACKs may come after a
+        # checkpoint's stop and wait for the next one (epoch_ms is 10 minutes here).
+        settled: list[dict[str, Any]] = []
+
+        def released_everything() -> bool:
+            primary.monitor("checkpoint")
+            settled.append(primary.status())
+            return bool(settled[-1]["eventtap"]["held"] == 0)
+
+        wait_for(released_everything, "the guest's last frames to be released", 30)
+        status = settled[-1]
         tap, nic = status["eventtap"], status["nics"][0]
         assert tap["held"] == 0 and tap["held_bytes"] == 0, tap
         assert not tap["paused"] and not nic["guest_reading_paused"], (tap, nic)
