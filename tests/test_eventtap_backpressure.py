@@ -29,6 +29,7 @@ buffer lost frames here with the 2 cores busy, none on an idle machine.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,7 @@ from test_eventtap_guest import (
 )
 
 from kemari.net.stream import QEMU_MAX_FRAME
-from kemari.testbed.topology import Topology
+from kemari.testbed.topology import Namespace, Topology
 from kemari.testbed.vm import AgentProcess, wait_for
 
 pytestmark = [pytest.mark.guest, pytest.mark.root]
@@ -127,12 +129,15 @@ def expected_answer(stored: list[dict[str, object]]) -> str:
     return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
 
 
-def test_a_full_log_pauses_the_guest_nic_drops_nothing_and_resumes(
-    tmp_path: Path, lab: Topology
-) -> None:
+@contextlib.contextmanager
+def bounded_pair(
+    lab: Topology, workdir: Path
+) -> Iterator[tuple[AgentProcess, AgentProcess, Namespace, list[dict[str, Any]]]]:
+    """A pair with a 64 KiB held-frames bound and no periodic checkpoint to speak of (the
+    tests ask for every one), and RECORDS records stored before protection starts."""
     primary, standby, client_ns, _ = start_pair(
         lab,
-        tmp_path,
+        workdir,
         "periodic",
         extra_args=("--held-frames-max", "64K", "--epoch-ms", "600000"),
     )
@@ -144,13 +149,26 @@ def test_a_full_log_pauses_the_guest_nic_drops_nothing_and_resumes(
             ).stdout
         )
         assert [record["seq"] for record in stored] == list(range(1, RECORDS + 1))
-        burst = client_ns.popen(
-            [sys.executable, "-c", BURST_SCRIPT, GUEST_IP, str(CONNECTIONS)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        assert burst.stdin is not None and burst.stdout is not None
-        assert burst.stdout.readline() == b"connected\n"
+        yield primary, standby, client_ns, stored
+
+
+def start_burst(client_ns: Namespace) -> subprocess.Popen[bytes]:
+    """BURST_SCRIPT with its CONNECTIONS connections open; a line on its stdin sends the GETs."""
+    burst = client_ns.popen(
+        [sys.executable, "-c", BURST_SCRIPT, GUEST_IP, str(CONNECTIONS)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert burst.stdin is not None and burst.stdout is not None
+    assert burst.stdout.readline() == b"connected\n"
+    return burst
+
+
+def test_a_full_log_pauses_the_guest_nic_drops_nothing_and_resumes(
+    tmp_path: Path, lab: Topology
+) -> None:
+    with bounded_pair(lab, tmp_path) as (primary, standby, client_ns, stored):
+        burst = start_burst(client_ns)
         protect(primary)
         status = primary.status()
         tap = status["eventtap"]
@@ -238,29 +256,11 @@ def test_a_full_log_pauses_the_guest_nic_drops_nothing_and_resumes(
 
 
 def test_no_frame_the_guest_sent_is_lost_at_a_checkpoint(tmp_path: Path, lab: Topology) -> None:
-    primary, standby, client_ns, _ = start_pair(
-        lab,
-        tmp_path,
-        "periodic",
-        extra_args=("--held-frames-max", "64K", "--epoch-ms", "600000"),
-    )
-    records = [sys.executable, "-m", "kemari.testbed.records", GUEST_IP]
-    with primary, standby:
-        stored = json.loads(
-            client_ns.run(
-                [*records, "put", str(RECORDS), "--prefix", PAYLOAD_PREFIX], timeout=120
-            ).stdout
-        )
+    with bounded_pair(lab, tmp_path) as (primary, _, client_ns, stored):
         counter = Client(client_ns)
         assert counter.line(120) == f"OK {RECORDS + 1}"  # its "PUT warm": GETs list it
         stored.append({"seq": RECORDS + 1, "payload": "warm"})
-        burst = client_ns.popen(
-            [sys.executable, "-c", BURST_SCRIPT, GUEST_IP, str(CONNECTIONS)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        assert burst.stdin is not None and burst.stdout is not None
-        assert burst.stdout.readline() == b"connected\n"
+        burst = start_burst(client_ns)
         guest_sent, bridge_read = quiet_counts(primary, counter)
         protect(primary)
 
