@@ -450,9 +450,10 @@ def test_replicated_failover_before_the_copy_completed_is_refused(tmp_path: Path
 
 
 async def replicated_pair(
-    tmp_path: Path, standby: StandbyDisks
-) -> tuple[RawFileBackend, OverlayBackend, Primary]:
-    """A primary image copied to an empty standby image (SYNCED committed)."""
+    tmp_path: Path,
+) -> tuple[StandbyDisks, RawFileBackend, OverlayBackend, Primary]:
+    """A primary image (p.raw) copied to an empty standby image (s.raw), SYNCED committed."""
+    standby = StandbyDisks([tmp_path / "s.raw"], StorageMode.REPLICATED)
     primary_path = tmp_path / "p.raw"
     random_image(primary_path, 128 * 1024, 3)
     (tmp_path / "s.raw").write_bytes(bytes(128 * 1024))
@@ -468,7 +469,7 @@ async def replicated_pair(
         await primary.checkpoint()
         await asyncio.sleep(0.001)  # the copier reads in the backend's I/O thread
     await copy
-    return base, overlay, primary
+    return standby, base, overlay, primary
 
 
 def test_replicated_images_are_flushed_in_the_background(
@@ -478,8 +479,7 @@ def test_replicated_images_are_flushed_in_the_background(
     monkeypatch.setattr(diskreplica, "BACKGROUND_FLUSH_INTERVAL_S", 0.0)
 
     async def scenario() -> None:
-        standby = StandbyDisks([tmp_path / "s.raw"], StorageMode.REPLICATED)
-        base, overlay, primary = await replicated_pair(tmp_path, standby)
+        standby, base, overlay, primary = await replicated_pair(tmp_path)
         for round_number in range(4):
             await overlay.write(round_number * 4096, b"x" * 4096, fua=False)
             await primary.checkpoint()
@@ -501,8 +501,7 @@ def test_a_failed_background_flush_makes_failover_refuse(
     monkeypatch.setattr(diskreplica, "BACKGROUND_FLUSH_INTERVAL_S", 0.0)
 
     async def scenario() -> None:
-        standby = StandbyDisks([tmp_path / "s.raw"], StorageMode.REPLICATED)
-        base, overlay, primary = await replicated_pair(tmp_path, standby)
+        standby, base, overlay, primary = await replicated_pair(tmp_path)
 
         standby_image = tmp_path / "s.raw"
         real_flush = RawFileBackend.flush
