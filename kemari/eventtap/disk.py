@@ -336,15 +336,9 @@ class OverlayBackend:
         retries them.
         """
         async with self._release_lock:
-            written = 0
-            while self._log and self._log[0].record.epoch <= committed_epoch:
-                held = self._log[0]
-                await self._apply_to_base(held)
-                if self._fenced:  # discard() ran meanwhile
-                    return written
-                self._log.popleft()
-                self._forget(held)
-                written += 1
+            written, fenced = await self._write_held(committed_epoch)
+            if fenced:
+                return written
             if written:
                 await self.base.flush()
             if self._released_epoch is None or committed_epoch > self._released_epoch:
@@ -356,6 +350,21 @@ class OverlayBackend:
                         self.emit_marker(DiskOp.RELEASED, committed_epoch)
             return written
 
+    async def _write_held(self, through_epoch: int | None) -> tuple[int, bool]:
+        """Write the held writes of an epoch <= ``through_epoch`` (all when None) to the
+        base, oldest first, dropping each once written.  Returns how many were written and
+        whether discard() fenced the overlay meanwhile.  Call with the release lock held."""
+        written = 0
+        while self._log and (through_epoch is None or self._log[0].record.epoch <= through_epoch):
+            held = self._log[0]
+            await self._apply_to_base(held)
+            if self._fenced:  # discard() ran meanwhile
+                return written, True
+            self._log.popleft()
+            self._forget(held)
+            written += 1
+        return written, False
+
     async def unprotect(self) -> int:
         """Protection ended: the guest goes on here, so every held write goes to the base
         (committed or not), in order; then requests pass through again.
@@ -364,15 +373,9 @@ class OverlayBackend:
         self._emit = None
         self._epoch_of_write = None
         async with self._release_lock:
-            written = 0
-            while self._log:
-                held = self._log[0]
-                await self._apply_to_base(held)
-                if self._fenced:  # discard() ran meanwhile
-                    return written
-                self._log.popleft()
-                self._forget(held)
-                written += 1
+            written, fenced = await self._write_held(None)
+            if fenced:
+                return written
             # Same event-loop step as the empty check: no write can slip in between.
             self._holding = False
             await self.base.flush()
