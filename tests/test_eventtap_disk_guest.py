@@ -48,6 +48,7 @@ from kemari.qemu.cmdline import MachineSpec, NbdDisk
 from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ReplicaApplier
 from kemari.stream import Configuration, RamBlockList, RamPage, RamZeroPage
+from kemari.testbed.fsck import check_diskload_disk
 
 pytestmark = [
     pytest.mark.guest,
@@ -58,8 +59,6 @@ DISK_MIB = 64
 EPOCH_MS = 100
 COMPARED_COMMITS = 8
 SYNCED_RE = re.compile(rb"diskload: seq (\d+) synced")
-E2FSCK = shutil.which("e2fsck") or "/usr/sbin/e2fsck"
-DEBUGFS = shutil.which("debugfs") or "/usr/sbin/debugfs"
 
 
 def synced_seqs(path: Path) -> list[int]:
@@ -132,35 +131,6 @@ def workdir() -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def replay_and_check(image: Path, kguest: Path, scratch: Path) -> None:
-    """Replay the ext4 journal of a copy (the image is crash-consistent), then e2fsck -fn
-    must find nothing, and diskload-verify must accept the diskload file."""
-    copy = scratch / f"{image.name}.fsck"
-    shutil.copyfile(image, copy)
-    replay = subprocess.run(
-        [E2FSCK, "-E", "journal_only", "-p", str(copy)], capture_output=True, text=True, check=False
-    )
-    assert replay.returncode in (0, 1), replay.stdout + replay.stderr
-    check = subprocess.run([E2FSCK, "-fn", str(copy)], capture_output=True, text=True, check=False)
-    assert check.returncode == 0, check.stdout + check.stderr
-    dump = scratch / f"{image.name}.data"
-    dump.mkdir()
-    subprocess.run(
-        [DEBUGFS, "-R", f"dump /diskload.bin {dump / 'diskload.bin'}", str(copy)],
-        capture_output=True,
-        check=True,
-    )
-    verify = subprocess.run(
-        [str(kguest), "diskload-verify", "--dir", str(dump)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert verify.returncode == 0 and "diskload-verify: OK" in verify.stdout, (
-        verify.stdout + verify.stderr
-    )
 
 
 def test_diskload_through_the_overlay_with_checkpoints_and_a_replicated_disk(
@@ -254,5 +224,5 @@ def test_diskload_through_the_overlay_with_checkpoints_and_a_replicated_disk(
     assert seqs == sorted(seqs)
     scratch = workdir / "check"
     scratch.mkdir()
-    replay_and_check(primary_image, image.kguest, scratch)
-    replay_and_check(standby_image, image.kguest, scratch)
+    check_diskload_disk(primary_image, scratch, image.kguest)
+    check_diskload_disk(standby_image, scratch, image.kguest)
