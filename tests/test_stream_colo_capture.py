@@ -11,14 +11,11 @@ The failover test then builds a minimal replica from the events and has a fresh 
 
 import asyncio
 import contextlib
-import subprocess
 from pathlib import Path
 
 import pytest
 from bare_qemu import bare_qemu, load_stream
-from qemu.qmp import QMPClient
 
-from kemari.qemu.binary import qemu_binary
 from kemari.stream import (
     ColoEvent,
     ColoMessage,
@@ -45,7 +42,6 @@ pytestmark = pytest.mark.guest
 
 
 async def _protect_once(tmp_path: Path) -> list[StreamEvent]:
-    qmp_path = tmp_path / "qmp.sock"
     mig_path = tmp_path / "mig.sock"
     parser = StreamParser()
     events: list[StreamEvent] = []
@@ -74,26 +70,16 @@ async def _protect_once(tmp_path: Path) -> list[StreamEvent]:
             await reader.read(1)
 
     server = await asyncio.start_unix_server(receive, str(mig_path))
-    argv = [str(qemu_binary("tcg").path), "-accel", "tcg", "-nodefaults", "-display", "none"]
-    argv += ["-S", "-m", "64M", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-    qmp = QMPClient("primary")
     try:
-        for _ in range(200):
-            if qmp_path.exists():
-                break
-            await asyncio.sleep(0.05)
-        await qmp.connect(str(qmp_path))
-        caps = [{"capability": "x-colo", "state": True}]
-        await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
-        await qmp.execute("migrate-set-parameters", {"x-checkpoint-delay": 100})
-        await qmp.execute("migrate", {"uri": f"unix:{mig_path}"})
-        await checkpoint_done.wait()
+        # SIGKILL on the way out (bare_qemu): a primary stuck in a checkpoint does not act
+        # on SIGTERM.
+        async with bare_qemu(tmp_path, "primary", tmp_path / "primary.ram") as qmp:
+            caps = [{"capability": "x-colo", "state": True}]
+            await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
+            await qmp.execute("migrate-set-parameters", {"x-checkpoint-delay": 100})
+            await qmp.execute("migrate", {"uri": f"unix:{mig_path}"})
+            await checkpoint_done.wait()
     finally:
-        await qmp.disconnect()
-        # SIGKILL: a primary stuck in a checkpoint does not act on SIGTERM.
-        proc.kill()
-        proc.wait(timeout=10)
         server.close()
         await server.wait_closed()
     assert parser.state is ParserState.COLO_IDLE
