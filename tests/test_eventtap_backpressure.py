@@ -47,7 +47,6 @@ from test_eventtap_guest import (
     GUEST_IP,
     Client,
     lab,
-    prerequisites,
     protect,
     start_pair,
 )
@@ -56,8 +55,12 @@ from kemari.net.stream import QEMU_MAX_FRAME
 from kemari.testbed.topology import Namespace, Topology
 from kemari.testbed.vm import AgentProcess, wait_for
 
-pytestmark = [pytest.mark.guest, pytest.mark.root]
-__all__ = ["lab", "prerequisites"]  # fixtures used by name
+pytestmark = [
+    pytest.mark.guest,
+    pytest.mark.root,
+    pytest.mark.usefixtures("image_and_patched_qemu"),
+]
+__all__ = ["lab"]  # fixtures used by name
 
 HELD_MAX = 64 << 10
 # The slack over the bound while paused: the frames of the read that filled the log are

@@ -40,14 +40,16 @@ from pathlib import Path
 
 import pytest
 
-from kemari.image.builder import default_image
 from kemari.image.disk import create_data_disk
-from kemari.qemu.build import patched_qemu
 from kemari.replica.crashpoint import ENVIRONMENT_VARIABLE
 from kemari.testbed.topology import Namespace, Topology
 from kemari.testbed.vm import AgentProcess, wait_for
 
-pytestmark = [pytest.mark.guest, pytest.mark.root]
+pytestmark = [
+    pytest.mark.guest,
+    pytest.mark.root,
+    pytest.mark.usefixtures("image_and_patched_qemu"),
+]
 
 GUEST_IP = "10.213.0.2"
 PRIMARY_IP = "10.213.0.11"
@@ -81,13 +83,6 @@ def loop_client(namespace: Namespace, seconds: float) -> subprocess.Popen[bytes]
         ],
         stdout=subprocess.PIPE,
     )  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prerequisites() -> None:
-    default_image()
-    if patched_qemu() is None:
-        pytest.fail("the patched QEMU is not built: run 'kemari qemu build'")
 
 
 @pytest.fixture

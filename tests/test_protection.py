@@ -31,22 +31,13 @@ from pathlib import Path
 import pytest
 
 from kemari.errors import KemariError
-from kemari.image.builder import default_image
-from kemari.qemu.build import patched_qemu
 from kemari.testbed.vm import AgentProcess, kill_active, wait_for
 
-pytestmark = [pytest.mark.guest]
+pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu")]
 
 TICK_RE = re.compile(r"^tick (\d+)\r?$", re.MULTILINE)
 BOOT_MARKERS = ("Linux version", "kemari-guest:")
 ROUNDS = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prerequisites() -> None:
-    default_image()
-    if patched_qemu() is None:
-        pytest.fail("the patched QEMU is not built: run 'kemari qemu build' (scripts/setup does)")
 
 
 def free_port() -> int:

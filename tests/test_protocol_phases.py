@@ -26,12 +26,14 @@ from pathlib import Path
 import pytest
 from test_eventtap_guest import GUEST_IP, PORT, STANDBY_IP, loop_client, start_pair
 
-from kemari.image.builder import default_image
-from kemari.qemu.build import patched_qemu
 from kemari.testbed.fsck import check_crashed_disk
 from kemari.testbed.topology import Topology
 
-pytestmark = [pytest.mark.guest, pytest.mark.root]
+pytestmark = [
+    pytest.mark.guest,
+    pytest.mark.root,
+    pytest.mark.usefixtures("image_and_patched_qemu"),
+]
 
 # (hook, sync policy): a release of several outputs at once needs periodic checkpoints
 # (with the event policy the first output of an epoch triggers its checkpoint at once, so
@@ -43,13 +45,6 @@ PHASES = [
     ("output-release=3", "event+periodic"),
     ("during-release=2", "periodic"),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prerequisites() -> None:
-    default_image()
-    if patched_qemu() is None:
-        pytest.fail("the patched QEMU is not built: run 'kemari qemu build'")
 
 
 @pytest.fixture

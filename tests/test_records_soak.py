@@ -20,18 +20,13 @@ from pathlib import Path
 import pytest
 
 from kemari.eventtap.diskreplica import StorageMode
-from kemari.image.builder import default_image
-from kemari.qemu.build import patched_qemu
 from kemari.testbed.soak import run_soak
 
-pytestmark = [pytest.mark.guest, pytest.mark.root]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prerequisites() -> None:
-    default_image()
-    if patched_qemu() is None:
-        pytest.fail("the patched QEMU is not built: run 'kemari qemu build'")
+pytestmark = [
+    pytest.mark.guest,
+    pytest.mark.root,
+    pytest.mark.usefixtures("image_and_patched_qemu"),
+]
 
 
 @pytest.mark.parametrize("storage", list(StorageMode), ids=lambda mode: mode.value)

@@ -30,21 +30,13 @@ import pytest
 
 from kemari.image.builder import default_image
 from kemari.image.disk import create_data_disk
-from kemari.qemu.build import patched_qemu
 from kemari.testbed.fsck import check_diskload_disk
 from kemari.testbed.vm import AgentProcess, wait_for
 
-pytestmark = [pytest.mark.guest]
+pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu")]
 
 DISK_MIB = 64
 SYNCED_RE = re.compile(r"diskload: seq (\d+) synced")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prerequisites() -> None:
-    default_image()
-    if patched_qemu() is None:
-        pytest.fail("the patched QEMU is not built: run 'kemari qemu build' (scripts/setup does)")
 
 
 @pytest.fixture
