@@ -56,6 +56,7 @@ from kemari.stream import (
     VmDescription,
     encode_colo_message,
 )
+from kemari.tasks import cancel_and_wait
 
 PageRecord = RamPage | RamZeroPage
 PageBatch = Sequence[PageRecord]
@@ -351,9 +352,7 @@ class CheckpointSource:
                 # The task is already resuming the guest; let it finish that.
                 await asyncio.shield(task)
             else:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
         if self._state in (SourceState.SYNCING, SourceState.PROTECTED):
             await self._lose_protection("protection stopped by Kemari")
         self._close_socket()

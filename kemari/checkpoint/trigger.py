@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import statistics
 
 from kemari.checkpoint.source import CheckpointSource, SourceState
 from kemari.errors import KemariError
+from kemari.tasks import cancel_and_wait
 
 DEFAULT_RETRY_S = 0.02
 LATENCY_SAMPLES = 256
@@ -54,9 +54,7 @@ class CheckpointTrigger:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def __aenter__(self) -> CheckpointTrigger:
         await self.start()

@@ -44,6 +44,7 @@ from qemu.qmp import Runstate as QmpRunstate
 from kemari.errors import QemuError
 from kemari.qemu.cmdline import MachineSpec, build_argv, inherited_fds
 from kemari.sockets import claim_socket_path
+from kemari.tasks import cancel_and_wait
 
 OUTPUT_TAIL_LINES = 200
 DEFAULT_START_TIMEOUT_S = 30.0
@@ -348,9 +349,7 @@ class QemuMachine:
         exit_info = await asyncio.shield(self._reaper_task)
         for task in (self._event_task, self._output_task):
             if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
         _remove_socket(self.spec.qmp_socket)
         return exit_info
 
@@ -396,9 +395,7 @@ class QemuMachine:
                 while self._qmp.runstate is QmpRunstate.RUNNING:
                     await self._qmp.runstate_changed()
         if self._event_task is not None:
-            self._event_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._event_task
+            await cancel_and_wait(self._event_task)
         # The watcher handles each event synchronously after its one await, so
         # cancelling it lost nothing; the rest are still queued in the listener.
         while not self._qmp.events.empty():

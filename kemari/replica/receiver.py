@@ -34,6 +34,7 @@ from kemari.eventtap.store import OutputStore
 from kemari.replica.applier import ReplicaApplier
 from kemari.stream import Configuration, RamBlock, RamBlockList
 from kemari.stream.format import PAGE_SIZE
+from kemari.tasks import cancel_and_wait
 from kemari.transaction.session import (
     Committed,
     Discarded,
@@ -99,9 +100,7 @@ class StandbyReceiver:
         """Stop listening, drop the primary (its open transaction is discarded)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await self.listener.close()
         self.applier.abort("the standby receiver stopped")
 
@@ -142,9 +141,7 @@ class StandbyReceiver:
                 current = asyncio.create_task(self._serve_primary(transport))
         finally:
             for task in [*helpers, *([current] if current is not None else [])]:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
 
     async def _refuse(self, transport: Transport) -> None:
         with contextlib.suppress(KemariError, OSError):
