@@ -2,7 +2,7 @@
 
 Each round protects the running ``records`` guest with a fresh standby in the other host
 namespace, SIGKILLs the active's QEMU and/or agent after a random 1-4 s and fails over
-(kemari/testbed/soak.py); the client stores records back to back on ONE TCP connection
+(tests/support/soak.py); the client stores records back to back on ONE TCP connection
 through every round.  At the end every acknowledged record must be stored in order and
 the data disk must pass ``e2fsck -fn``.  Printed: one line per round (what was killed,
 time to protect, failover command time, client-visible outage), then per storage mode the
@@ -25,9 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the soak: tests/support
+from support.soak import RoundResult, SoakResult, run_soak
+
+from kemari.config import StorageMode
 from kemari.errors import KemariError
-from kemari.eventtap.diskreplica import StorageMode
-from kemari.testbed.soak import RoundResult, SoakResult, run_soak
 
 
 def percentile(values: list[float], fraction: float) -> float:

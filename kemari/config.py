@@ -8,6 +8,7 @@ bad value is one clear :class:`~kemari.errors.ConfigError` and nothing to clean 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import ipaddress
 import json
@@ -18,12 +19,80 @@ from pathlib import Path
 from typing import Any
 
 from kemari.errors import ConfigError
-from kemari.eventtap.outputs import DEFAULT_MAX_BYTES
-from kemari.eventtap.policy import DEFAULT_EPOCH_MS, DEFAULT_SYNC, MAX_EPOCH_MS, SyncPolicy
 
-ACCELS = ("auto", "kvm", "tcg")
-# Where the standby's disks come from (kemari.eventtap.diskreplica.StorageMode).
-STORAGE_MODES = ("shared", "replicated")
+
+class _Choice(enum.Enum):
+    """A setting with a fixed set of names; :meth:`parse` names the choices on a bad one."""
+
+    @classmethod
+    def parse(cls, text: str, what: str) -> Any:
+        """The member named ``text``; ConfigError naming ``what`` and the choices otherwise."""
+        try:
+            return cls(text)
+        except ValueError as exc:
+            choices = ", ".join(member.value for member in cls)
+            raise ConfigError(f"{what}: {text!r} is not one of {choices}") from exc
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every member's name, in definition order (for CLI choices)."""
+        return tuple(member.value for member in cls)
+
+
+class Accel(_Choice):
+    """Which accelerator to ask for (``auto`` decides per host: kemari/qemu/accel.py)."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class SyncPolicy(_Choice):
+    """What causes a checkpoint (the seed's "synchronization points").
+
+    * ``event``: the first held output requests a checkpoint at once; outputs that
+      arrive while a checkpoint is in flight are tagged with the next one and wait for
+      it (event queuing).  Without output there is no checkpoint (QEMU's timer is set
+      to :data:`EVENT_ONLY_EPOCH_MS`).
+    * ``periodic``: QEMU's own timer every ``epoch_ms`` (``x-checkpoint-delay``),
+      Remus-like; outputs wait for the next tick.
+    * ``event+periodic``: both; the timer bounds how much dirty memory a checkpoint
+      carries when the guest computes without output.
+    """
+
+    EVENT = "event"
+    PERIODIC = "periodic"
+    EVENT_PERIODIC = "event+periodic"
+
+    @property
+    def on_output(self) -> bool:
+        """A held output requests a checkpoint."""
+        return self is not SyncPolicy.PERIODIC
+
+    def qemu_epoch_ms(self, epoch_ms: int) -> int:
+        """The ``x-checkpoint-delay`` QEMU gets for a (validated) epoch of ``epoch_ms``."""
+        return EVENT_ONLY_EPOCH_MS if self is SyncPolicy.EVENT else epoch_ms
+
+
+class StorageMode(_Choice):
+    """Where the standby's disks come from (docs/storage.md)."""
+
+    SHARED = "shared"  # both hosts open one image; the standby keeps the last held writes
+    REPLICATED = "replicated"  # each host has its own image, equal at every committed epoch
+
+
+# QEMU's checkpoint timer under the pure event policy: one hour, i.e. practically never.
+EVENT_ONLY_EPOCH_MS = 3_600_000
+MIN_EPOCH_MS = 1
+MAX_EPOCH_MS = 600_000
+DEFAULT_EPOCH_MS = 100
+DEFAULT_SYNC = SyncPolicy.EVENT_PERIODIC
+# Held guest frames: 32 MiB by default.  The count bound scales with the byte bound at
+# 1 KiB per frame: full-size frames (1514 bytes) meet the byte bound first, and a flood
+# of minimum frames (60 bytes + ~230 bytes of bookkeeping each) meets the count bound
+# before its bookkeeping costs more than about a quarter of the byte bound.
+DEFAULT_HELD_FRAMES_BYTES = 32 << 20
+HELD_FRAME_BYTES_PER_COUNT = 1024
 WORKLOADS = ("ticks", "records", "diskload", "shell")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
 _MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -62,7 +131,7 @@ class VMConfig:
     name: str
     memory_mib: int = 256
     vcpus: int = 1
-    accel: str = "auto"
+    accel: Accel = Accel.AUTO
     kernel: Path | None = None
     initrd: Path | None = None
     append: str = ""
@@ -75,14 +144,24 @@ class VMConfig:
     runtime_dir: Path | None = None
     incoming: str | None = None
     replica_dir: Path | None = None
-    # When checkpoints happen (kemari.eventtap.policy): host-local, not in the digest.
-    sync: str = DEFAULT_SYNC
+    # When checkpoints happen: host-local, not in the digest.
+    sync: SyncPolicy = DEFAULT_SYNC
     epoch_ms: int = DEFAULT_EPOCH_MS
     # shared: both hosts open the same image; replicated: each host has its own copy.
-    storage: str = "shared"
+    storage: StorageMode = StorageMode.SHARED
     # Bytes of guest frames held before the network path stops reading QEMU (back-pressure):
     # host-local (not guest-visible), so not in the digest.
-    held_frames_max_bytes: int = DEFAULT_MAX_BYTES
+    held_frames_max_bytes: int = DEFAULT_HELD_FRAMES_BYTES
+
+    @property
+    def held_frames_max_count(self) -> int:
+        """The held-frame count bound that goes with ``held_frames_max_bytes``."""
+        return max(1, self.held_frames_max_bytes // HELD_FRAME_BYTES_PER_COUNT)
+
+    @property
+    def qemu_epoch_ms(self) -> int:
+        """QEMU's ``x-checkpoint-delay`` for this VM's sync policy and epoch."""
+        return self.sync.qemu_epoch_ms(self.epoch_ms)
 
     @property
     def uses_built_image(self) -> bool:
@@ -144,7 +223,7 @@ class VMConfig:
             "built_image": self.uses_built_image,
             "disks": [disk.read_only for disk in self.disks],
             "nics": [nic.mac for nic in self.nics],
-            "storage": self.storage,
+            "storage": self.storage.value,
         }
         return hashlib.sha256(json.dumps(guest_visible, sort_keys=True).encode()).digest()
 
@@ -154,6 +233,8 @@ class VMConfig:
         def plain(value: Any) -> Any:
             if isinstance(value, Path):
                 return str(value)
+            if isinstance(value, enum.Enum):
+                return value.value
             if isinstance(value, tuple):
                 return [plain(item) for item in value]
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -260,17 +341,23 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
         name=name,
         memory_mib=parse_size_mib(raw["memory"], "memory") if "memory" in raw else 256,
         vcpus=_expect(raw, "vcpus", int, "") if "vcpus" in raw else 1,
-        accel=_expect(raw, "accel", str, "") if "accel" in raw else "auto",
+        accel=Accel.parse(_expect(raw, "accel", str, ""), "accel")
+        if "accel" in raw
+        else Accel.AUTO,
         append=_expect(raw, "append", str, "") if "append" in raw else "",
         workload=_expect(raw, "workload", str, "") if "workload" in raw else None,
         guest_ip=_expect(raw, "guest_ip", str, "") if "guest_ip" in raw else None,
         incoming=_expect(raw, "incoming", str, "") if "incoming" in raw else None,
-        sync=_expect(raw, "sync", str, "") if "sync" in raw else DEFAULT_SYNC,
+        sync=SyncPolicy.parse(_expect(raw, "sync", str, ""), "sync")
+        if "sync" in raw
+        else DEFAULT_SYNC,
         epoch_ms=_expect(raw, "epoch_ms", int, "") if "epoch_ms" in raw else DEFAULT_EPOCH_MS,
-        storage=_expect(raw, "storage", str, "") if "storage" in raw else "shared",
+        storage=StorageMode.parse(_expect(raw, "storage", str, ""), "storage")
+        if "storage" in raw
+        else StorageMode.SHARED,
         held_frames_max_bytes=parse_size_bytes(raw["held_frames_max"], "held_frames_max")
         if "held_frames_max" in raw
-        else DEFAULT_MAX_BYTES,
+        else DEFAULT_HELD_FRAMES_BYTES,
         disks=tuple(_disk_from(d, i) for i, d in enumerate(disks)),
         nics=tuple(_nic_from(n, i, name) for i, n in enumerate(nics)),
         **optional_paths,
@@ -303,8 +390,6 @@ def validate(config: VMConfig) -> None:
         raise ConfigError(f"memory: {config.memory_mib} MiB is outside {MIN_MEMORY_MIB}M..1T")
     if not 1 <= config.vcpus <= MAX_VCPUS:
         raise ConfigError(f"vcpus: {config.vcpus} is outside 1..{MAX_VCPUS}")
-    if config.accel not in ACCELS:
-        raise ConfigError(f"accel: {config.accel!r} is not one of {', '.join(ACCELS)}")
     if config.workload is not None and config.workload not in WORKLOADS:
         raise ConfigError(f"workload: {config.workload!r} is not one of {', '.join(WORKLOADS)}")
     if config.guest_ip is not None:
@@ -314,11 +399,8 @@ def validate(config: VMConfig) -> None:
             raise ConfigError(f"guest_ip: {config.guest_ip!r} is not ADDRESS/PREFIX") from exc
         if "/" not in config.guest_ip:
             raise ConfigError(f"guest_ip: {config.guest_ip!r} needs a prefix, e.g. /24")
-    SyncPolicy.parse(config.sync)
-    if not 1 <= config.epoch_ms <= MAX_EPOCH_MS:
-        raise ConfigError(f"epoch_ms: {config.epoch_ms} is outside 1..{MAX_EPOCH_MS}")
-    if config.storage not in STORAGE_MODES:
-        raise ConfigError(f"storage: {config.storage!r} is not one of {', '.join(STORAGE_MODES)}")
+    if not MIN_EPOCH_MS <= config.epoch_ms <= MAX_EPOCH_MS:
+        raise ConfigError(f"epoch_ms: {config.epoch_ms} is outside {MIN_EPOCH_MS}..{MAX_EPOCH_MS}")
     if not MIN_HELD_FRAMES_BYTES <= config.held_frames_max_bytes <= MAX_HELD_FRAMES_BYTES:
         raise ConfigError(
             f"held_frames_max: {config.held_frames_max_bytes} bytes is outside 64K..1T"

@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from kemari.config import Accel
 from kemari.errors import QemuError
 from kemari.image.builder import image_dir
 from kemari.qemu.accel import AccelDecision, decide_accel, gather_host_facts
@@ -96,7 +97,7 @@ def guest_image_manifest() -> Path:
 def run_checks() -> Report:
     """Run every check on this host."""
     facts = gather_host_facts()
-    accel = decide_accel("auto", facts)
+    accel = decide_accel(Accel.AUTO, facts)
     checks: list[Check] = []
     qemu_path = version = reason = None
     try:

@@ -10,13 +10,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kemari.config import config_from_mapping, load_config_file, parse_size_mib
+from kemari.config import (
+    Accel,
+    StorageMode,
+    SyncPolicy,
+    config_from_mapping,
+    load_config_file,
+    parse_size_mib,
+)
 from kemari.errors import ConfigError
 
 
 def test_minimal_config_gets_defaults() -> None:
     config = config_from_mapping({"name": "vm1"})
-    assert (config.memory_mib, config.vcpus, config.accel) == (256, 1, "auto")
+    assert (config.memory_mib, config.vcpus, config.accel) == (256, 1, Accel.AUTO)
+    assert (config.sync, config.storage) == (SyncPolicy.EVENT_PERIODIC, StorageMode.SHARED)
     assert config.uses_built_image
     assert config.resolved_monitor() == Path("/run/kemari/vm1/monitor.sock")
 

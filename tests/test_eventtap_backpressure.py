@@ -189,7 +189,7 @@ def test_a_full_log_pauses_the_guest_nic_drops_nothing_and_resumes(
             tap, nic = status["eventtap"], status["nics"][0]
             assert tap["pauses"] == 1 and nic["guest_reading_paused"], (tap, nic)
             assert nic["guest_reading_pauses"] == 1, nic
-            # Full (a bound met; the count bound is 64 at 64 KiB, see kemari/agent.py), and
+            # Full (a bound met; the count bound is 64 at 64 KiB, see kemari/roles/agent.py), and
             # over the byte bound by at most the read that filled it.
             assert tap["held_bytes"] >= HELD_MAX or tap["held"] >= tap["max_count"], tap
             assert tap["held_bytes"] < HELD_MAX + READ_SLACK, tap

@@ -21,23 +21,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
+from kemari.config import StorageMode
 from kemari.errors import EventTapError, FailoverError
-from kemari.eventtap import diskreplica
-from kemari.eventtap.disk import (
-    DiskOp,
-    DiskWrite,
-    OverlayBackend,
-    decode_disk_write,
-    encode_disk_write,
-    hold_in,
-    record_of,
-)
+from kemari.eventtap.disk import OverlayBackend, hold_in
 from kemari.eventtap.diskcopy import DiskCopier
-from kemari.eventtap.diskreplica import StandbyDisks, StorageMode
 from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.outputs import OutputLog
 from kemari.nbd.backend import RawFileBackend
 from kemari.nbd.server import NbdServer
+from kemari.outputs import DiskOp, DiskWrite, decode_disk_write, encode_disk_write, record_of
+from kemari.replica import disks as standby_disks
+from kemari.replica.disks import StandbyDisks
 
 SIZE = 64 * 1024
 
@@ -476,7 +470,7 @@ def test_replicated_images_are_flushed_in_the_background(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Committed writes are flushed while protected, so a failover's flush finds little."""
-    monkeypatch.setattr(diskreplica, "BACKGROUND_FLUSH_INTERVAL_S", 0.0)
+    monkeypatch.setattr(standby_disks, "BACKGROUND_FLUSH_INTERVAL_S", 0.0)
 
     async def scenario() -> None:
         standby, base, overlay, primary = await replicated_pair(tmp_path)
@@ -498,7 +492,7 @@ def test_a_failed_background_flush_makes_failover_refuse(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """fdatasync reports a writeback error once: the image may have lost writes."""
-    monkeypatch.setattr(diskreplica, "BACKGROUND_FLUSH_INTERVAL_S", 0.0)
+    monkeypatch.setattr(standby_disks, "BACKGROUND_FLUSH_INTERVAL_S", 0.0)
 
     async def scenario() -> None:
         standby, base, overlay, primary = await replicated_pair(tmp_path)

@@ -34,21 +34,23 @@ from pathlib import Path
 
 import pytest
 from patched_qemu import PATCHED_QEMU, needs_patched
+from support.fsck import check_diskload_disk
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
-from kemari.eventtap.disk import OverlayBackend, hold_in, record_of
+from kemari.config import StorageMode
+from kemari.eventtap.disk import OverlayBackend, hold_in
 from kemari.eventtap.diskcopy import DiskCopier
-from kemari.eventtap.diskreplica import StandbyDisks, StorageMode
 from kemari.eventtap.outputs import OutputLog
 from kemari.image.builder import default_image
 from kemari.image.disk import create_data_disk
 from kemari.nbd.backend import RawFileBackend
 from kemari.nbd.server import NbdServer
+from kemari.outputs import record_of
 from kemari.qemu.cmdline import MachineSpec, NbdDisk
 from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ReplicaApplier
+from kemari.replica.disks import StandbyDisks
 from kemari.stream import Configuration, RamBlockList, RamPage, RamZeroPage
-from kemari.testbed.fsck import check_diskload_disk
 
 pytestmark = [
     pytest.mark.guest,

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import pytest
 
+from kemari.crashpoint import ENVIRONMENT_VARIABLE
 from kemari.image.disk import create_data_disk
-from kemari.replica.crashpoint import ENVIRONMENT_VARIABLE
 from kemari.testbed.topology import Namespace, Topology
 from kemari.testbed.vm import AgentProcess, wait_for
 

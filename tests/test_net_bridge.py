@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.fake_nic import FakeNic
 
-from kemari.testbed.fake_nic import FakeNic
 from kemari.testbed.topology import Namespace, Topology
 
 pytestmark = pytest.mark.root

@@ -1,6 +1,6 @@
 """A kill of the active host at each phase of a checkpoint loses nothing acknowledged.
 
-The active agent kills itself with a real SIGKILL (test hook, kemari/replica/crashpoint.py)
+The active agent kills itself with a real SIGKILL (test hook, kemari/crashpoint.py)
 at one named phase of a checkpoint while a client stores records back to back on one TCP
 connection to the ``records`` guest (shared storage, disk through Kemari's overlay):
 
@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.fsck import check_crashed_disk
 from test_eventtap_guest import GUEST_IP, PORT, STANDBY_IP, loop_client, start_pair
 
-from kemari.testbed.fsck import check_crashed_disk
 from kemari.testbed.topology import Topology
 
 pytestmark = [

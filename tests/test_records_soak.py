@@ -2,7 +2,7 @@
 
 A client stores records back to back on one TCP connection while, round after round,
 the active host's QEMU and/or agent are SIGKILLed at a random moment and a fresh
-standby in the other host namespace takes over (kemari/testbed/soak.py).  Afterwards
+standby in the other host namespace takes over (tests/support/soak.py).  Afterwards
 every acknowledged record is stored in the guest, in order, and the data disk passes
 ``e2fsck -fn`` after its journal is replayed.
 
@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+from support.soak import run_soak
 
-from kemari.eventtap.diskreplica import StorageMode
-from kemari.testbed.soak import run_soak
+from kemari.config import StorageMode
 
 pytestmark = [
     pytest.mark.guest,

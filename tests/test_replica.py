@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kemari.crashpoint import ENVIRONMENT_VARIABLE
 from kemari.errors import KemariError, ReplicaError
 from kemari.replica import RecoveryAction, Replica, StageState
-from kemari.replica.crashpoint import ENVIRONMENT_VARIABLE
 from kemari.replica.ramfile import is_volatile
 
 PAGE = 4096

@@ -27,10 +27,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.fsck import check_diskload_disk
 
 from kemari.image.builder import default_image
 from kemari.image.disk import create_data_disk
-from kemari.testbed.fsck import check_diskload_disk
 from kemari.testbed.vm import AgentProcess, wait_for
 
 pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu")]

@@ -23,10 +23,10 @@ import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 
+from kemari import crashpoint
 from kemari.checkpoint.source import PageBatch
 from kemari.errors import CheckpointError
-from kemari.eventtap.outputs import Output
-from kemari.replica import crashpoint
+from kemari.outputs import Output
 from kemari.stream import Configuration, RamBlockList, RamPage
 from kemari.stream.format import PAGE_SIZE
 from kemari.transaction.session import Committed, PrimarySession
@@ -43,7 +43,7 @@ from kemari.transaction.wire import (
 # Pages per RAM_PAGES frame: 1024 pages = 4 MiB, far below the frame limit, and big
 # enough that per-frame costs vanish next to the copy of the page data.
 PAGES_PER_FRAME = 1024
-# Test hooks (kemari/replica/crashpoint.py): die inside checkpoint N's transaction.
+# Test hooks (kemari/crashpoint.py): die inside checkpoint N's transaction.
 CRASH_DURING_PAGES = "during-pages"
 CRASH_AFTER_DEVICE_STATE = "after-device-state"
 # Device state is split into frames of at most this many bytes.

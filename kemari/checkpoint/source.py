@@ -40,9 +40,9 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from kemari import crashpoint
 from kemari.errors import CheckpointError, KemariError
 from kemari.qemu.machine import QemuMachine, QmpCommandError
-from kemari.replica import crashpoint
 from kemari.stream import (
     ColoEvent,
     ColoMessage,
@@ -63,7 +63,7 @@ PageBatch = Sequence[PageRecord]
 _PAGE_TYPES = (RamPage, RamZeroPage)
 
 FD_NAME = "kemari_colo"
-CRASH_BEFORE_REPLY = "before-reply"  # test hook (kemari/replica/crashpoint.py)
+CRASH_BEFORE_REPLY = "before-reply"  # test hook (kemari/crashpoint.py)
 # Above what a unix socket hands over per read (about 200 KiB), so one read takes it all.
 _RECV_BYTES = 512 << 10
 # QEMU's rate limit applies to the initial sync only (checkpoints are sent unthrottled);

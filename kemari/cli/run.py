@@ -8,10 +8,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kemari.agent import Agent
-from kemari.config import VMConfig, config_from_mapping, load_config_file
+from kemari.config import (
+    DEFAULT_EPOCH_MS,
+    DEFAULT_SYNC,
+    Accel,
+    StorageMode,
+    SyncPolicy,
+    VMConfig,
+    config_from_mapping,
+    load_config_file,
+)
 from kemari.errors import ConfigError
-from kemari.eventtap.policy import DEFAULT_EPOCH_MS, DEFAULT_SYNC, SYNC_POLICIES
+from kemari.roles.agent import Agent
 
 # Flag name -> config key for the plain scalar options.
 _SCALAR_FLAGS = {
@@ -47,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--name", help="VM name (a-z, 0-9, '-')")
     parser.add_argument("--memory", "-m", help="guest RAM, e.g. 256M or 1G")
     parser.add_argument("--vcpus", "--smp", type=int, help="number of vCPUs")
-    parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), help="accelerator")
+    parser.add_argument("--accel", choices=Accel.names(), help="accelerator")
     parser.add_argument("--kernel", help="guest kernel (default: the built Kemari guest image)")
     parser.add_argument("--initrd", help="guest initramfs")
     parser.add_argument("--append", help="extra kernel command line")
@@ -74,16 +82,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--replica-dir", help="standby replica directory (default on /dev/shm)")
     parser.add_argument(
         "--sync",
-        choices=SYNC_POLICIES,
+        choices=SyncPolicy.names(),
         help="when checkpoints happen: on guest output (event), every --epoch-ms "
-        f"(periodic), or both (default {DEFAULT_SYNC})",
+        f"(periodic), or both (default {DEFAULT_SYNC.value})",
     )
     parser.add_argument(
         "--epoch-ms", type=int, help=f"checkpoint period in ms (default {DEFAULT_EPOCH_MS})"
     )
     parser.add_argument(
         "--storage",
-        choices=("shared", "replicated"),
+        choices=StorageMode.names(),
         help="shared: both hosts open the same disk image (default); replicated: each host "
         "has its own image, kept equal at every committed checkpoint",
     )

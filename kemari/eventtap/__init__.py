@@ -4,6 +4,7 @@ Only the pure output log is exported here, so lower layers (the ft-transaction w
 format) can use it without importing the checkpoint machinery.
 """
 
-from kemari.eventtap.outputs import HeldOutput, Output, OutputKind, OutputLog
+from kemari.eventtap.outputs import HeldOutput, OutputLog
+from kemari.outputs import Output, OutputKind
 
 __all__ = ["HeldOutput", "Output", "OutputKind", "OutputLog"]

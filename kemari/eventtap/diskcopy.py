@@ -25,7 +25,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from kemari.errors import EventTapError
-from kemari.eventtap.disk import DiskOp, DiskWrite, OverlayBackend
+from kemari.eventtap.disk import OverlayBackend
+from kemari.outputs import DiskOp, DiskWrite
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_IN_FLIGHT = 16 << 20

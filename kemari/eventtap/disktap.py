@@ -31,7 +31,8 @@ from kemari.checkpoint.source import CheckpointSource, SourceState
 from kemari.checkpoint.trigger import CheckpointTrigger
 from kemari.errors import EventTapError
 from kemari.eventtap.disk import OverlayBackend, hold_in
-from kemari.eventtap.outputs import Output, OutputLog
+from kemari.eventtap.outputs import OutputLog
+from kemari.outputs import Output
 
 log = logging.getLogger(__name__)
 

@@ -32,12 +32,13 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from kemari import crashpoint
 from kemari.checkpoint.source import CheckpointSource, SourceState
 from kemari.checkpoint.trigger import CheckpointTrigger
+from kemari.config import SyncPolicy
 from kemari.errors import EventTapError
-from kemari.eventtap.outputs import Output, OutputKind, OutputLog
-from kemari.eventtap.policy import SyncPolicy
-from kemari.replica import crashpoint
+from kemari.eventtap.outputs import OutputLog
+from kemari.outputs import Output, OutputKind
 
 Release = Callable[[Output], None]
 # crashpoint (KEMARI_REPLICA_TEST_CRASH=output-release=N): SIGKILL at the N-th commit

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from kemari.errors import EventTapError
 from kemari.eventtap.gate import EventTap
-from kemari.eventtap.outputs import Output, OutputKind
 from kemari.net.bridge import NetBridge
+from kemari.outputs import Output, OutputKind
 
 
 class NetOutputs:

@@ -22,47 +22,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import statistics
 import time
 
+from kemari.config import DEFAULT_HELD_FRAMES_BYTES, HELD_FRAME_BYTES_PER_COUNT
 from kemari.errors import EventTapError
+from kemari.outputs import Output
 
-DEFAULT_MAX_BYTES = 32 << 20
-DEFAULT_MAX_COUNT = 32768
 # Producers resume when the log is below this fraction of both bounds (hysteresis, so a
 # paused producer is not toggled on every released frame).
 RESUME_FRACTION = 0.5
 LATENCY_SAMPLES = 4096
-MAX_DEVICE = 0xFFFF
-MAX_OFFSET = (1 << 64) - 1
-
-
-class OutputKind(enum.IntEnum):
-    """Where an output goes (the value is the wire code of the OUTPUT frame)."""
-
-    NET = 1  # an Ethernet frame the guest sent on NIC ``device``
-    DISK = 2  # bytes the guest wrote at ``offset`` of disk ``device``
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Output:
-    """One guest output; ``offset`` is 0 for network frames."""
-
-    kind: OutputKind
-    device: int
-    data: bytes
-    offset: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.device <= MAX_DEVICE:
-            raise EventTapError(f"output device index {self.device} is not a u16")
-        if not 0 <= self.offset <= MAX_OFFSET:
-            raise EventTapError(f"output offset {self.offset} is not a u64")
-        if self.kind is OutputKind.NET and self.offset:
-            raise EventTapError("a network output has no offset")
-        if not self.data:
-            raise EventTapError(f"empty {self.kind.name.lower()} output")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -93,7 +63,9 @@ class OutputLog:
     """Outputs waiting for their checkpoint's commit, in arrival order (see module docstring)."""
 
     def __init__(
-        self, max_bytes: int = DEFAULT_MAX_BYTES, max_count: int = DEFAULT_MAX_COUNT
+        self,
+        max_bytes: int = DEFAULT_HELD_FRAMES_BYTES,
+        max_count: int = DEFAULT_HELD_FRAMES_BYTES // HELD_FRAME_BYTES_PER_COUNT,
     ) -> None:
         if max_bytes <= 0 or max_count <= 0:
             raise EventTapError(f"output log bounds must be positive ({max_bytes}, {max_count})")

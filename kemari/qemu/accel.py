@@ -16,10 +16,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from kemari.config import Accel as Requested
 from kemari.errors import ConfigError
 
 Accel = Literal["kvm", "tcg"]
-REQUESTABLE_ACCELS = ("auto", "kvm", "tcg")
 
 # CPU flag -> the KVM module that drives it.
 _HARDWARE_BACKENDS = {"vmx": "kvm_intel", "svm": "kvm_amd"}
@@ -75,22 +75,20 @@ def kvm_unusable_reason(facts: HostVirtFacts) -> str | None:
     return None
 
 
-def decide_accel(requested: str, facts: HostVirtFacts) -> AccelDecision:
+def decide_accel(requested: Requested, facts: HostVirtFacts) -> AccelDecision:
     """Resolve ``auto|kvm|tcg`` against the host facts.
 
     ``auto`` falls back to TCG with the reason; an explicit ``kvm`` that cannot
     work raises :class:`ConfigError` with the same reason.
     """
-    if requested not in REQUESTABLE_ACCELS:
-        raise ConfigError(f"accel: {requested!r} is not one of {', '.join(REQUESTABLE_ACCELS)}")
-    if requested == "tcg":
+    if requested is Requested.TCG:
         return AccelDecision("tcg", "TCG requested explicitly")
     problem = kvm_unusable_reason(facts)
     if problem is None:
         module = next(m for m in facts.kvm_backends if m in _HARDWARE_BACKENDS.values())
-        how = "requested explicitly" if requested == "kvm" else "auto"
+        how = "requested explicitly" if requested is Requested.KVM else "auto"
         return AccelDecision("kvm", f"KVM ({how}): hardware virtualization via {module}")
-    if requested == "kvm":
+    if requested is Requested.KVM:
         raise ConfigError(f"accel: kvm requested but unusable: {problem}")
     return AccelDecision("tcg", f"TCG (auto): {problem}")
 
@@ -121,6 +119,6 @@ def gather_host_facts(root: Path = Path("/")) -> HostVirtFacts:
     )
 
 
-def choose_accel(requested: str) -> AccelDecision:
+def choose_accel(requested: Requested) -> AccelDecision:
     """Decide the accelerator for ``requested`` on this host."""
     return decide_accel(requested, gather_host_facts())

@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kemari import crashpoint
 from kemari.errors import ReplicaError
-from kemari.replica import crashpoint
 from kemari.replica.ramfile import PAGE_SIZE, reserve
 
 HEADER_MAGIC = b"KMRJ"

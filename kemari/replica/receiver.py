@@ -9,7 +9,7 @@ journal holds it, so a crash of this process keeps *n*); copying the pages into 
 files happens after the acknowledgement, while the primary's guest already runs.
 
 The guest outputs of a transaction (OUTPUT frames) are kept with the replica by an
-:class:`~kemari.eventtap.store.OutputStore`: staged before the replica commits the
+:class:`~kemari.replica.outputstore.OutputStore`: staged before the replica commits the
 epoch, the older epochs' removed after, so a failover finds the outputs of exactly the
 epoch it resumes from (:meth:`StandbyReceiver.committed_outputs`).
 
@@ -28,10 +28,10 @@ import time
 from typing import Any
 
 from kemari.errors import KemariError, ReplicaError, TransactionError
-from kemari.eventtap.diskreplica import StandbyDisks
-from kemari.eventtap.outputs import Output
-from kemari.eventtap.store import OutputStore
+from kemari.outputs import Output
 from kemari.replica.applier import ReplicaApplier
+from kemari.replica.disks import StandbyDisks
+from kemari.replica.outputstore import OutputStore
 from kemari.stream import Configuration, RamBlock, RamBlockList
 from kemari.stream.format import PAGE_SIZE
 from kemari.tasks import cancel_and_wait
@@ -227,7 +227,7 @@ class StandbyReceiver:
     async def _commit(self, session: StandbySession, committed: Committed) -> None:
         device_state = b"".join(self._device_state)
         # Ordering: the outputs are kept before the replica commits the epoch, the older
-        # epochs' are removed only after (kemari.eventtap.store).
+        # epochs' are removed only after (kemari.replica.outputstore).
         self.outputs.stage(committed.epoch, self._open_outputs)
         if self.disks is not None:
             # Before the acknowledgement: replicated storage has the epoch on its image.

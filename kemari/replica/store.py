@@ -32,8 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from kemari import crashpoint
 from kemari.errors import ReplicaError
-from kemari.replica import crashpoint
 from kemari.replica.journal import Entry, Journal, JournalRecord, JournalState, PageData, ScanResult
 from kemari.replica.ramfile import PAGE_SIZE, RamFile, fsync_directory, is_volatile
 from kemari.stream.writer import FailoverPage

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from kemari.errors import EventTapError, TransactionError
-from kemari.eventtap.outputs import Output, OutputKind
+from kemari.outputs import Output, OutputKind
 from kemari.stream.format import PAGE_SIZE
 
 MAGIC = b"KMRI"

@@ -31,17 +31,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from kemari.checkpoint.protection import Protection
-from kemari.config import VMConfig
+from kemari.config import StorageMode, VMConfig
 from kemari.errors import ConfigError, FailoverError, KemariError, NetError, QemuError
 from kemari.eventtap.disk import OverlayBackend
 from kemari.eventtap.diskcopy import DiskCopier
-from kemari.eventtap.diskreplica import StandbyDisks, StorageMode
 from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.gate import EventTap
 from kemari.eventtap.net import NetOutputs, replay_frames
-from kemari.eventtap.outputs import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, OutputLog
-from kemari.eventtap.policy import SyncPolicy
+from kemari.eventtap.outputs import OutputLog
 from kemari.failover.failover import FailoverResult, fail_over
 from kemari.image.builder import default_image
 from kemari.monitor.protocol import Reply
@@ -54,7 +51,9 @@ from kemari.qemu.binary import qemu_binary
 from kemari.qemu.cmdline import MachineSpec, NbdDisk, StreamNic
 from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ReplicaApplier
+from kemari.replica.disks import StandbyDisks
 from kemari.replica.receiver import StandbyReceiver
+from kemari.roles.protection import Protection
 from kemari.transaction.session import Identity
 
 NBD_EXPORT = "disk"
@@ -83,15 +82,9 @@ class Agent:
         self.monitor = MonitorServer(config.resolved_monitor())
         self.nbd_servers: list[NbdServer] = []
         self.bridges: list[NetBridge] = []
-        # Every guest frame passes the event-tap; it holds them while protected.  The count
-        # bound scales with the byte bound at the default's ratio (32 MiB / 32768 = 1 KiB per
-        # frame): full-size frames (1514 bytes) meet the byte bound first, and a flood of
-        # minimum frames (60 bytes + ~230 bytes of bookkeeping each) meets the count bound
-        # before its bookkeeping costs more than about a quarter of the byte bound.
-        held_bytes = config.held_frames_max_bytes
+        # Every guest frame passes the event-tap; it holds them while protected.
         self.event_tap = EventTap(
-            SyncPolicy.parse(config.sync),
-            OutputLog(held_bytes, max(1, held_bytes * DEFAULT_MAX_COUNT // DEFAULT_MAX_BYTES)),
+            config.sync, OutputLog(config.held_frames_max_bytes, config.held_frames_max_count)
         )
         # Guest disk writes are held in overlays while protected (docs/storage.md).
         self.disk_tap: DiskTap | None = None
@@ -195,7 +188,7 @@ class Agent:
         stack.callback(applier.close)
         identity = Identity(self.config.name, self.config.replication_digest())
         self.standby_disks = StandbyDisks(
-            [disk.path for disk in self.config.disks], StorageMode(self.config.storage)
+            [disk.path for disk in self.config.disks], self.config.storage
         )
         stack.push_async_callback(self.standby_disks.close)
         self.receiver = StandbyReceiver(uri, identity, applier, self.standby_disks)
@@ -427,16 +420,15 @@ class Agent:
         if self.protection is not None:  # a previous session ended (standby lost): tidy it
             await self.protection.close()
         identity = Identity(self.config.name, self.config.replication_digest())
-        policy = self.event_tap.policy
         self.protection = await Protection.start(
             self.machine,
             uris[0],
             identity,
-            epoch_ms=policy.qemu_epoch_ms(self.config.epoch_ms),
+            epoch_ms=self.config.qemu_epoch_ms,
             event_tap=self.event_tap,
             disk_tap=self.disk_tap,
         )
-        if self.config.storage == StorageMode.REPLICATED.value and self.disk_tap is not None:
+        if self.config.storage is StorageMode.REPLICATED and self.disk_tap is not None:
             self._start_disk_copies(self.protection)
         self._say(f"protection of VM {self.config.name} started: initial sync to {uris[0]}")
         return Reply(
@@ -528,7 +520,7 @@ class Agent:
                 for bridge in self.bridges
             ],
             "eventtap": self.event_tap.status(),
-            "storage": self.config.storage,
+            "storage": self.config.storage.value,
             "disk_copy": [
                 {**copier.progress().as_dict(), "done": copier.done} for copier in self.disk_copies
             ],

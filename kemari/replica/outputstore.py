@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kemari.errors import EventTapError, TransactionError
-from kemari.eventtap.outputs import Output
+from kemari.outputs import Output
 from kemari.transaction.wire import decode_outputs, encode_outputs
 
 _FILE_RE = re.compile(r"^epoch-(\d+)\.out$")

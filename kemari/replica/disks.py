@@ -31,27 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from kemari.config import StorageMode
 from kemari.errors import EventTapError, FailoverError
-from kemari.eventtap.disk import DiskOp, DiskWrite, record_of
-from kemari.eventtap.outputs import Output, OutputKind
 from kemari.nbd.backend import RawFileBackend
+from kemari.outputs import DiskOp, DiskWrite, Output, OutputKind, record_of
 
 log = logging.getLogger(__name__)
 
 BACKGROUND_FLUSH_INTERVAL_S = 1.0
-
-
-class StorageMode(enum.Enum):
-    """Where the standby's disk comes from (``VMConfig.storage``)."""
-
-    SHARED = "shared"
-    REPLICATED = "replicated"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

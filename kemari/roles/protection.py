@@ -30,13 +30,12 @@ from kemari.checkpoint.trigger import CheckpointTrigger
 from kemari.errors import TransactionError
 from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.gate import EventTap
-from kemari.eventtap.outputs import Output
+from kemari.outputs import Output
 from kemari.qemu.machine import QemuMachine
 from kemari.transaction.session import Identity, PrimarySession
 from kemari.transaction.transport import connect
 
 HANDSHAKE_TIMEOUT_S = 10.0
-DEFAULT_EPOCH_MS = 100
 
 
 class Protection:
@@ -54,7 +53,7 @@ class Protection:
         machine: QemuMachine,
         uri: str,
         identity: Identity,
-        epoch_ms: int = DEFAULT_EPOCH_MS,
+        epoch_ms: int,
         event_tap: EventTap | None = None,
         *,
         disk_tap: DiskTap | None = None,

@@ -1,0 +1,1 @@
+"""Test-only helpers: the records soak, the fake NIC peer and the crashed-disk check."""
