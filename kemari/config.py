@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import ipaddress
 import json
@@ -209,11 +210,11 @@ class VMConfig:
     def replication_digest(self) -> bytes:
         """SHA-256 over what must be identical on the active and the standby host.
 
-        The guest-visible machine (memory, vCPUs, kernel command line, the
-        number and kind of disks, NIC MAC addresses) must match for a replica to
-        be loadable, and both hosts must agree on the storage mode; host-local
-        things (paths, sockets, tap and bridge names, the accelerator) may differ
-        between hosts and are left out.
+        The guest-visible machine (memory, vCPUs, kernel command line, the kernel and
+        initrd by content, the number and kind of disks, NIC MAC addresses) must match
+        for a replica to be loadable, and both hosts must agree on the storage mode;
+        host-local things (paths, sockets, tap and bridge names, the accelerator) may
+        differ between hosts and are left out.
         """
         guest_visible = {
             "name": self.name,
@@ -221,11 +222,18 @@ class VMConfig:
             "vcpus": self.vcpus,
             "append": self.kernel_command_line(),
             "built_image": self.uses_built_image,
+            "kernel_sha256": self._boot_file_digests[0],
+            "initrd_sha256": self._boot_file_digests[1],
             "disks": [disk.read_only for disk in self.disks],
             "nics": [nic.mac for nic in self.nics],
             "storage": self.storage.value,
         }
         return hashlib.sha256(json.dumps(guest_visible, sort_keys=True).encode()).digest()
+
+    @functools.cached_property
+    def _boot_file_digests(self) -> tuple[str | None, str | None]:
+        """SHA-256 of the given kernel and initrd (read once; the built image: None)."""
+        return _file_digest(self.kernel, "kernel"), _file_digest(self.initrd, "initrd")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-able) form, e.g. for status output and config comparison."""
@@ -243,6 +251,16 @@ class VMConfig:
 
         result: dict[str, Any] = plain(self)
         return result
+
+
+def _file_digest(path: Path | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
 
 
 def parse_size_bytes(value: object, what: str) -> int:
@@ -409,10 +427,14 @@ def validate(config: VMConfig) -> None:
         raise ConfigError(f"incoming: {config.incoming!r} is not kemari:tcp:HOST:PORT")
     if config.initrd is not None and config.kernel is None:
         raise ConfigError("initrd: given without a kernel")
-    if config.kernel is not None and not config.kernel.is_file():
-        raise ConfigError(f"kernel: {config.kernel} does not exist")
-    if config.initrd is not None and not config.initrd.is_file():
-        raise ConfigError(f"initrd: {config.initrd} does not exist")
+    for what, boot_file in (("kernel", config.kernel), ("initrd", config.initrd)):
+        if boot_file is None or boot_file.is_file():
+            continue
+        if boot_file.is_dir():
+            raise ConfigError(f"{what}: {boot_file} is a directory, not a file")
+        if boot_file.exists():
+            raise ConfigError(f"{what}: {boot_file} is not a regular file")
+        raise ConfigError(f"{what}: {boot_file} does not exist")
     for index, disk in enumerate(config.disks):
         if not disk.path.is_file():
             raise ConfigError(f"disk[{index}].path: {disk.path} is not an existing image file")

@@ -134,3 +134,27 @@ def test_held_frames_max_is_a_size_with_the_log_default() -> None:
     assert config_from_mapping({"name": "a", "held_frames_max": 8}).held_frames_max_bytes == (
         8 << 20
     )
+
+
+def test_a_kernel_path_that_is_a_directory_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"kernel: {tmp_path} is a directory, not a file"):
+        config_from_mapping({"name": "a", "kernel": str(tmp_path)})
+
+
+def test_the_digest_covers_the_kernel_and_initrd_by_content_not_by_path(tmp_path: Path) -> None:
+    """Two hosts may keep the same kernel at different paths; different kernels never match."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder, kernel in (("a", b"kernel one"), ("b", b"kernel two")):
+        (tmp_path / folder / "vmlinuz").write_bytes(kernel)
+        (tmp_path / folder / "initrd").write_bytes(b"same initrd")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "bzImage").write_bytes(b"kernel one")
+    (tmp_path / "c" / "initramfs").write_bytes(b"same initrd")
+
+    def digest(kernel: str, initrd: str) -> bytes:
+        raw = {"name": "a", "kernel": str(tmp_path / kernel), "initrd": str(tmp_path / initrd)}
+        return config_from_mapping(raw).replication_digest()
+
+    assert digest("a/vmlinuz", "a/initrd") == digest("c/bzImage", "c/initramfs")
+    assert digest("a/vmlinuz", "a/initrd") != digest("b/vmlinuz", "b/initrd")
