@@ -19,6 +19,7 @@ from typing import cast
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import prerequisites
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
 from kemari.config import StorageMode
@@ -238,19 +239,15 @@ def test_bad_ops_and_flags_are_refused() -> None:
 # -- a real NBD client -------------------------------------------------------------------
 
 
-def _nbdsh_available() -> bool:
-    return shutil.which("nbdsh") is not None
-
-
-@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io missing")
 def test_qemu_io_sees_writes_at_once_and_the_image_only_after_release(image: Path) -> None:
     """qemu-io writes through Kemari's NBD server; it reads its own data back at once,
     the image file gets it only after release of its epoch, and a flush does not wait."""
+    qemu_io_program = str(prerequisites.tool("qemu-io", "qemu-utils"))
     socket_path = image.parent / "nbd.sock"
     uri = f"nbd+unix:///disk?socket={socket_path}"
 
     def qemu_io(*commands: str) -> str:
-        argv = ["qemu-io", "-f", "raw"]
+        argv = [qemu_io_program, "-f", "raw"]
         for command in commands:
             argv += ["-c", command]
         done = subprocess.run([*argv, uri], capture_output=True, text=True, timeout=60, check=False)

@@ -33,7 +33,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from patched_qemu import PATCHED_QEMU, needs_patched
 from support.fsck import check_diskload_disk
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
@@ -41,7 +40,7 @@ from kemari.config import StorageMode
 from kemari.eventtap.disk import OverlayBackend, hold_in
 from kemari.eventtap.diskcopy import DiskCopier
 from kemari.eventtap.outputs import OutputLog
-from kemari.image.builder import default_image
+from kemari.image.builder import GuestImage
 from kemari.image.disk import create_data_disk
 from kemari.nbd.backend import RawFileBackend
 from kemari.nbd.server import NbdServer
@@ -52,10 +51,7 @@ from kemari.replica.applier import ReplicaApplier
 from kemari.replica.disks import StandbyDisks
 from kemari.stream import Configuration, RamBlockList, RamPage, RamZeroPage
 
-pytestmark = [
-    pytest.mark.guest,
-    needs_patched,
-]
+pytestmark = pytest.mark.guest
 
 DISK_MIB = 64
 EPOCH_MS = 100
@@ -136,9 +132,9 @@ def workdir() -> Iterator[Path]:
 
 
 def test_diskload_through_the_overlay_with_checkpoints_and_a_replicated_disk(
-    workdir: Path,
+    workdir: Path, patched_qemu_binary: Path, guest_image: GuestImage
 ) -> None:
-    image = default_image()
+    image = guest_image
     primary_image, standby_image = workdir / "primary.raw", workdir / "standby.raw"
     create_data_disk(primary_image, DISK_MIB)
     with standby_image.open("wb") as handle:  # nothing in common with the primary's
@@ -157,12 +153,11 @@ def test_diskload_through_the_overlay_with_checkpoints_and_a_replicated_disk(
     )
 
     async def scenario() -> tuple[DiskSink, DiskCopier, list[int], int]:
-        assert PATCHED_QEMU is not None
         async with contextlib.AsyncExitStack() as stack:
             base = await stack.enter_async_context(RawFileBackend.open(primary_image))
             overlay = OverlayBackend(base, max_held_bytes=16 << 20)
             await stack.enter_async_context(NbdServer(overlay, workdir / "disk.sock"))
-            machine = await stack.enter_async_context(QemuMachine(spec, PATCHED_QEMU))
+            machine = await stack.enter_async_context(QemuMachine(spec, patched_qemu_binary))
             async with asyncio.timeout(120):
                 while len(synced_seqs(serial)) < 1:
                     await asyncio.sleep(0.1)

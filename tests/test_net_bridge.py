@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
 import struct
 import subprocess
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import prerequisites
 from support.fake_nic import FakeNic
 
 from kemari.testbed.topology import Namespace, Topology
@@ -227,20 +227,18 @@ def test_second_concurrent_guest_is_refused(testbed, tmp_path):
     assert counters["connections"] == 1
 
 
-@pytest.mark.skipif(
-    shutil.which("qemu-system-x86_64") is None or shutil.which("tcpdump") is None,
-    reason="needs QEMU and tcpdump",
-)
 def test_qemu_nic_frames_reach_the_host_bridge(testbed, tmp_path):
     """QEMU's virtio-net on -netdev stream, driven by its iPXE ROM (no guest OS needed).
 
     ``-boot n`` makes SeaBIOS run the NIC's iPXE ROM, which broadcasts DHCP
     requests: seeing one on the host's br0 proves the whole guest->host path.
     """
+    qemu_program = str(prerequisites.stock_qemu())
+    tcpdump = str(prerequisites.tool("tcpdump", "tcpdump"))
     host, _ = testbed
     with running_bridge(host, tmp_path) as bridge:
         capture = host.popen(
-            ["tcpdump", "-i", "br0", "-n", "-e", "-c", "1",
+            [tcpdump, "-i", "br0", "-n", "-e", "-c", "1",
              "ether", "src", GUEST_MAC, "and", "udp", "dst", "port", "67"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -250,7 +248,7 @@ def test_qemu_nic_frames_reach_the_host_bridge(testbed, tmp_path):
             assert line, "tcpdump exited before capturing"
         netdev = f"stream,id=n0,server=off,addr.type=unix,addr.path={bridge.socket}"
         command = [
-            "qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-nodefaults",
+            qemu_program, "-accel", "tcg", "-machine", "pc", "-nodefaults",
             "-display", "none", "-serial", "none", "-boot", "n", "-netdev", netdev,
             "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC}",
         ]  # fmt: skip
