@@ -14,7 +14,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from support import prerequisites
 from support.fake_nic import FakeNic
 
 from kemari.testbed.topology import Namespace, Topology
+from kemari.testbed.wait import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -53,13 +53,14 @@ class BridgeProcess:
         return self.log_path.read_text()
 
     def wait_log(self, text: str, count: int = 1) -> None:
-        deadline = time.monotonic() + WAIT_LIMIT
-        while self.log_text().count(text) < count:
+        def logged() -> bool:
+            if self.log_text().count(text) >= count:
+                return True
             if self.process.poll() is not None:
                 pytest.fail(f"bridge exited {self.process.returncode}:\n{self.log_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"bridge never logged {text!r} x{count}:\n{self.log_text()}")
-            time.sleep(0.05)
+            return False
+
+        wait_for(logged, f"the bridge to log {text!r} x{count}", WAIT_LIMIT, detail=self.log_text)
 
     def tap_statistic(self, name: str) -> int:
         path = f"/sys/class/net/{TAP}/statistics/{name}"
