@@ -30,6 +30,7 @@ from kemari.qemu.cmdline import MachineSpec, MemoryFile
 from kemari.qemu.machine import QemuMachine
 from kemari.stream import Configuration, RamBlock, RamBlockList, RamPage
 from kemari.stream.format import PAGE_SIZE
+from kemari.testbed.wait import async_wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -170,11 +171,15 @@ async def wait_state(source: CheckpointSource, *states: SourceState) -> None:
         await source.wait_progress(1.0)
 
 
-async def ticks_advance(serial: Path) -> None:
-    """Return once the guest printed a new tick (the caller's timeout bounds the wait)."""
-    before = ticks(serial)
-    while ticks(serial)[-1:] == before[-1:] or not ticks(serial):
-        await asyncio.sleep(0.02)
+async def ticks_advance(serial: Path, timeout: float = 30.0) -> None:
+    """Return once the guest printed a new tick."""
+    before = ticks(serial)[-1:]
+
+    def advanced() -> bool:
+        now = ticks(serial)[-1:]
+        return bool(now) and now != before
+
+    await async_wait_for(advanced, f"a tick after {before} on {serial.name}", timeout, 0.02)
 
 
 def test_initial_sync_and_on_demand_checkpoints_track_the_guest(
@@ -270,7 +275,7 @@ def test_guest_stays_paused_until_commit_returns(tmp_path: Path, patched_qemu_bi
             async def slow_commit(epoch: int) -> None:
                 # QEMU is waiting for VMSTATE_LOADED: the VM must stay stopped meanwhile.
                 before = await machine.query_status()
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # a slow standby: the behaviour under test
                 after = await machine.query_status()
                 seen.append((epoch, before.status, before.running or after.running))
 

@@ -50,6 +50,7 @@ from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ReplicaApplier
 from kemari.replica.disks import StandbyDisks
 from kemari.stream import Configuration, RamBlockList, RamPage, RamZeroPage
+from kemari.testbed.wait import async_wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -158,9 +159,7 @@ def test_diskload_through_the_overlay_with_checkpoints_and_a_replicated_disk(
             overlay = OverlayBackend(base, max_held_bytes=16 << 20)
             await stack.enter_async_context(NbdServer(overlay, workdir / "disk.sock"))
             machine = await stack.enter_async_context(QemuMachine(spec, patched_qemu_binary))
-            async with asyncio.timeout(120):
-                while len(synced_seqs(serial)) < 1:
-                    await asyncio.sleep(0.1)
+            await async_wait_for(lambda: synced_seqs(serial), "diskload's first sync", 120, 0.1)
             applier = stack.enter_context(ReplicaApplier(workdir / "replica"))
             standby = StandbyDisks([standby_image], StorageMode.REPLICATED)
             stack.push_async_callback(standby.close)
@@ -187,7 +186,7 @@ def test_diskload_through_the_overlay_with_checkpoints_and_a_replicated_disk(
                 await copier.run()
                 while len(sink.compared) + len(sink.mismatch) < COMPARED_COMMITS:
                     await trigger.checkpoint()
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.05)  # pacing: the guest writes between checkpoints
                 # The guest went on writing through all those checkpoints.
                 while synced_seqs(serial)[-1] < seqs_protected + 4096:
                     await source.wait_progress(1.0)

@@ -46,6 +46,7 @@ from kemari.qemu.cmdline import MachineSpec
 from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ApplierState, ReplicaApplier
 from kemari.stream import Configuration, RamBlockList, RamPage, RamZeroPage
+from kemari.testbed.wait import async_wait_for
 
 pytestmark = pytest.mark.guest
 
@@ -71,11 +72,13 @@ def serial_ticks(path: Path) -> list[int]:
 
 
 async def wait_ticks(path: Path, count: int, timeout_s: float = 60.0) -> list[int]:
-    """Wait until ``path`` holds at least ``count`` complete tick lines."""
-    async with asyncio.timeout(timeout_s):
-        while len(ticks := serial_ticks(path)) < count:
-            await asyncio.sleep(POLL_S)
-    return ticks
+    """Wait until ``path`` holds at least ``count`` complete tick lines; return them."""
+
+    def enough() -> list[int] | None:
+        ticks = serial_ticks(path)
+        return ticks if len(ticks) >= count else None
+
+    return await async_wait_for(enough, f"{count} ticks in {path.name}", timeout_s, POLL_S)
 
 
 class ObservedApplier:
@@ -186,7 +189,7 @@ async def on_demand_loop(trigger: CheckpointTrigger, pause_s: float) -> None:
     with contextlib.suppress(KemariError):
         while True:
             await trigger.checkpoint()
-            await asyncio.sleep(pause_s)
+            await asyncio.sleep(pause_s)  # pacing: the checkpoint rate under test
 
 
 async def protect_then_kill(
@@ -206,7 +209,7 @@ async def protect_then_kill(
         await wait_protected(source)
         async with CheckpointTrigger(source) as trigger:
             loop = asyncio.create_task(on_demand_loop(trigger, on_demand_pause_s))
-            await asyncio.sleep(run_s)
+            await asyncio.sleep(run_s)  # the kill comes at a random moment: what is tested
             assert primary.pid is not None
             os.kill(primary.pid, signal.SIGKILL)
             await primary.wait()
