@@ -232,7 +232,8 @@ def test_answers_leave_only_after_their_checkpoint_commits(tmp_path: Path, lab: 
 
         os.kill(standby.process.pid, signal.SIGSTOP)
         try:
-            # Held from now on (a late delayed ACK of the guest too): the answer is more.
+            # Everything is held from now on, a late delayed ACK of the guest too; the
+            # answer is one frame more than what is held already.
             already_held = primary.status()["eventtap"]["held"]
             client.send("PUT frozen")
             wait_for(

@@ -539,18 +539,24 @@ def test_guest_boots_and_ticks(image: GuestImage, tmp_path: Path) -> None:
         ready_after: float | None = None
 
         def console() -> str:
-            assert proc.poll() is None, f"QEMU exited ({proc.returncode})"
             return serial.read_text(errors="replace") if serial.exists() else ""
 
         def ticked_five() -> bool:
             nonlocal ready_after
+            assert proc.poll() is None, f"QEMU exited ({proc.returncode}): {console()[-2000:]}"
             text = console()
             if ready_after is None and "kemari-guest: workload ticks ready" in text:
                 ready_after = time.monotonic() - started
             return re.search(r"^tick 5\r?$", text, re.MULTILINE) is not None
 
         # 300 s: a generous failure bound for a loaded host, not a timing check.
-        wait_for(ticked_five, "tick 5 on the console", 300, interval=0.2, detail=console)
+        wait_for(
+            ticked_five,
+            "tick 5 on the console",
+            300,
+            interval=0.2,
+            detail=lambda: f"console tail: {console()[-2000:]!r}",
+        )
         text = serial.read_text(errors="replace")
         ticks = [int(n) for n in re.findall(r"^tick (\d+)\r?$", text, re.MULTILINE)]
         assert ticks[:5] == [1, 2, 3, 4, 5], text[-2000:]
