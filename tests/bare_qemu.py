@@ -16,6 +16,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from kemari.qemu.binary import qemu_binary
+from kemari.testbed.wait import async_wait_for
 
 MEMORY = "64M"
 
@@ -35,10 +36,12 @@ async def bare_qemu(
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     qmp = QMPClient(name)
     try:
-        for _ in range(200):
-            if qmp_path.exists():
-                break
-            await asyncio.sleep(0.05)
+
+        def listening() -> bool:
+            assert proc.poll() is None, f"QEMU exited ({proc.returncode}): {argv}"
+            return qmp_path.exists()
+
+        await async_wait_for(listening, "QEMU's QMP socket", 10)
         await qmp.connect(str(qmp_path))
         yield qmp
     finally:
@@ -47,14 +50,15 @@ async def bare_qemu(
         proc.wait(timeout=10)
 
 
-async def wait_migration(qmp: QMPClient) -> dict[str, Any]:
+async def wait_migration(qmp: QMPClient, timeout: float = 60.0) -> dict[str, Any]:
     """Poll ``query-migrate`` until the migration completed or failed."""
-    while True:
+
+    async def finished() -> dict[str, Any] | None:
         info = await qmp.execute("query-migrate")
         assert isinstance(info, dict)
-        if info.get("status") in ("completed", "failed"):
-            return info
-        await asyncio.sleep(0.05)
+        return info if info.get("status") in ("completed", "failed") else None
+
+    return await async_wait_for(finished, "the migration to complete or fail", timeout)
 
 
 async def load_stream(

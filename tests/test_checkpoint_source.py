@@ -7,7 +7,8 @@ COM1 after storing, so a committed replica must hold a counter at least as large
 last tick printed before the checkpoint was requested.
 
 Checkpoints need Kemari's patched QEMU (``kemari qemu build``): stock 7.2 deadlocks at the
-first checkpoint under TCG.  The initial-sync failure test also runs on Debian's QEMU.
+first checkpoint under TCG, and these tests run TCG on every host, so without it they fail
+(``patched_qemu_binary``), never skip.  The initial-sync failure test runs on Debian's QEMU.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from patched_qemu import PATCHED_QEMU, needs_patched
+from support import prerequisites
 from ticker_rom import ticker_rom, ticks
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, PageBatch, SourceState
@@ -30,10 +30,8 @@ from kemari.qemu.cmdline import MachineSpec, MemoryFile
 from kemari.qemu.machine import QemuMachine
 from kemari.stream import Configuration, RamBlock, RamBlockList, RamPage
 from kemari.stream.format import PAGE_SIZE
+from kemari.testbed.wait import async_wait_for
 
-_stock = shutil.which("qemu-system-x86_64")
-STOCK_QEMU = Path(_stock) if _stock is not None else None
-needs_qemu = pytest.mark.skipif(STOCK_QEMU is None, reason="qemu-system-x86_64 not installed")
 pytestmark = pytest.mark.guest
 
 MEMORY_MIB = 64
@@ -173,21 +171,25 @@ async def wait_state(source: CheckpointSource, *states: SourceState) -> None:
         await source.wait_progress(1.0)
 
 
-async def ticks_advance(serial: Path) -> None:
-    """Return once the guest printed a new tick (the caller's timeout bounds the wait)."""
-    before = ticks(serial)
-    while ticks(serial)[-1:] == before[-1:] or not ticks(serial):
-        await asyncio.sleep(0.02)
+async def ticks_advance(serial: Path, timeout: float = 30.0) -> None:
+    """Return once the guest printed a new tick."""
+    before = ticks(serial)[-1:]
+
+    def advanced() -> bool:
+        now = ticks(serial)[-1:]
+        return bool(now) and now != before
+
+    await async_wait_for(advanced, f"a tick after {before} on {serial.name}", timeout, 0.02)
 
 
-@needs_patched
-def test_initial_sync_and_on_demand_checkpoints_track_the_guest(tmp_path: Path) -> None:
-    assert PATCHED_QEMU is not None
+def test_initial_sync_and_on_demand_checkpoints_track_the_guest(
+    tmp_path: Path, patched_qemu_binary: Path
+) -> None:
     serial = tmp_path / "serial.log"
 
     async def scenario() -> None:
         sink = ReplicaSink()
-        async with ticker_primary(tmp_path, PATCHED_QEMU) as machine:
+        async with ticker_primary(tmp_path, patched_qemu_binary) as machine:
             # A long period: every checkpoint below is an on-demand one.
             source = CheckpointSource(machine, sink, epoch_ms=60_000)
             async with source, CheckpointTrigger(source) as trigger:
@@ -238,17 +240,17 @@ def test_initial_sync_and_on_demand_checkpoints_track_the_guest(tmp_path: Path) 
     run(scenario)
 
 
-@needs_patched
-def test_checkpoints_carry_writes_to_tlb_resident_pages(tmp_path: Path) -> None:
+def test_checkpoints_carry_writes_to_tlb_resident_pages(
+    tmp_path: Path, patched_qemu_binary: Path
+) -> None:
     # The same ticker without invlpg: its few pages stay in the TCG TLB, writable.  Stock
     # 7.2 misses these writes; the patch's TLB flush after each dirty-log sync catches
     # them (patches/qemu-7.2-colo-tcg-bql.patch).
-    assert PATCHED_QEMU is not None
     serial = tmp_path / "serial.log"
 
     async def scenario() -> None:
         sink = ReplicaSink()
-        async with ticker_primary(tmp_path, PATCHED_QEMU, flush_tlb=False) as machine:
+        async with ticker_primary(tmp_path, patched_qemu_binary, flush_tlb=False) as machine:
             source = CheckpointSource(machine, sink, epoch_ms=60_000)
             async with source, CheckpointTrigger(source) as trigger:
                 await wait_state(source, SourceState.PROTECTED, SourceState.UNPROTECTED)
@@ -263,19 +265,17 @@ def test_checkpoints_carry_writes_to_tlb_resident_pages(tmp_path: Path) -> None:
     run(scenario)
 
 
-@needs_patched
-def test_guest_stays_paused_until_commit_returns(tmp_path: Path) -> None:
-    assert PATCHED_QEMU is not None
+def test_guest_stays_paused_until_commit_returns(tmp_path: Path, patched_qemu_binary: Path) -> None:
 
     async def scenario() -> None:
         sink = ReplicaSink()
         seen: list[tuple[int, str, bool]] = []
-        async with ticker_primary(tmp_path, PATCHED_QEMU) as machine:
+        async with ticker_primary(tmp_path, patched_qemu_binary) as machine:
 
             async def slow_commit(epoch: int) -> None:
                 # QEMU is waiting for VMSTATE_LOADED: the VM must stay stopped meanwhile.
                 before = await machine.query_status()
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # a slow standby: the behaviour under test
                 after = await machine.query_status()
                 seen.append((epoch, before.status, before.running or after.running))
 
@@ -298,9 +298,9 @@ def test_guest_stays_paused_until_commit_returns(tmp_path: Path) -> None:
     run(scenario)
 
 
-@needs_patched
-def test_standby_lost_during_a_checkpoint_leaves_the_guest_running(tmp_path: Path) -> None:
-    assert PATCHED_QEMU is not None
+def test_standby_lost_during_a_checkpoint_leaves_the_guest_running(
+    tmp_path: Path, patched_qemu_binary: Path
+) -> None:
     serial = tmp_path / "serial.log"
 
     async def scenario() -> None:
@@ -311,7 +311,7 @@ def test_standby_lost_during_a_checkpoint_leaves_the_guest_running(tmp_path: Pat
                 raise ConnectionResetError("standby went away")
 
         sink.on_commit = lose_standby
-        async with ticker_primary(tmp_path, PATCHED_QEMU) as machine:
+        async with ticker_primary(tmp_path, patched_qemu_binary) as machine:
             source = CheckpointSource(machine, sink, epoch_ms=60_000)
             async with source, CheckpointTrigger(source) as trigger:
                 await wait_state(source, SourceState.PROTECTED, SourceState.UNPROTECTED)
@@ -344,17 +344,16 @@ def test_standby_lost_during_a_checkpoint_leaves_the_guest_running(tmp_path: Pat
     run(scenario)
 
 
-@needs_qemu
 def test_standby_lost_during_the_initial_sync_leaves_the_guest_running(tmp_path: Path) -> None:
     # Debian's QEMU is enough here: no checkpoint is ever taken.
-    assert STOCK_QEMU is not None
+    stock_qemu = prerequisites.stock_qemu()
 
     class FailingSync(ReplicaSink):
         async def sync_pages(self, batch: PageBatch) -> None:
             raise BrokenPipeError("standby closed the connection")
 
     async def scenario() -> None:
-        async with ticker_primary(tmp_path, STOCK_QEMU) as machine:
+        async with ticker_primary(tmp_path, stock_qemu) as machine:
             source = CheckpointSource(machine, FailingSync(), epoch_ms=100)
             async with source:
                 await wait_state(source, SourceState.UNPROTECTED, SourceState.FAILED)

@@ -53,7 +53,8 @@ from test_eventtap_guest import (
 
 from kemari.net.stream import QEMU_MAX_FRAME
 from kemari.testbed.topology import Namespace, Topology
-from kemari.testbed.vm import AgentProcess, wait_for
+from kemari.testbed.vm import AgentProcess
+from kemari.testbed.wait import wait_for
 
 pytestmark = [
     pytest.mark.guest,

@@ -19,6 +19,7 @@ from typing import cast
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import prerequisites
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
 from kemari.config import StorageMode
@@ -32,6 +33,7 @@ from kemari.nbd.server import NbdServer
 from kemari.outputs import DiskOp, DiskWrite, decode_disk_write, encode_disk_write, record_of
 from kemari.replica import disks as standby_disks
 from kemari.replica.disks import StandbyDisks
+from kemari.testbed.wait import async_wait_for
 
 SIZE = 64 * 1024
 
@@ -171,7 +173,7 @@ def test_writes_after_unprotect_are_never_overwritten_by_older_held_ones(image: 
             for _ in range(50):
                 await overlay.write(0, b"old" * 1000, fua=False)
             drain = asyncio.create_task(overlay.unprotect())
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one loop turn: the drain task starts (not a timed wait)
             await overlay.write(0, b"new" * 1000, fua=False)  # while draining
             await drain
             assert await overlay.read(0, 3000) == b"new" * 1000
@@ -238,19 +240,15 @@ def test_bad_ops_and_flags_are_refused() -> None:
 # -- a real NBD client -------------------------------------------------------------------
 
 
-def _nbdsh_available() -> bool:
-    return shutil.which("nbdsh") is not None
-
-
-@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io missing")
 def test_qemu_io_sees_writes_at_once_and_the_image_only_after_release(image: Path) -> None:
     """qemu-io writes through Kemari's NBD server; it reads its own data back at once,
     the image file gets it only after release of its epoch, and a flush does not wait."""
+    qemu_io_program = str(prerequisites.tool("qemu-io", "qemu-utils"))
     socket_path = image.parent / "nbd.sock"
     uri = f"nbd+unix:///disk?socket={socket_path}"
 
     def qemu_io(*commands: str) -> str:
-        argv = ["qemu-io", "-f", "raw"]
+        argv = [qemu_io_program, "-f", "raw"]
         for command in commands:
             argv += ["-c", command]
         done = subprocess.run([*argv, uri], capture_output=True, text=True, timeout=60, check=False)
@@ -368,7 +366,7 @@ def test_replicated_images_are_equal_at_every_commit_after_the_copy(
                 await overlay.write_zeroes(offset, length, may_trim=kind < 0.8, fua=False)
             else:
                 await overlay.trim(offset, length, fua=False)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # interleave with the copier: one loop turn per write
 
     async def scenario() -> None:
         standby = StandbyDisks([standby_path], StorageMode.REPLICATED)
@@ -455,13 +453,20 @@ async def replicated_pair(
     overlay = OverlayBackend(base)
     primary = Primary(overlay, standby)
     primary.end_sync()
+    requested = asyncio.Event()
     copier = DiskCopier(
-        overlay, wait_committed=primary.wait_committed, request_checkpoint=lambda: None
+        overlay, wait_committed=primary.wait_committed, request_checkpoint=requested.set
     )
     copy = asyncio.create_task(copier.run())
-    while not copy.done():
-        await primary.checkpoint()
-        await asyncio.sleep(0.001)  # the copier reads in the backend's I/O thread
+    # A checkpoint each time the copier asks for one (it asks before it waits for a commit).
+    async with asyncio.timeout(60):
+        while not copy.done():
+            asked = asyncio.create_task(requested.wait())
+            await asyncio.wait({copy, asked}, return_when=asyncio.FIRST_COMPLETED)
+            asked.cancel()
+            if requested.is_set():
+                requested.clear()
+                await primary.checkpoint()
     await copy
     return standby, base, overlay, primary
 
@@ -475,9 +480,16 @@ def test_replicated_images_are_flushed_in_the_background(
     async def scenario() -> None:
         standby, base, overlay, primary = await replicated_pair(tmp_path)
         for round_number in range(4):
+            flushes = standby.status()[0]["background_flushes"]
             await overlay.write(round_number * 4096, b"x" * 4096, fua=False)
             await primary.checkpoint()
-            await asyncio.sleep(0.01)  # the flush runs in the backend's I/O thread
+            # The flush runs in the backend's I/O thread.
+            await async_wait_for(
+                lambda flushes=flushes: standby.status()[0]["background_flushes"] > flushes,
+                "a background flush",
+                10,
+                0.001,
+            )
         [disk] = standby.status()
         assert disk["synced"] and disk["flush_error"] is None
         assert disk["background_flushes"] >= 2, disk
@@ -507,10 +519,18 @@ def test_a_failed_background_flush_makes_failover_refuse(
 
         # Fault injection: the disk under the standby's image fails its writeback.
         monkeypatch.setattr(RawFileBackend, "flush", failing_flush)
-        await overlay.write(0, b"y" * 4096, fua=False)
-        await primary.checkpoint()
-        await asyncio.sleep(0.01)
-        assert "Input/output error" in str(standby.status()[0]["flush_error"])
+
+        async def flush_failed() -> str | None:
+            # A commit starts no flush while one (of the copy's writes, on the good disk)
+            # still runs: commit writes until one runs into the failing disk.
+            error: str | None = standby.status()[0]["flush_error"]
+            if error is None:
+                await overlay.write(0, b"y" * 4096, fua=False)
+                await primary.checkpoint()
+            return error
+
+        error = await async_wait_for(flush_failed, "the failed background flush", 10, 0.001)
+        assert "Input/output error" in error
         await base.close()
         with pytest.raises(FailoverError, match="may have lost committed writes"):
             await standby.fail_over()

@@ -33,7 +33,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from patched_qemu import PATCHED_QEMU, needs_patched
 from support.fsck import check_diskload_disk
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
@@ -41,7 +40,7 @@ from kemari.config import StorageMode
 from kemari.eventtap.disk import OverlayBackend, hold_in
 from kemari.eventtap.diskcopy import DiskCopier
 from kemari.eventtap.outputs import OutputLog
-from kemari.image.builder import default_image
+from kemari.image.builder import GuestImage
 from kemari.image.disk import create_data_disk
 from kemari.nbd.backend import RawFileBackend
 from kemari.nbd.server import NbdServer
@@ -51,11 +50,9 @@ from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ReplicaApplier
 from kemari.replica.disks import StandbyDisks
 from kemari.stream import Configuration, RamBlockList, RamPage, RamZeroPage
+from kemari.testbed.wait import async_wait_for
 
-pytestmark = [
-    pytest.mark.guest,
-    needs_patched,
-]
+pytestmark = pytest.mark.guest
 
 DISK_MIB = 64
 EPOCH_MS = 100
@@ -136,9 +133,9 @@ def workdir() -> Iterator[Path]:
 
 
 def test_diskload_through_the_overlay_with_checkpoints_and_a_replicated_disk(
-    workdir: Path,
+    workdir: Path, patched_qemu_binary: Path, guest_image: GuestImage
 ) -> None:
-    image = default_image()
+    image = guest_image
     primary_image, standby_image = workdir / "primary.raw", workdir / "standby.raw"
     create_data_disk(primary_image, DISK_MIB)
     with standby_image.open("wb") as handle:  # nothing in common with the primary's
@@ -157,15 +154,12 @@ def test_diskload_through_the_overlay_with_checkpoints_and_a_replicated_disk(
     )
 
     async def scenario() -> tuple[DiskSink, DiskCopier, list[int], int]:
-        assert PATCHED_QEMU is not None
         async with contextlib.AsyncExitStack() as stack:
             base = await stack.enter_async_context(RawFileBackend.open(primary_image))
             overlay = OverlayBackend(base, max_held_bytes=16 << 20)
             await stack.enter_async_context(NbdServer(overlay, workdir / "disk.sock"))
-            machine = await stack.enter_async_context(QemuMachine(spec, PATCHED_QEMU))
-            async with asyncio.timeout(120):
-                while len(synced_seqs(serial)) < 1:
-                    await asyncio.sleep(0.1)
+            machine = await stack.enter_async_context(QemuMachine(spec, patched_qemu_binary))
+            await async_wait_for(lambda: synced_seqs(serial), "diskload's first sync", 120, 0.1)
             applier = stack.enter_context(ReplicaApplier(workdir / "replica"))
             standby = StandbyDisks([standby_image], StorageMode.REPLICATED)
             stack.push_async_callback(standby.close)
@@ -192,7 +186,7 @@ def test_diskload_through_the_overlay_with_checkpoints_and_a_replicated_disk(
                 await copier.run()
                 while len(sink.compared) + len(sink.mismatch) < COMPARED_COMMITS:
                     await trigger.checkpoint()
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.05)  # pacing: the guest writes between checkpoints
                 # The guest went on writing through all those checkpoints.
                 while synced_seqs(serial)[-1] < seqs_protected + 4096:
                     await source.wait_progress(1.0)

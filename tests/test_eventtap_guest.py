@@ -43,7 +43,8 @@ import pytest
 from kemari.crashpoint import ENVIRONMENT_VARIABLE
 from kemari.image.disk import create_data_disk
 from kemari.testbed.topology import Namespace, Topology
-from kemari.testbed.vm import AgentProcess, wait_for
+from kemari.testbed.vm import AgentProcess
+from kemari.testbed.wait import wait_for
 
 pytestmark = [
     pytest.mark.guest,
@@ -226,12 +227,18 @@ def test_answers_leave_only_after_their_checkpoint_commits(tmp_path: Path, lab: 
         for index in range(20):
             client.send(f"PUT protected-{index}")
             assert (client.line(60) or "").startswith("OK ")
-        time.sleep(0.5)  # let the guest's last delayed ACK commit: the tap is idle now
+        # Every answer above was released; the tap is idle once nothing is held.
+        wait_for(lambda: primary.status()["eventtap"]["held"] == 0, "an idle event-tap", 10)
 
         os.kill(standby.process.pid, signal.SIGSTOP)
         try:
+            # Everything is held from now on, a late delayed ACK of the guest too; the
+            # answer is one frame more than what is held already.
+            already_held = primary.status()["eventtap"]["held"]
             client.send("PUT frozen")
-            wait_for(lambda: primary.status()["eventtap"]["held"] > 0, "a held answer", 5)
+            wait_for(
+                lambda: primary.status()["eventtap"]["held"] > already_held, "a held answer", 5
+            )
             # The guest answered, the checkpoint cannot commit: nothing reaches the client.
             assert client.line(2.0) is None
             tap = primary.status()["eventtap"]
@@ -280,11 +287,20 @@ def test_failover_replays_the_answer_the_primary_never_released(
             # The same TCP connection goes on with the failed-over guest.
             client.send("PUT after-failover")
             assert (client.line(60) or "").startswith("OK ")
-            time.sleep(1.0)  # QEMU's announce rounds (50 ms, then 100 ms steps)
-        standby_frames = pcap_frames(standby_pcap)
-        assert len(standby_frames) >= reply.data["replayed_frames"]
-        rarps = [f for f in pcap_frames(client_pcap) if f[12:14] == ETH_P_RARP.to_bytes(2, "big")]
-        assert rarps, "QEMU's self-announce did not reach the client"
+            # The replayed frames on the standby's tap, and QEMU's self-announce (RARP
+            # rounds at 50 ms, then 100 ms steps) at the client; tcpdump -U writes each.
+            wait_for(
+                lambda: len(pcap_frames(standby_pcap)) >= reply.data["replayed_frames"],
+                "the replayed frames on the standby's tap",
+                10,
+            )
+            wait_for(
+                lambda: any(
+                    f[12:14] == ETH_P_RARP.to_bytes(2, "big") for f in pcap_frames(client_pcap)
+                ),
+                "QEMU's self-announce (RARP) at the client",
+                10,
+            )
         records = client_ns.run(
             [sys.executable, "-m", "kemari.testbed.records", GUEST_IP, "get"], timeout=120
         ).stdout
@@ -301,7 +317,7 @@ def test_acknowledged_records_survive_a_kill_at_a_random_moment(
         protect(primary)
         qemu_pid = primary.status()["qemu_pid"]
         loop = loop_client(client_ns, 15)
-        time.sleep(rng.uniform(1.0, 4.0))
+        time.sleep(rng.uniform(1.0, 4.0))  # the kill comes at a random moment: tested
         victims = [qemu_pid, primary.process.pid]
         rng.shuffle(victims)
         for pid in victims:

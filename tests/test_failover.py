@@ -17,7 +17,7 @@ What a round checks on the failover QEMU's own serial log:
 - ``fail_over`` reports exactly the epoch the replica had committed.
 
 Needs Kemari's patched QEMU (``kemari qemu build``) and the guest image
-(``kemari image build``).
+(``kemari image build``); without them the tests fail with that fix, they never skip.
 """
 
 from __future__ import annotations
@@ -35,22 +35,20 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from patched_qemu import PATCHED_QEMU, needs_patched
+from support import prerequisites
 from ticker_rom import ticker_rom
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
 from kemari.errors import FailoverError, KemariError
 from kemari.failover import fail_over
-from kemari.image.builder import GuestImage, default_image
+from kemari.image.builder import GuestImage
 from kemari.qemu.cmdline import MachineSpec
 from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ApplierState, ReplicaApplier
 from kemari.stream import Configuration, RamBlockList, RamPage, RamZeroPage
+from kemari.testbed.wait import async_wait_for
 
-pytestmark = [
-    pytest.mark.guest,
-    needs_patched,
-]
+pytestmark = pytest.mark.guest
 
 MEMORY_MIB = 128
 TICKER_MEMORY_MIB = 64
@@ -74,11 +72,13 @@ def serial_ticks(path: Path) -> list[int]:
 
 
 async def wait_ticks(path: Path, count: int, timeout_s: float = 60.0) -> list[int]:
-    """Wait until ``path`` holds at least ``count`` complete tick lines."""
-    async with asyncio.timeout(timeout_s):
-        while len(ticks := serial_ticks(path)) < count:
-            await asyncio.sleep(POLL_S)
-    return ticks
+    """Wait until ``path`` holds at least ``count`` complete tick lines; return them."""
+
+    def enough() -> list[int] | None:
+        ticks = serial_ticks(path)
+        return ticks if len(ticks) >= count else None
+
+    return await async_wait_for(enough, f"{count} ticks in {path.name}", timeout_s, POLL_S)
 
 
 class ObservedApplier:
@@ -88,10 +88,13 @@ class ObservedApplier:
     its serial log was printed before the checkpoint's state was taken.
     """
 
-    def __init__(self, applier: ReplicaApplier, primary_log: Path, standby: MachineSpec) -> None:
+    def __init__(
+        self, applier: ReplicaApplier, primary_log: Path, standby: MachineSpec, qemu: Path
+    ) -> None:
         self.applier = applier
         self.primary_log = primary_log
         self.standby = standby
+        self.qemu = qemu
         self.tick_at_commit: dict[int, int] = {}
         self.refusal: str | None = None
 
@@ -106,9 +109,8 @@ class ObservedApplier:
         await self.applier.sync_pages(batch)
         if self.refusal is None:
             # In the middle of the initial sync: nothing is committed, failover must refuse.
-            assert PATCHED_QEMU is not None
             try:
-                await fail_over(self.applier, self.standby, PATCHED_QEMU)
+                await fail_over(self.applier, self.standby, self.qemu)
             except FailoverError as exc:
                 self.refusal = str(exc)
             else:
@@ -168,9 +170,8 @@ def machine_spec(tmp_path: Path, name: str, image: GuestImage | None) -> Machine
 
 
 @contextlib.asynccontextmanager
-async def booted_primary(spec: MachineSpec) -> AsyncIterator[QemuMachine]:
-    assert PATCHED_QEMU is not None
-    async with QemuMachine(spec, PATCHED_QEMU) as machine:
+async def booted_primary(spec: MachineSpec, qemu: Path) -> AsyncIterator[QemuMachine]:
+    async with QemuMachine(spec, qemu) as machine:
         assert spec.serial_log is not None
         await wait_ticks(spec.serial_log, 2)
         yield machine
@@ -188,7 +189,7 @@ async def on_demand_loop(trigger: CheckpointTrigger, pause_s: float) -> None:
     with contextlib.suppress(KemariError):
         while True:
             await trigger.checkpoint()
-            await asyncio.sleep(pause_s)
+            await asyncio.sleep(pause_s)  # pacing: the checkpoint rate under test
 
 
 async def protect_then_kill(
@@ -198,16 +199,17 @@ async def protect_then_kill(
     standby: MachineSpec,
     run_s: float,
     on_demand_pause_s: float,
+    qemu: Path,
 ) -> ObservedApplier:
     """Protect ``primary`` into ``applier``, run ``run_s`` seconds, then SIGKILL its QEMU."""
-    observed = ObservedApplier(applier, primary_log, standby)
+    observed = ObservedApplier(applier, primary_log, standby, qemu)
     source = CheckpointSource(primary, observed, epoch_ms=EPOCH_MS)
     await source.start()
     try:
         await wait_protected(source)
         async with CheckpointTrigger(source) as trigger:
             loop = asyncio.create_task(on_demand_loop(trigger, on_demand_pause_s))
-            await asyncio.sleep(run_s)
+            await asyncio.sleep(run_s)  # the kill comes at a random moment: what is tested
             assert primary.pid is not None
             os.kill(primary.pid, signal.SIGKILL)
             await primary.wait()
@@ -224,13 +226,14 @@ async def fail_over_and_check(
     applier: ReplicaApplier,
     observed: ObservedApplier,
     spec: MachineSpec,
+    qemu: Path,
 ) -> QemuMachine:
     """Fail over from ``applier``; check the new serial log; return the running QEMU."""
-    assert PATCHED_QEMU is not None and spec.serial_log is not None
+    assert spec.serial_log is not None
     committed = applier.committed_epoch
     assert committed is not None
     primary_ticks = serial_ticks(observed.primary_log)
-    result = await fail_over(applier, spec, PATCHED_QEMU)
+    result = await fail_over(applier, spec, qemu)
     machine = result.machine
     try:
         assert result.epoch == committed
@@ -257,11 +260,11 @@ async def fail_over_and_check(
 
 @pytest.mark.parametrize("guest", ["linux", "ticker"])
 def test_failover_continues_the_counter_after_kill_rounds(
-    tmp_path: Path, replica_root: Path, guest: str
+    tmp_path: Path, replica_root: Path, guest: str, patched_qemu_binary: Path
 ) -> None:
     """Three rounds of protect → SIGKILL at a random moment → fail over; the last round
     checkpoints back to back (on demand, as fast as possible)."""
-    guest_image = default_image() if guest == "linux" else None
+    guest_image = prerequisites.guest_image() if guest == "linux" else None
     seed = os.environ.get("KEMARI_TEST_SEED", str(time.time_ns()))
     print(f"KEMARI_TEST_SEED={seed}")  # shown on failure: replays the same kill moments
     rng = random.Random(seed)
@@ -269,29 +272,36 @@ def test_failover_continues_the_counter_after_kill_rounds(
     async def rounds() -> None:
         spec = machine_spec(tmp_path, "primary", guest_image)
         async with contextlib.AsyncExitStack() as stack:
-            machine = await stack.enter_async_context(booted_primary(spec))
+            machine = await stack.enter_async_context(booted_primary(spec, patched_qemu_binary))
             for round_number, pause_s in enumerate((0.3, 0.1, 0.0), start=1):
                 applier = stack.enter_context(ReplicaApplier(replica_root))
                 assert spec.serial_log is not None
                 standby = machine_spec(tmp_path, f"failover{round_number}", guest_image)
                 observed = await protect_then_kill(
-                    machine, spec.serial_log, applier, standby, rng.uniform(1.0, 3.0), pause_s
+                    machine,
+                    spec.serial_log,
+                    applier,
+                    standby,
+                    rng.uniform(1.0, 3.0),
+                    pause_s,
+                    patched_qemu_binary,
                 )
                 spec = standby
-                machine = await fail_over_and_check(applier, observed, spec)
+                machine = await fail_over_and_check(applier, observed, spec, patched_qemu_binary)
                 stack.push_async_callback(machine.shutdown)
 
     asyncio.run(asyncio.wait_for(rounds(), 3 * ROUND_TIMEOUT_S))
 
 
 def test_failover_without_any_replica_is_refused(tmp_path: Path, replica_root: Path) -> None:
-    """A standby that never received an initial sync refuses and starts no QEMU."""
+    """A standby that never received an initial sync refuses and starts no QEMU (not even
+    a binary that does not exist: no QEMU is needed for this test)."""
     spec = MachineSpec(name="standby", accel="tcg", qmp_socket=tmp_path / "standby.qmp")
 
     async def scenario() -> None:
         with ReplicaApplier(replica_root) as applier:
             with pytest.raises(FailoverError, match="no committed replica"):
-                await fail_over(applier, spec, PATCHED_QEMU or Path("/nonexistent/qemu"))
+                await fail_over(applier, spec, Path("/nonexistent/qemu"))
             assert applier.committed_epoch is None
             assert applier.state is ApplierState.IDLE
         assert not spec.qmp_socket.exists()

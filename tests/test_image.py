@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import prerequisites
 
 from kemari.cli.main import main
 from kemari.errors import ImageError
@@ -29,6 +30,7 @@ from kemari.image.debs import parse_control, parse_depends
 from kemari.image.disk import parse_size_mib
 from kemari.image.initramfs import Initramfs, read_members
 from kemari.image.modules import load_order, module_name, parse_modules_dep, plain_name
+from kemari.testbed.wait import wait_for
 
 # ---------------------------------------------------------------- pure logic
 
@@ -525,8 +527,7 @@ def test_diskload_kill9_verify_continue_and_detect_corruption(
 @pytest.mark.guest
 def test_guest_boots_and_ticks(image: GuestImage, tmp_path: Path) -> None:
     serial = tmp_path / "serial.log"
-    qemu = shutil.which("qemu-system-x86_64")
-    assert qemu, "qemu-system-x86 is not installed"
+    qemu = str(prerequisites.stock_qemu())
     command = [
         qemu, "-accel", "tcg", "-M", "pc", "-m", "256", "-nographic", "-no-reboot", "-nic", "none",
         "-monitor", "none", "-kernel", str(image.kernel), "-initrd", str(image.initrd),
@@ -535,15 +536,27 @@ def test_guest_boots_and_ticks(image: GuestImage, tmp_path: Path) -> None:
     started = time.monotonic()
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
-        ready_after = None
-        deadline = started + 300  # generous failure bound for a loaded host, not a timing check
-        while time.monotonic() < deadline and proc.poll() is None:
-            text = serial.read_text(errors="replace") if serial.exists() else ""
+        ready_after: float | None = None
+
+        def console() -> str:
+            return serial.read_text(errors="replace") if serial.exists() else ""
+
+        def ticked_five() -> bool:
+            nonlocal ready_after
+            assert proc.poll() is None, f"QEMU exited ({proc.returncode}): {console()[-2000:]}"
+            text = console()
             if ready_after is None and "kemari-guest: workload ticks ready" in text:
                 ready_after = time.monotonic() - started
-            if re.search(r"^tick 5\r?$", text, re.MULTILINE):
-                break
-            time.sleep(0.2)
+            return re.search(r"^tick 5\r?$", text, re.MULTILINE) is not None
+
+        # 300 s: a generous failure bound for a loaded host, not a timing check.
+        wait_for(
+            ticked_five,
+            "tick 5 on the console",
+            300,
+            interval=0.2,
+            detail=lambda: f"console tail: {console()[-2000:]!r}",
+        )
         text = serial.read_text(errors="replace")
         ticks = [int(n) for n in re.findall(r"^tick (\d+)\r?$", text, re.MULTILINE)]
         assert ticks[:5] == [1, 2, 3, 4, 5], text[-2000:]

@@ -10,19 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import prerequisites
 from support.fake_nic import FakeNic
 
 from kemari.testbed.topology import Namespace, Topology
+from kemari.testbed.wait import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -53,13 +53,14 @@ class BridgeProcess:
         return self.log_path.read_text()
 
     def wait_log(self, text: str, count: int = 1) -> None:
-        deadline = time.monotonic() + WAIT_LIMIT
-        while self.log_text().count(text) < count:
+        def logged() -> bool:
+            if self.log_text().count(text) >= count:
+                return True
             if self.process.poll() is not None:
                 pytest.fail(f"bridge exited {self.process.returncode}:\n{self.log_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"bridge never logged {text!r} x{count}:\n{self.log_text()}")
-            time.sleep(0.05)
+            return False
+
+        wait_for(logged, f"the bridge to log {text!r} x{count}", WAIT_LIMIT, detail=self.log_text)
 
     def tap_statistic(self, name: str) -> int:
         path = f"/sys/class/net/{TAP}/statistics/{name}"
@@ -227,20 +228,18 @@ def test_second_concurrent_guest_is_refused(testbed, tmp_path):
     assert counters["connections"] == 1
 
 
-@pytest.mark.skipif(
-    shutil.which("qemu-system-x86_64") is None or shutil.which("tcpdump") is None,
-    reason="needs QEMU and tcpdump",
-)
 def test_qemu_nic_frames_reach_the_host_bridge(testbed, tmp_path):
     """QEMU's virtio-net on -netdev stream, driven by its iPXE ROM (no guest OS needed).
 
     ``-boot n`` makes SeaBIOS run the NIC's iPXE ROM, which broadcasts DHCP
     requests: seeing one on the host's br0 proves the whole guest->host path.
     """
+    qemu_program = str(prerequisites.stock_qemu())
+    tcpdump = str(prerequisites.tool("tcpdump", "tcpdump"))
     host, _ = testbed
     with running_bridge(host, tmp_path) as bridge:
         capture = host.popen(
-            ["tcpdump", "-i", "br0", "-n", "-e", "-c", "1",
+            [tcpdump, "-i", "br0", "-n", "-e", "-c", "1",
              "ether", "src", GUEST_MAC, "and", "udp", "dst", "port", "67"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -250,7 +249,7 @@ def test_qemu_nic_frames_reach_the_host_bridge(testbed, tmp_path):
             assert line, "tcpdump exited before capturing"
         netdev = f"stream,id=n0,server=off,addr.type=unix,addr.path={bridge.socket}"
         command = [
-            "qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-nodefaults",
+            qemu_program, "-accel", "tcg", "-machine", "pc", "-nodefaults",
             "-display", "none", "-serial", "none", "-boot", "n", "-netdev", netdev,
             "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC}",
         ]  # fmt: skip

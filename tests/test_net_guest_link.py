@@ -89,6 +89,7 @@ import asyncio, json, socket
 from kemari.errors import NetError
 from kemari.net.bridge import NetBridge
 from kemari.net.stream import encode_frame
+from kemari.testbed.wait import async_wait_for
 
 async def main() -> None:
     bridge = NetBridge(None, "ktap0")
@@ -105,17 +106,17 @@ async def main() -> None:
         # A guest frame written on QEMU's end reaches the bridge (and the tap).
         first.sendall(encode_frame(b"\\xff" * 6 + b"\\x52" * 54))
         counters = bridge.counters
-        while counters.guest_to_host.frames + counters.guest_to_host_failed.frames < 1:
-            await asyncio.sleep(0.01)
+        await async_wait_for(
+            lambda: counters.guest_to_host.frames + counters.guest_to_host_failed.frames >= 1,
+            "the guest frame at the bridge", 10, 0.01,
+        )
         first.close()  # that QEMU exits: the only copy of its end is gone
-        while bridge.guest_attached:
-            await asyncio.sleep(0.01)
+        await async_wait_for(lambda: not bridge.guest_attached, "the detach", 10, 0.01)
         report["detached"] = True
         second = await bridge.plug_guest()  # the next QEMU (a failover) gets a new link
         report["reattached"] = bridge.guest_attached
         second.close()
-        while bridge.guest_attached:
-            await asyncio.sleep(0.01)
+        await async_wait_for(lambda: not bridge.guest_attached, "the second detach", 10, 0.01)
     finally:
         await bridge.close()
     report["counters"] = bridge.counters.as_dict()

@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 
 from kemari.errors import KemariError
-from kemari.testbed.vm import AgentProcess, kill_active, wait_for
+from kemari.testbed.vm import AgentProcess, kill_active
+from kemari.testbed.wait import wait_for
 
 pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu")]
 
@@ -95,10 +96,11 @@ def test_failover_rounds_continue_the_counter(workdir: Path) -> None:
             lower = ticks(active)[-1]
             epoch = active.monitor("checkpoint").data["epoch"]
             assert epoch >= 1
-            time.sleep(rng.uniform(0.0, 2.0))
+            time.sleep(rng.uniform(0.0, 2.0))  # the kill comes at a random moment: tested
             kill_active(active, rng)
             upper = ticks(active)[-1] + 1
-            # Losing the primary does not make the standby take over by itself.
+            # Losing the primary does not make the standby take over by itself: an absence,
+            # so it is watched for a while (no condition can say "it will not happen").
             time.sleep(0.5)
             assert standby.status()["role"] == "standby"
             reply = standby.monitor("failover")

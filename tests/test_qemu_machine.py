@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from kemari.errors import ConfigError, QemuError
 from kemari.qemu.binary import qemu_binary
 from kemari.qemu.cmdline import MachineSpec, NbdDisk
 from kemari.qemu.machine import MachineExit, QemuMachine, QmpCommandError, RunState
+from kemari.testbed.wait import wait_for
 
 QEMU = qemu_binary("tcg").path
 
@@ -304,7 +304,7 @@ def test_qemu_dies_with_its_supervisor(tmp_path: Path) -> None:
                                memory_mib=32, start_paused=True)
             async with QemuMachine(spec, Path({str(QEMU)!r})) as machine:
                 print(machine.pid, flush=True)
-                await asyncio.sleep(600)
+                await asyncio.sleep(600)  # idles until the test SIGKILLs it
 
         asyncio.run(main())
         """
@@ -316,10 +316,7 @@ def test_qemu_dies_with_its_supervisor(tmp_path: Path) -> None:
         assert process_alive(qemu_pid)
         supervisor.kill()
         supervisor.wait()
-        deadline = time.monotonic() + 30
-        while process_alive(qemu_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not process_alive(qemu_pid)
+        wait_for(lambda: not process_alive(qemu_pid), "the orphaned QEMU to die", 30)
     finally:
         supervisor.kill()
         supervisor.wait()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import prerequisites
 
 from kemari.crashpoint import ENVIRONMENT_VARIABLE
 from kemari.errors import KemariError, ReplicaError
@@ -57,9 +58,22 @@ def replica_dir(request, tmp_path):
         yield directory / "replica"
         shutil.rmtree(directory, ignore_errors=True)
     else:
-        if is_volatile(tmp_path):
-            pytest.skip("tmp_path is on a memory filesystem here")
-        yield tmp_path / "replica"
+        # The durable mode needs a disk filesystem; where pytest's tmp_path is in memory
+        # (a tmpfs /tmp), /var/tmp usually is not.
+        if not is_volatile(tmp_path):
+            yield tmp_path / "replica"
+            return
+        directory = Path(tempfile.mkdtemp(prefix="kemari-replica-test-", dir="/var/tmp"))
+        try:
+            if is_volatile(directory):
+                prerequisites.missing(
+                    "a disk filesystem for the durable replica (tmp_path and /var/tmp are "
+                    "in memory here)",
+                    "run pytest with --basetemp=DIR on a disk filesystem",
+                )
+            yield directory / "replica"
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def committed(replica: Replica, epoch: int, pages=(), device_state=b"dev") -> None:
@@ -701,10 +715,8 @@ def fill_filesystem(path: Path) -> None:
             pass
 
 
-@pytest.mark.root
+@pytest.mark.root  # to mount a small tmpfs (conftest fails the test without root)
 def test_full_filesystem_is_a_clear_error(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
     mount_point = tmp_path / "small"
     mount_point.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=True)
@@ -745,9 +757,9 @@ def _qmp_session(args: list[str], commands: list[dict]) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU")
 def test_qemu_maps_the_ram_file_as_block_pc_ram(tmp_path):
     """The failover QEMU sees the committed page at its guest-physical address."""
+    qemu = prerequisites.stock_qemu()
     directory = Path(tempfile.mkdtemp(prefix="kemari-replica-qemu-", dir=SHM))
     size = 32 << 20
     marker = page_of(0x4B454D41, 0x200000, 7)
@@ -758,7 +770,7 @@ def test_qemu_maps_the_ram_file_as_block_pc_ram(tmp_path):
         dump = tmp_path / "dump"
         replies = _qmp_session(
             [
-                "qemu-system-x86_64",
+                str(qemu),
                 "-accel",
                 "tcg",
                 "-nodefaults",

@@ -31,7 +31,8 @@ from support.fsck import check_diskload_disk
 
 from kemari.image.builder import default_image
 from kemari.image.disk import create_data_disk
-from kemari.testbed.vm import AgentProcess, wait_for
+from kemari.testbed.vm import AgentProcess
+from kemari.testbed.wait import wait_for
 
 pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu")]
 

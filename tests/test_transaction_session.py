@@ -490,7 +490,9 @@ def test_primary_talking_to_an_http_server_gets_a_clear_error():
 def test_silent_peer_times_out_the_handshake():
     async def silent(transport: Transport) -> None:
         await transport.read_some(1000)
-        await asyncio.sleep(0.5)
+        # Says nothing until the primary gives up and hangs up (bounded if it never does).
+        async with asyncio.timeout(5):
+            assert await transport.read_some(1000) == b""
 
     async def primary(transport: Transport) -> None:
         await PrimarySession.handshake(transport, PRIMARY, timeout=0.1)
@@ -558,16 +560,21 @@ def test_exact_read_cut_short_reports_how_much_arrived():
 
 
 def test_close_returns_even_if_the_peer_stopped_reading():
+    writer_done = asyncio.Event()
+
     async def stuck(transport: Transport) -> None:
-        await asyncio.sleep(2.5)  # never reads, closes late
+        await writer_done.wait()  # never reads; closes only after the writer's close()
 
     async def writer(transport: Transport) -> str:
         assert isinstance(transport, TcpTransport)
-        transport.write(bytes(32 << 20))  # far more than the socket buffers hold
-        # Without the abort, close() would wait for the stuck peer beyond this bound.
-        async with asyncio.timeout(1.5):
-            await transport.close(grace=0.2)
-        return "closed"
+        try:
+            transport.write(bytes(32 << 20))  # far more than the socket buffers hold
+            # Without the abort, close() would wait for the stuck peer beyond this bound.
+            async with asyncio.timeout(1.5):
+                await transport.close(grace=0.2)
+            return "closed"
+        finally:
+            writer_done.set()
 
     _, result = asyncio.run(_pair(stuck, writer))
     assert result == "closed"

@@ -11,20 +11,14 @@ from typing import Any
 
 import pytest
 
-from kemari.image.builder import default_image
 from kemari.image.disk import create_data_disk
 from kemari.testbed.topology import Namespace, Topology
 from kemari.testbed.vm import AgentProcess
 
-pytestmark = [pytest.mark.guest, pytest.mark.root]
+pytestmark = [pytest.mark.guest, pytest.mark.root, pytest.mark.usefixtures("guest_image")]
 
 GUEST_IP = "10.213.0.2"
 CLIENT_IP = "10.213.0.100"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def built_image() -> None:
-    default_image()  # fails loudly when `kemari image build` has not run
 
 
 def records(client_ns: Namespace, *args: str) -> Any:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 
 from kemari.errors import KemariError
+from kemari.testbed.wait import wait_for
 
 RECORDS_PORT = 7000
 MAX_REPLY_LINE = 64 * 1024
@@ -109,15 +110,21 @@ class RecordsClient:
 
 def wait_for_service(host: str, port: int = RECORDS_PORT, timeout: float = 120.0) -> None:
     """Wait until the service accepts connections."""
-    deadline = time.monotonic() + timeout
-    while True:
+    last_error = ""
+
+    def accepts() -> bool:
+        nonlocal last_error
         try:
             socket.create_connection((host, port), timeout=2.0).close()
-            return
         except OSError as exc:
-            if time.monotonic() > deadline:
-                raise RecordsError(f"records service at {host}:{port} unreachable: {exc}") from exc
-            time.sleep(0.2)
+            last_error = str(exc)
+            return False
+        return True
+
+    try:
+        wait_for(accepts, f"the records service at {host}:{port}", timeout, interval=0.2)
+    except KemariError as exc:
+        raise RecordsError(f"records service at {host}:{port} unreachable: {last_error}") from exc
 
 
 def store_loop(client: RecordsClient, prefix: str, seconds: float | None) -> None:

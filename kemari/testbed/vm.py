@@ -14,8 +14,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -24,19 +23,10 @@ from kemari.errors import KemariError
 from kemari.monitor.client import run_command
 from kemari.monitor.protocol import Reply
 from kemari.testbed.topology import Namespace
+from kemari.testbed.wait import wait_for
 
 KEMARI_ARGV = (sys.executable, "-m", "kemari.cli.main")
-
-
-def wait_for(
-    predicate: Callable[[], object], what: str, timeout: float = 60.0, interval: float = 0.05
-) -> None:
-    """Poll ``predicate`` until it is true; KemariError naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise KemariError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+__all__ = ["AgentProcess", "kill_active", "wait_for"]  # wait_for lives in kemari.testbed.wait
 
 
 class AgentProcess:
@@ -94,34 +84,46 @@ class AgentProcess:
     def wait_serial(self, pattern: str, timeout: float = 180.0, after: int = 0) -> re.Match[str]:
         """Wait until ``pattern`` appears in the serial log past offset ``after``."""
         regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def appeared() -> re.Match[str] | None:
             match = regex.search(self.serial_text(), after)
-            if match is not None:
-                return match
-            if self.process.poll() is not None:
+            if match is None and self.process.poll() is not None:
                 raise KemariError(
                     f"agent {self.label} exited ({self.process.returncode}) before "
                     f"{pattern!r} appeared: {self.agent_output()[-2000:]}"
                 )
-            if time.monotonic() > deadline:
-                raise KemariError(
-                    f"{pattern!r} did not appear on {self.label}'s console within {timeout:.0f} s; "
-                    f"console tail: {self.serial_text()[-1500:]!r}"
-                )
-            time.sleep(0.1)
+            return match
+
+        return wait_for(
+            appeared,
+            f"{pattern!r} on {self.label}'s console",
+            timeout,
+            interval=0.1,
+            detail=lambda: f"console tail: {self.serial_text()[-1500:]!r}",
+        )
 
     def wait_monitor(self, timeout: float = 60.0) -> None:
         """Wait until the agent's monitor answers."""
-        deadline = time.monotonic() + timeout
-        while True:
+        last_error = ""
+
+        def answers() -> bool:
+            nonlocal last_error
             try:
                 self.monitor("info", "status")
-                return
-            except KemariError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
+            except KemariError as exc:
+                if self.process.poll() is not None:
                     raise
-            time.sleep(0.1)
+                last_error = str(exc)
+                return False
+            return True
+
+        wait_for(
+            answers,
+            f"{self.label}'s monitor to answer",
+            timeout,
+            interval=0.1,
+            detail=lambda: f"last error: {last_error}",
+        )
 
     def monitor(self, *words: str) -> Reply:
         """Send a monitor command and return the reply."""
