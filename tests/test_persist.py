@@ -22,6 +22,7 @@ from kemari.persist import (
     OversizedFileError,
     TornFileError,
 )
+from kemari.replica import applier, outputstore, store
 
 FMT = Format("test record", b"KMR:TEST", 3, 1 << 16)
 SETTINGS = settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -205,3 +206,16 @@ def test_bad_formats_are_programming_errors():
         Format("x", b"short", 1, 1)
     with pytest.raises(ValueError, match="version"):
         Format("x", b"KMR:XXXX", 0, 1)
+
+
+def test_every_replica_format_has_its_own_magic():
+    formats = [
+        store.LAYOUT_FORMAT,
+        store.STATE_FORMAT,
+        store.HANDED_OVER_FORMAT,
+        applier.STREAM_FORMAT,
+        applier.VMDESC_FORMAT,
+        outputstore.OUTPUTS_FORMAT,
+    ]
+    assert len({fmt.magic for fmt in formats}) == len(formats)
+    assert len({fmt.name for fmt in formats}) == len(formats)
