@@ -32,6 +32,7 @@ This module is at the bottom of the layers: it imports only :mod:`kemari.errors`
 """
 
 import contextlib
+import errno
 import os
 import struct
 import zlib
@@ -45,6 +46,7 @@ HEADER = struct.Struct("<8sIIQ")  # magic, version, crc32, payload length
 MAGIC_SIZE = 8
 MAX_VERSION = (1 << 32) - 1
 TEMPORARY_SUFFIX = ".tmp"
+_IOV_MAX = 1024  # the Linux limit of buffers per writev(2)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -199,10 +201,7 @@ def write_file(
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            for piece in frame:
-                view = memoryview(piece).cast("B")
-                while view:
-                    view = view[os.write(fd, view) :]
+            _write_all(fd, frame)
             if durable:
                 os.fsync(fd)
         finally:
@@ -214,6 +213,26 @@ def write_file(
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
         raise PersistError(f"cannot write {fmt.name} file {path}: {exc}") from exc
+
+
+def _write_all(fd: int, pieces: list[Buffer]) -> None:
+    """Write ``pieces`` in order with as few writev(2) calls as the kernel allows."""
+    views = [memoryview(piece).cast("B") for piece in pieces]
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first : first + _IOV_MAX])
+        if not written:  # views[first] is never empty here
+            raise OSError(errno.EIO, "writev wrote nothing")
+        while written and first < len(views):
+            size = views[first].nbytes
+            if written >= size:
+                written -= size
+                first += 1
+            else:
+                views[first] = views[first][written:]
+                written = 0
+        while first < len(views) and not views[first]:
+            first += 1
 
 
 def read_file(path: Path, fmt: Format) -> bytes:

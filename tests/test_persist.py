@@ -72,6 +72,14 @@ def test_round_trip(tmp_path, payload, magic, version, split, durable):
     assert bytes(persist.decode(fmt, path.read_bytes())) == payload
 
 
+def test_many_pieces_of_any_size_are_written_in_order(tmp_path):
+    # More pieces than one writev(2) takes, empty ones among them.
+    pieces = [bytes([n % 251]) * (n % 7) for n in range(3000)]
+    fmt = Format("pieces", b"KMR:PCES", 1, 1 << 20)
+    persist.write_file(tmp_path / "f", fmt, pieces)
+    assert persist.read_file(tmp_path / "f", fmt) == b"".join(pieces)
+
+
 @SETTINGS
 @given(payload=st.binary(max_size=300), data=st.data())
 def test_any_truncation_is_torn(tmp_path, payload, data):
