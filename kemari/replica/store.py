@@ -503,10 +503,7 @@ class Replica:
 
     def _recover(self) -> None:
         assert self._journal is not None
-        try:
-            result, record = self._journal.scan()
-        except PersistError as exc:
-            raise ReplicaError(str(exc)) from exc
+        result, record = self._journal.scan()
         if result is ScanResult.INCOMPLETE:
             self._journal.mark(JournalState.DROPPED)
             self.recovery = RecoveryAction.DROPPED
