@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zlib
@@ -227,3 +228,40 @@ def test_every_replica_format_has_its_own_magic():
     ]
     assert len({fmt.magic for fmt in formats}) == len(formats)
     assert len({fmt.name for fmt in formats}) == len(formats)
+
+
+@SETTINGS
+@given(
+    epoch=st.integers(0, (1 << 63) - 1),
+    committed_at=st.floats(allow_nan=False),
+    device_state=st.binary(max_size=2000),
+)
+def test_replica_state_round_trip(tmp_path, epoch, committed_at, device_state):
+    path = tmp_path / "state.bin"
+    store._write_state(path, epoch, committed_at, device_state, durable=False)
+    assert store._read_state(path) == (epoch, committed_at, device_state)
+
+
+@SETTINGS
+@given(
+    machine_type=st.text(min_size=1, max_size=40),
+    section_id=st.integers(0, (1 << 32) - 1),
+    blocks=st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=255),
+            st.integers(1, 1 << 40),
+            st.none() | st.integers(0, (1 << 64) - 1),
+        ),
+        max_size=20,
+    ),
+)
+def test_stream_description_round_trip(tmp_path, machine_type, section_id, blocks):
+    info = applier.StreamInfo(
+        machine_type, section_id, tuple(applier.RamBlock(*block) for block in blocks)
+    )
+    path = tmp_path / "stream.json"
+    applier._write_file(
+        path, applier.STREAM_FORMAT, json.dumps(info.to_json()).encode(), durable=False
+    )
+    payload = persist.read_file(path, applier.STREAM_FORMAT)
+    assert applier.StreamInfo.from_json(payload, path) == info
