@@ -42,6 +42,11 @@ class TransactionError(KemariError):
     """The ft-transaction protocol between active and standby hosts was violated or cut."""
 
 
+class PersistError(KemariError):
+    """A file Kemari keeps on disk is missing, torn, foreign, of another version, too
+    large, or cannot be written (kemari.persist has one subclass per kind)."""
+
+
 class ReplicaError(KemariError):
     """The standby's replica (RAM files, journal, metadata) is invalid, in use or unwritable."""
 

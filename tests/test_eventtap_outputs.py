@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kemari import persist
 from kemari.checkpoint.sender import OUTPUT_FRAME_BYTES, output_frames
 from kemari.checkpoint.source import SourceState
 from kemari.config import EVENT_ONLY_EPOCH_MS, SyncPolicy
@@ -17,7 +18,7 @@ from kemari.errors import ConfigError, EventTapError, TransactionError
 from kemari.eventtap.gate import EventTap
 from kemari.eventtap.outputs import OutputLog
 from kemari.outputs import Output, OutputKind
-from kemari.replica.outputstore import OutputStore
+from kemari.replica.outputstore import OUTPUTS_FORMAT, OutputStore
 from kemari.transaction.session import Committed, TransactionTracker
 from kemari.transaction.wire import (
     Begin,
@@ -27,6 +28,7 @@ from kemari.transaction.wire import (
     RamBlock,
     RamBlocks,
     encode_frame,
+    encode_outputs,
 )
 
 
@@ -228,7 +230,24 @@ def test_store_keeps_the_committed_epochs_outputs(tmp_path: Path) -> None:
     store.committed(5)
     assert store.load(5) == () and not list((tmp_path / "outputs").iterdir())
     store.stage(6, [net(b"c" * 20)])
-    store.path_of(6).write_bytes(store.path_of(6).read_bytes()[:-1])
+    path = store.path_of(6)
+    good = path.read_bytes()
+    fmt = OUTPUTS_FORMAT
+    cases = [
+        (good[:-1], persist.TornFileError, "is torn"),
+        # Before kemari.persist the file was the bare OUTPUT payload.
+        (b"".join(encode_outputs([net(b"c" * 20)])), persist.ForeignFileError, "older Kemari"),
+        (persist.HEADER.pack(fmt.magic, 2, 0, 0), persist.NewerVersionError, "newer Kemari"),
+        (persist.HEADER.pack(fmt.magic, 1, 0, 1 << 40), persist.OversizedFileError, "more than"),
+    ]
+    for content, kind, match in cases:
+        path.write_bytes(content)
+        with pytest.raises(EventTapError, match=match) as caught:
+            store.load(6)
+        assert isinstance(caught.value.__cause__, kind)
+        assert "\n" not in str(caught.value)
+    # A frame whose payload is not an OUTPUT payload (it checks out, but does not parse).
+    persist.write_file(path, fmt, b"\xff" * 8)
     with pytest.raises(EventTapError, match="damaged"):
         store.load(6)
 

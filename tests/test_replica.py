@@ -18,10 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import prerequisites
 
+from kemari import persist
 from kemari.crashpoint import ENVIRONMENT_VARIABLE
 from kemari.errors import KemariError, ReplicaError
-from kemari.replica import RecoveryAction, Replica, StageState
-from kemari.replica.ramfile import is_volatile
+from kemari.persist import is_volatile
+from kemari.replica import RecoveryAction, Replica, StageState, store
 
 PAGE = 4096
 RAM = "pc.ram"
@@ -355,18 +356,75 @@ def test_corrupt_state_file_is_refused(tmp_path):
     data = bytearray(state.read_bytes())
     data[-1] ^= 1
     state.write_bytes(bytes(data))
-    with pytest.raises(ReplicaError, match="checksum"):
+    with pytest.raises(ReplicaError, match="CRC does not match") as caught:
         Replica.open(tmp_path / "r")
+    assert isinstance(caught.value.__cause__, persist.TornFileError)
 
 
 def test_tampered_layout_is_refused(tmp_path):
     Replica.create(tmp_path / "r", BLOCKS).close()
     layout_path = tmp_path / "r" / "replica.json"
-    layout = json.loads(layout_path.read_text())
+    layout = json.loads(persist.read_file(layout_path, store.LAYOUT_FORMAT))
     layout["blocks"][0]["file"] = "../../etc/passwd"
-    layout_path.write_text(json.dumps(layout))
+    persist.write_file(layout_path, store.LAYOUT_FORMAT, json.dumps(layout).encode())
     with pytest.raises(ReplicaError, match="unexpected file name"):
         Replica.open(tmp_path / "r")
+    # Edited by hand without its frame: refused before the JSON is even looked at.
+    layout_path.write_text(json.dumps(layout))
+    with pytest.raises(ReplicaError, match="not a version 1 replica layout file"):
+        Replica.open(tmp_path / "r")
+
+
+# What the replica's files looked like before kemari.persist (format 1 of each).
+_OLD_STATE = struct.pack("<4sIQdQI", b"KMRS", 1, 3, 0.0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "old_content", "kind", "match"),
+    [
+        ("replica.json", b'{"format": 1, "blocks": []}', persist.ForeignFileError, "layout"),
+        ("state.bin", _OLD_STATE, persist.ForeignFileError, "older Kemari"),
+        ("handed-over", b"3\n", None, r"handed over .*\(its marker: .* older Kemari\)"),
+    ],
+)
+def test_an_old_format_file_is_a_clear_error_not_a_traceback(
+    tmp_path, name, old_content, kind, match
+):
+    with Replica.create(tmp_path / "r", BLOCKS) as replica:
+        committed(replica, 1, [], b"one")
+    (tmp_path / "r" / name).write_bytes(old_content)
+    with pytest.raises(ReplicaError, match=match) as caught:
+        Replica.open(tmp_path / "r")
+    assert "\n" not in str(caught.value)
+    if kind is not None:
+        assert isinstance(caught.value.__cause__, kind)
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [("replica.json", "LAYOUT_FORMAT"), ("state.bin", "STATE_FORMAT")],
+)
+def test_torn_newer_and_oversized_replica_files(tmp_path, name, fmt):
+    with Replica.create(tmp_path / "r", BLOCKS) as replica:
+        committed(replica, 1, [], b"one")
+    path = tmp_path / "r" / name
+    good = path.read_bytes()
+    path.write_bytes(good[:-3])
+    with pytest.raises(ReplicaError, match="is torn") as caught:
+        Replica.open(tmp_path / "r")
+    assert isinstance(caught.value.__cause__, persist.TornFileError)
+    current = getattr(store, fmt)
+    newer = persist.Format(current.name, current.magic, current.version + 1, 100)
+    persist.write_file(path, newer, b"{}")
+    with pytest.raises(ReplicaError, match="written by a newer Kemari") as caught:
+        Replica.open(tmp_path / "r")
+    assert isinstance(caught.value.__cause__, persist.NewerVersionError)
+    path.write_bytes(
+        persist.HEADER.pack(current.magic, current.version, 0, current.max_payload + 1)
+    )
+    with pytest.raises(ReplicaError, match="more than the") as caught:
+        Replica.open(tmp_path / "r")
+    assert isinstance(caught.value.__cause__, persist.OversizedFileError)
 
 
 def test_resized_ram_file_is_refused(tmp_path):
@@ -587,8 +645,8 @@ def check_one_epoch(directory: Path, seed: int, allowed: set[int]) -> Replica:
     assert ram_contents(replica) == crash_model(seed, epoch)
     expected_state = crash_device_state(epoch) if epoch else b""
     assert replica.device_state == expected_state
-    with open(directory / "state.bin", "rb") as state:
-        assert struct.unpack_from("<4sIQ", state.read(16))[2] == epoch
+    state = persist.read_file(directory / "state.bin", store.STATE_FORMAT)
+    assert struct.unpack_from("<Q", state)[0] == epoch
     return replica
 
 

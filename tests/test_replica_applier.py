@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 
 import pytest
 from stream_model import Device, device_bytes, vmdesc_json
 
+from kemari import persist
 from kemari.errors import ReplicaError
 from kemari.replica import Replica
 from kemari.replica.applier import (
     CURRENT_LINK,
     REPLICA_SUBDIRECTORY,
+    STREAM_FILE,
+    STREAM_FORMAT,
+    VMDESC_FILE,
+    VMDESC_FORMAT,
     ApplierState,
     ReplicaApplier,
 )
@@ -138,6 +144,57 @@ def test_half_built_generations_are_removed_at_start(tmp_path: Path) -> None:
     with ReplicaApplier(tmp_path) as applier:
         assert applier.committed_epoch == 0
     assert generations(tmp_path) == [committed]
+
+
+# stream.json and vmdesc.json as they were written before kemari.persist (plain files).
+_OLD_STREAM = json.dumps(
+    {"format": 1, "machine_type": "pc", "ram_section_id": 2, "blocks": []}
+).encode()
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [(STREAM_FILE, _OLD_STREAM), (VMDESC_FILE, VMDESC), ("replica/state.bin", b"KMRS\1\0\0\0")],
+)
+def test_an_old_format_generation_is_a_clear_error(tmp_path: Path, name: str, content: bytes):
+    with ReplicaApplier(tmp_path) as applier:
+        sync(applier, 1)
+    (tmp_path / current_generation(tmp_path) / name).write_bytes(content)
+    with pytest.raises(ReplicaError, match="older Kemari") as caught:
+        ReplicaApplier(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("cannot open the committed replica: ")
+    assert message.endswith(f"remove {tmp_path} to discard it")
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"), [(STREAM_FILE, STREAM_FORMAT), (VMDESC_FILE, VMDESC_FORMAT)]
+)
+def test_torn_newer_and_oversized_generation_files(tmp_path: Path, name, fmt) -> None:
+    with ReplicaApplier(tmp_path) as applier:
+        sync(applier, 1)
+    path = tmp_path / current_generation(tmp_path) / name
+    good = path.read_bytes()
+    cases = [
+        (good[:-1], persist.TornFileError, "is torn"),
+        (good[:-1] + bytes([good[-1] ^ 1]), persist.TornFileError, "CRC does not match"),
+        (persist.HEADER.pack(fmt.magic, fmt.version + 1, 0, 0), persist.NewerVersionError, "newer"),
+        (
+            persist.HEADER.pack(fmt.magic, fmt.version, 0, fmt.max_payload + 1),
+            persist.OversizedFileError,
+            "more than the",
+        ),
+    ]
+    for content, kind, match in cases:
+        path.write_bytes(content)
+        with pytest.raises(ReplicaError, match=match) as caught:
+            ReplicaApplier(tmp_path)
+        assert isinstance(caught.value.__cause__, kind)
+        assert "remove" not in str(caught.value)  # damage, not an old format: no hint
+    path.write_bytes(good)
+    with ReplicaApplier(tmp_path) as applier:
+        assert applier.committed_epoch == 0
 
 
 def test_hand_over_discards_the_open_checkpoint_and_builds_the_stream(tmp_path: Path) -> None:

@@ -7,6 +7,9 @@
     <root>/gen-000007/stream.json       machine type, RAM section id, RAM block list
     <root>/gen-000007/vmdesc.json       the primary's VM description (failover needs it)
 
+stream.json and vmdesc.json are kemari.persist frames (a JSON payload), written with
+kemari.persist.write_file; ``current`` is replaced with kemari.persist.replace_symlink.
+
 It has two faces over the same state machine:
 
 * the transport-neutral calls ``start_sync`` / ``put_page`` / ``put_zero`` /
@@ -53,8 +56,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kemari.errors import ReplicaError
-from kemari.replica.ramfile import fsync_directory
+from kemari import persist
+from kemari.errors import PersistError, ReplicaError
 from kemari.replica.store import (
     HANDED_OVER_FILE,
     MAIN_RAM_BLOCK,
@@ -77,7 +80,9 @@ GENERATION_PREFIX = "gen-"
 REPLICA_SUBDIRECTORY = "replica"
 STREAM_FILE = "stream.json"
 VMDESC_FILE = "vmdesc.json"
-STREAM_FORMAT = 1
+# kemari.persist frames; a list of 1024 blocks with 255-byte names is well under 1 MiB.
+STREAM_FORMAT = persist.Format("stream description", b"KMR:STRM", 1, 4 << 20)
+VMDESC_FORMAT = persist.Format("VM description", b"KMR:VMDS", 1, MAX_VMDESC_LEN)
 RECENT_CHECKPOINTS = 64
 _GENERATION_RE = re.compile(r"^gen-(\d{6,})$")
 _MAX_SECTION_ID = (1 << 32) - 1
@@ -105,7 +110,6 @@ class StreamInfo:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "format": STREAM_FORMAT,
             "machine_type": self.machine_type,
             "ram_section_id": self.ram_section_id,
             "blocks": [
@@ -115,12 +119,12 @@ class StreamInfo:
         }
 
     @classmethod
-    def from_json(cls, text: str, where: Path) -> StreamInfo:
-        """Parse and validate ``stream.json``; ReplicaError names the file on any problem."""
+    def from_json(cls, text: str | bytes, where: Path) -> StreamInfo:
+        """Parse and validate ``stream.json``'s payload; ReplicaError names the file."""
         try:
             data = json.loads(text)
-            if not isinstance(data, dict) or data.get("format") != STREAM_FORMAT:
-                raise ValueError(f"not format {STREAM_FORMAT}")
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
             machine_type = data["machine_type"]
             section_id = data["ram_section_id"]
             if not isinstance(machine_type, str) or not machine_type:
@@ -207,17 +211,16 @@ class _Generation:
     vmdesc: bytes
 
 
-def _write_file_atomically(path: Path, data: bytes, *, durable: bool) -> None:
-    temporary = path.with_name(path.name + ".tmp")
+def _write_file(path: Path, fmt: persist.Format, data: bytes, *, durable: bool) -> None:
     try:
-        with temporary.open("wb") as handle:
-            handle.write(data)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        temporary.replace(path)
-    except OSError as exc:
-        raise ReplicaError(f"cannot write {path}: {exc}") from exc
+        persist.write_file(path, fmt, data, durable=durable)
+    except PersistError as exc:
+        raise ReplicaError(str(exc)) from exc
+
+
+_FRESH_START_HINT = (
+    "; a standby starts with a fresh initial sync anyway: remove {root} to discard it"
+)
 
 
 class ReplicaApplier:
@@ -305,11 +308,17 @@ class ReplicaApplier:
             # A failover QEMU took these files: they are its live RAM, not a replica.
             return None
         try:
-            info = StreamInfo.from_json((path / STREAM_FILE).read_text(), path / STREAM_FILE)
-            vmdesc = (path / VMDESC_FILE).read_bytes()
-        except OSError as exc:
-            raise ReplicaError(f"generation {path} is incomplete: {exc}") from exc
-        replica = Replica.open(path / REPLICA_SUBDIRECTORY)
+            stream = persist.read_file(path / STREAM_FILE, STREAM_FORMAT)
+            vmdesc = persist.read_file(path / VMDESC_FILE, VMDESC_FORMAT)
+            info = StreamInfo.from_json(stream, path / STREAM_FILE)
+            replica = Replica.open(path / REPLICA_SUBDIRECTORY)
+        except (PersistError, ReplicaError) as exc:
+            # Replica.open's ReplicaError is caused by the PersistError of a file it read.
+            cause = exc if isinstance(exc, PersistError) else exc.__cause__
+            hint = ""
+            if isinstance(cause, persist.ForeignFileError | persist.OlderVersionError):
+                hint = _FRESH_START_HINT.format(root=self.root)
+            raise ReplicaError(f"cannot open the committed replica: {exc}{hint}") from exc
         if replica.committed_epoch == 0:
             replica.close()
             raise ReplicaError(f"generation {path} is current but has no committed epoch")
@@ -337,15 +346,12 @@ class ReplicaApplier:
 
     def _switch_current(self, generation: _Generation) -> None:
         """The commit point of a generation: ``current`` is renamed over to it."""
-        temporary = self.root / (CURRENT_LINK + ".tmp")
         try:
-            temporary.unlink(missing_ok=True)
-            os.symlink(generation.name, temporary)
-            os.replace(temporary, self.root / CURRENT_LINK)
-            if generation.replica.durable:
-                fsync_directory(self.root)
-        except OSError as exc:
-            raise ReplicaError(f"cannot switch {self.root / CURRENT_LINK}: {exc}") from exc
+            persist.replace_symlink(
+                self.root / CURRENT_LINK, generation.name, durable=generation.replica.durable
+            )
+        except PersistError as exc:
+            raise ReplicaError(str(exc)) from exc
 
     # -- transport-neutral API -----------------------------------------------------
 
@@ -436,12 +442,13 @@ class ReplicaApplier:
             staged.set_device_state(device_state)
             pages = staged.page_count
             staged.commit()
-            _write_file_atomically(
+            _write_file(
                 generation.path / STREAM_FILE,
+                STREAM_FORMAT,
                 json.dumps(generation.info.to_json(), indent=1).encode(),
                 durable=durable,
             )
-            _write_file_atomically(generation.path / VMDESC_FILE, vmdesc, durable=durable)
+            _write_file(generation.path / VMDESC_FILE, VMDESC_FORMAT, vmdesc, durable=durable)
             generation.vmdesc = vmdesc
             self._switch_current(generation)
         except BaseException:

@@ -22,6 +22,14 @@ earlier checkpoint at the same place can never complete a newer, half-written jo
 ``state`` (bytes 4..8, outside the checksum) says whether the journal still has to be
 applied: WRITING (set before anything else is written), APPLIED or DROPPED.  A journal in
 state WRITING is complete if and only if its record checks out; that is the commit point.
+
+This file is not a kemari.persist frame: it is rewritten in place through a mapping (an
+atomic replace per checkpoint would cost a fresh file and a copy of every page), and its
+own header and commit record do the frame's work.  Its version is bound to the replica
+layout's (``replica.json``, a persist frame read first): a replica whose layout this build
+reads has a journal in this layout, so a header with another magic or version is damage
+or a write cut short, and is dropped like any incomplete journal, never applied.  A new
+journal layout must bump the layout format's version.
 """
 
 import array

@@ -1,8 +1,11 @@
-"""RAM files of the replica: space reserved up front, mapped shared; filesystem durability.
+"""RAM files of the replica: space reserved up front, mapped shared.
 
 A RAM file holds one RAM block byte for byte (offset in the file = offset in the block),
 which is exactly what QEMU's ``memory-backend-file,mem-path=...,share=on`` maps.  Files
 are written only through a shared mapping, so hugetlbfs (which has no write(2)) works too.
+That is why a RAM file has no kemari.persist header: its metadata (block name, size, file
+name) is in the replica's layout file, replica.json, which is a persist frame.  Whether
+the filesystem is durable is kemari.persist.is_volatile's business.
 """
 
 import errno
@@ -13,60 +16,6 @@ from pathlib import Path
 from kemari.errors import ReplicaError
 
 PAGE_SIZE = 4096
-
-# Filesystems whose contents live only in memory: an fsync buys nothing there, and
-# their contents survive a crash of the process (not of the host).
-VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "hugetlbfs"})
-
-
-def _unescape_mount_path(field: str) -> str:
-    """Undo /proc/self/mountinfo's octal escapes (space, tab, newline, backslash)."""
-    out = []
-    index = 0
-    while index < len(field):
-        escape = field[index + 1 : index + 4]
-        if field[index] == "\\" and len(escape) == 3 and escape.isdigit():
-            out.append(chr(int(escape, 8)))
-            index += 4
-        else:
-            out.append(field[index])
-            index += 1
-    return "".join(out)
-
-
-def filesystem_type(path: Path) -> str:
-    """The type of the filesystem holding ``path`` (longest mount point that contains it)."""
-    target = os.path.realpath(path)
-    best_mount = ""
-    best_type = "unknown"
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
-            for line in mountinfo:
-                fields = line.split(" - ", 1)
-                if len(fields) != 2:
-                    continue
-                mount_point = _unescape_mount_path(fields[0].split()[4])
-                fs_type = fields[1].split()[0]
-                inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-                if inside and len(mount_point) >= len(best_mount):
-                    best_mount, best_type = mount_point, fs_type
-    except OSError as exc:
-        raise ReplicaError(f"cannot read /proc/self/mountinfo: {exc}") from exc
-    return best_type
-
-
-def is_volatile(path: Path) -> bool:
-    """True when ``path`` lies on a memory-only filesystem (tmpfs, ramfs, hugetlbfs)."""
-    return filesystem_type(path) in VOLATILE_FILESYSTEMS
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or a new entry in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def reserve(fd: int, size: int, what: str) -> None:

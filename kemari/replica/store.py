@@ -1,13 +1,17 @@
 """The standby's committed replica: RAM files, last device state, epoch, and atomic checkpoints.
 
-Directory layout (docs/replica.md has the reasoning)::
+Directory layout (docs/replica.md has the reasoning and a table of every file)::
 
-    replica.json   written once by create(): format, config digest, blocks, RAM directory
+    replica.json   written once by create(): config digest, blocks, RAM directory (JSON)
     state.bin      committed epoch, commit time, device state (replaced by rename)
     journal        redo journal of the last checkpoint (kemari.replica.journal)
-    lock           flock'ed by the one process that has the replica open
+    lock           flock'ed by the one process that has the replica open (empty)
     handed-over    present once hand_over() gave the RAM files to a failover QEMU
     <ram dir>/NNN-<name>.ram   one file per RAM block, offset = block offset
+
+replica.json, state.bin and handed-over are kemari.persist frames (magic, version, length,
+crc32), each replaced atomically; the RAM files are raw (QEMU maps them) and described by
+replica.json; the journal keeps its own header and is written in place.
 
 Invariants:
 - The RAM files, state.bin and the journal together always describe exactly one epoch E
@@ -25,20 +29,18 @@ import os
 import re
 import struct
 import time
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from kemari import crashpoint
-from kemari.errors import ReplicaError
+from kemari import crashpoint, persist
+from kemari.errors import PersistError, ReplicaError
 from kemari.replica.journal import Entry, Journal, JournalRecord, JournalState, PageData, ScanResult
-from kemari.replica.ramfile import PAGE_SIZE, RamFile, fsync_directory, is_volatile
+from kemari.replica.ramfile import PAGE_SIZE, RamFile
 from kemari.stream.writer import FailoverPage
 
-FORMAT = 1
 LAYOUT_FILE = "replica.json"
 STATE_FILE = "state.bin"
 JOURNAL_FILE = "journal"
@@ -54,8 +56,17 @@ MAX_EPOCH = (1 << 63) - 1
 MAX_DEVICE_STATE = 256 << 20
 MAX_CONFIG_DIGEST = 128
 
-_STATE_HEADER = struct.Struct("<4sIQdQI")
-_STATE_MAGIC = b"KMRS"
+_STATE_FIELDS = struct.Struct("<Qd")  # epoch, commit time; the device state follows
+_HANDED_OVER_FIELDS = struct.Struct("<Q")  # the epoch handed over
+
+# The replica's small files (kemari.persist frames).  A layout of MAX_BLOCKS blocks with
+# 255-byte names takes well under 1 MiB of JSON.  The layout's version also stands for the
+# journal's layout (kemari.replica.journal.VERSION): change one, bump the layout's.
+LAYOUT_FORMAT = persist.Format("replica layout", b"KMR:LAYT", 1, 4 << 20)
+STATE_FORMAT = persist.Format(
+    "replica state", b"KMR:STAT", 1, _STATE_FIELDS.size + MAX_DEVICE_STATE
+)
+HANDED_OVER_FORMAT = persist.Format("hand-over marker", b"KMR:HAND", 1, _HANDED_OVER_FIELDS.size)
 _FILLED_PAGES = [bytes([fill]) * PAGE_SIZE for fill in range(256)]
 
 
@@ -119,47 +130,37 @@ def _check_epoch(epoch: object) -> int:
     return epoch
 
 
-def _write_atomically(path: Path, data: bytes, *, durable: bool) -> None:
-    """Replace ``path`` with ``data``: readers see the old or the new file, never a mix."""
-    temporary = path.with_name(path.name + ".tmp")
+def _write(path: Path, fmt: persist.Format, payload: bytes | list[bytes], *, durable: bool) -> None:
+    """Replace ``path`` atomically (kemari.persist): readers see the old or the new file."""
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-        if durable:
-            fsync_directory(path.parent)
-    except OSError as exc:
-        raise ReplicaError(f"cannot write {path}: {exc}") from exc
+        persist.write_file(path, fmt, payload, durable=durable)
+    except PersistError as exc:
+        raise ReplicaError(str(exc)) from exc
 
 
-def _encode_state(epoch: int, committed_at: float, device_state: bytes) -> bytes:
-    fields = (_STATE_MAGIC, FORMAT, epoch, committed_at, len(device_state))
-    head = struct.pack("<4sIQdQ", *fields)
-    crc = zlib.crc32(device_state, zlib.crc32(head))
-    return _STATE_HEADER.pack(*fields, crc) + device_state
-
-
-def _decode_state(path: Path) -> tuple[int, float, bytes]:
+def _read(path: Path, fmt: persist.Format) -> bytes:
+    """The checked payload of ``path``; ReplicaError (caused by the PersistError) if not."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ReplicaError(f"cannot read {path}: {exc}") from exc
-    if len(data) < _STATE_HEADER.size:
-        raise ReplicaError(f"{path} is truncated")
-    magic, version, epoch, committed_at, length, crc = _STATE_HEADER.unpack_from(data)
-    device_state = data[_STATE_HEADER.size :]
-    if magic != _STATE_MAGIC or version != FORMAT or length != len(device_state):
-        raise ReplicaError(f"{path} is not a version {FORMAT} replica state file")
-    if zlib.crc32(device_state, zlib.crc32(data[: _STATE_HEADER.size - 4])) != crc:
-        raise ReplicaError(f"{path} fails its checksum")
-    return epoch, committed_at, device_state
+        return persist.read_file(path, fmt)
+    except PersistError as exc:
+        raise ReplicaError(str(exc)) from exc
+
+
+def _write_state(
+    path: Path, epoch: int, committed_at: float, device_state: bytes, *, durable: bool
+) -> None:
+    fields = _STATE_FIELDS.pack(epoch, committed_at)
+    _write(path, STATE_FORMAT, [fields, device_state], durable=durable)
+
+
+def _read_state(path: Path) -> tuple[int, float, bytes]:
+    payload = _read(path, STATE_FORMAT)
+    if len(payload) < _STATE_FIELDS.size:
+        raise ReplicaError(f"{path} holds {len(payload)} bytes, too few for a replica state")
+    epoch, committed_at = _STATE_FIELDS.unpack_from(payload)
+    if not 0 <= epoch <= MAX_EPOCH:
+        raise ReplicaError(f"{path} holds epoch {epoch}, outside 0..2**63-1")
+    return epoch, committed_at, payload[_STATE_FIELDS.size :]
 
 
 class StagedCheckpoint:
@@ -309,7 +310,11 @@ class Replica:
         self.config_digest: str = layout["config_digest"]
         # Relative: inside the replica directory (which can then be moved or copied).
         ram_directory = directory / layout["ram_directory"]
-        self.durable = not (is_volatile(directory) and is_volatile(ram_directory))
+        try:
+            volatile = persist.is_volatile(directory) and persist.is_volatile(ram_directory)
+            self.durable = not volatile
+        except PersistError as exc:
+            raise ReplicaError(str(exc)) from exc
         self._closed = False
         self._broken: str | None = None
         self._staged: StagedCheckpoint | None = None
@@ -331,11 +336,9 @@ class Replica:
                 self.committed_epoch = 0
                 self.committed_at = 0.0
                 self.device_state = b""
-                _write_atomically(
-                    directory / STATE_FILE, _encode_state(0, 0.0, b""), durable=self.durable
-                )
+                _write_state(directory / STATE_FILE, 0, 0.0, b"", durable=self.durable)
             else:
-                self.committed_epoch, self.committed_at, self.device_state = _decode_state(
+                self.committed_epoch, self.committed_at, self.device_state = _read_state(
                     directory / STATE_FILE
                 )
         except BaseException:
@@ -392,7 +395,6 @@ class Replica:
         if (root / LAYOUT_FILE).exists():
             raise ReplicaError(f"{root} already holds a replica; open() it or remove it first")
         layout = {
-            "format": FORMAT,
             "config_digest": config_digest,
             "ram_directory": _relative_if_inside(ram_root, root),
             "blocks": [
@@ -404,14 +406,20 @@ class Replica:
         (root / JOURNAL_FILE).unlink(missing_ok=True)
         replica = cls(root, layout, create=True)
         try:
-            # replica.json last: its presence means every other file is complete.
-            _write_atomically(
+            # replica.json last: its presence means every other file is complete.  The
+            # RAM files' entries and this directory's own entry are made durable first.
+            if replica.durable:
+                for parent in (ram_root, root.parent):
+                    try:
+                        persist.fsync_directory(parent)
+                    except OSError as exc:
+                        raise ReplicaError(f"cannot fsync directory {parent}: {exc}") from exc
+            _write(
                 root / LAYOUT_FILE,
+                LAYOUT_FORMAT,
                 json.dumps(layout, indent=1).encode(),
                 durable=replica.durable,
             )
-            if replica.durable:
-                fsync_directory(root)
         except BaseException:
             replica.close()
             raise
@@ -429,9 +437,14 @@ class Replica:
         layout = cls._read_layout(root / LAYOUT_FILE)
         handed_over = root / HANDED_OVER_FILE
         if handed_over.exists():
+            try:
+                payload = persist.read_file(handed_over, HANDED_OVER_FORMAT)
+                (epoch,) = _HANDED_OVER_FIELDS.unpack(payload)
+                which = f"epoch {epoch}"
+            except (PersistError, struct.error) as exc:
+                which = f"its marker: {exc}"
             raise ReplicaError(
-                f"{root} was handed over to a failover QEMU (epoch "
-                f"{handed_over.read_text(errors='replace').strip()}); it is no longer a replica"
+                f"{root} was handed over to a failover QEMU ({which}); it is no longer a replica"
             )
         replica = cls(root, layout, create=False)
         try:
@@ -444,13 +457,17 @@ class Replica:
     @staticmethod
     def _read_layout(path: Path) -> dict[str, Any]:
         try:
-            layout = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
+            payload = persist.read_file(path, LAYOUT_FORMAT)
+        except persist.MissingFileError as exc:
             raise ReplicaError(f"no replica at {path.parent} ({path.name} is missing)") from exc
-        except (OSError, ValueError) as exc:
-            raise ReplicaError(f"cannot read {path}: {exc}") from exc
-        if not isinstance(layout, dict) or layout.get("format") != FORMAT:
-            raise ReplicaError(f"{path} is not a version {FORMAT} replica layout")
+        except PersistError as exc:
+            raise ReplicaError(str(exc)) from exc
+        try:
+            layout = json.loads(payload.decode("utf-8"))
+        except ValueError as exc:
+            raise ReplicaError(f"{path} holds no valid JSON: {exc}") from exc
+        if not isinstance(layout, dict):
+            raise ReplicaError(f"{path} does not hold a JSON object")
         if not isinstance(layout.get("config_digest"), str) or not isinstance(
             layout.get("ram_directory"), str
         ):
@@ -626,10 +643,8 @@ class Replica:
         self.device_state = record.device_state
 
     def _write_state(self, epoch: int, committed_at: float, device_state: bytes) -> None:
-        _write_atomically(
-            self.directory / STATE_FILE,
-            _encode_state(epoch, committed_at, device_state),
-            durable=self.durable,
+        _write_state(
+            self.directory / STATE_FILE, epoch, committed_at, device_state, durable=self.durable
         )
         self.committed_epoch = epoch
         self.committed_at = committed_at
@@ -706,9 +721,10 @@ class Replica:
         if self.durable:
             for ram in self._ram:
                 ram.flush()
-        _write_atomically(
+        _write(
             self.directory / HANDED_OVER_FILE,
-            f"{self.committed_epoch}\n".encode(),
+            HANDED_OVER_FORMAT,
+            _HANDED_OVER_FIELDS.pack(self.committed_epoch),
             durable=self.durable,
         )
         self.close()
