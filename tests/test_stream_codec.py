@@ -499,3 +499,33 @@ def test_device_blob_shorter_than_a_trailer_head_waits(tail: bytes) -> None:
     parser.feed(initial[: initial.rindex(b"\x00\x06")])
     assert parser.feed(tail) == []
     assert parser.state is ParserState.DEVICE_STATE
+
+
+def test_deeply_nested_vmdesc_json_is_not_a_trailer() -> None:
+    """json.loads raises RecursionError (not ValueError) past ~1000 levels; that JSON is
+    not a vmdesc, so the parser waits and then reports the limit, never RecursionError."""
+    model = simple_model()
+    initial, _, _ = build(model)
+    cut = initial.rindex(b"\x00\x06")
+    deep = b'{"page_size":4096,"x":' + b"[" * 3000 + b"]" * 3000 + b"}"
+    parser = StreamParser(max_vmdesc=1 << 13)
+    events = parser.feed(initial[:cut] + b"\x00\x06" + len(deep).to_bytes(4, "big") + deep)
+    assert not any(isinstance(e, DeviceState | VmDescription) for e in events)
+    assert parser.state is ParserState.DEVICE_STATE
+    with pytest.raises(IncompleteStreamError):
+        parser.finish()
+
+
+@pytest.mark.parametrize(
+    "build_item",
+    [
+        lambda: encode_configuration("pc-é"),
+        lambda: encode_configuration("pc", ("x-ïgnore-shared",)),
+        lambda: encode_block_list([RamBlock("pc.rám", PAGE_SIZE)], ignore_shared=False),
+    ],
+)
+def test_writer_refuses_non_ascii_names_with_a_stream_error(build_item) -> None:
+    """The failover stream's machine type and block names come from the replica (UTF-8 on
+    the ft-transaction wire); QEMU's names are ASCII, and others are a StreamError."""
+    with pytest.raises(MalformedStreamError):
+        build_item()

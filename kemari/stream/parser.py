@@ -452,7 +452,9 @@ class StreamParser:
         """The JSON is a vmdesc and agrees with the first device section's header."""
         try:
             desc = json.loads(bytes(blob[at + _VMDESC_TRAILER_HEAD :]).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            # RecursionError: nesting deeper than the interpreter's limit (a vmdesc is a
+            # few levels deep), which json raises instead of a ValueError.
             return False
         if not isinstance(desc, dict) or desc.get("page_size") != PAGE_SIZE:
             return False
