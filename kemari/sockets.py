@@ -1,13 +1,32 @@
-"""Unix socket paths: claiming one safely (a live listener is never stolen)."""
+"""Unix socket paths: checking their length, claiming one safely (a live listener is
+never stolen)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import stat
 from pathlib import Path
 
 from kemari.errors import ConfigError
+
+# Linux's sockaddr_un.sun_path holds 108 bytes, the terminating NUL included.
+MAX_SOCKET_PATH = 107
+
+
+def check_socket_path(path: Path, what: str = "socket path") -> None:
+    """Raise :class:`ConfigError` when ``path`` is too long to bind or connect to.
+
+    Python's own error for it is ``OSError: AF_UNIX path too long``, which names
+    neither the path nor the limit.
+    """
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"{what} {path} is {size} bytes long; unix socket paths are limited to "
+            f"{MAX_SOCKET_PATH} bytes"
+        )
 
 
 def socket_in_use(path: Path) -> bool:
@@ -24,9 +43,11 @@ def socket_in_use(path: Path) -> bool:
 def claim_socket_path(path: Path) -> None:
     """Make ``path`` free for a new listener, removing only a stale socket.
 
-    Raises :class:`ConfigError` when a live process listens there or when the
-    path is something other than a socket (we never delete a user's file).
+    Raises :class:`ConfigError` when the path is too long for a socket, when a live
+    process listens there or when the path is something other than a socket (we never
+    delete a user's file).
     """
+    check_socket_path(path)
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

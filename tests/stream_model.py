@@ -103,6 +103,11 @@ def _section(section_type: SectionType, records: list[Record]) -> tuple[bytes, l
     return bytes(out), events
 
 
+def section_bytes(records: list[Record]) -> bytes:
+    """The bytes of a RAM END section holding ``records`` (as a checkpoint sends it)."""
+    return _section(SectionType.END, records)[0]
+
+
 def build(model: Model) -> tuple[bytes, bytes, list[StreamEvent]]:
     """(initial migration bytes, COLO phase bytes, every event in order)."""
     caps = ("x-ignore-shared",) if model.ignore_shared else ()

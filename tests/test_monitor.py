@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,3 +90,30 @@ def test_stale_socket_is_replaced_and_removed_on_close(tmp_path: Path) -> None:
 def test_missing_monitor_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(MonitorError, match="no monitor at"):
         run_command(tmp_path / "none.sock", ["info", "status"])
+
+
+def test_cli_output_into_a_pipe_closed_early_is_quiet(server: MonitorServer) -> None:
+    """Issue 10 item 12 (part): ``kemari monitor ... | head`` printed a BrokenPipeError
+    traceback (and 'Exception ignored ... BrokenPipeError' at exit) when the reader had
+    gone.  The reply is held back until the pipe's read end is closed, like a ``head``
+    that has already exited."""
+    gate = threading.Event()
+
+    async def slow(args: list[str]) -> protocol.Reply:
+        await asyncio.to_thread(gate.wait, 30)
+        return protocol.Reply(data=args, text="line\n" * 5000)
+
+    server.register(("slow",), slow, "answer once the test says so")
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kemari.cli.main", "monitor", str(server.path), "slow"],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(write_end)
+    os.close(read_end)
+    gate.set()
+    _, stderr = proc.communicate(timeout=60)
+    assert stderr == ""
+    assert proc.returncode == 1  # what Python itself uses for EPIPE

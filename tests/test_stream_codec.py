@@ -1,6 +1,7 @@
 """Stream codec: handcrafted QEMU 7.2 x-colo streams, failover stream, property tests."""
 
 import struct
+from pathlib import Path
 
 import pytest
 from fuzz.fuzz_stream import TestOneInput, feed_two_phase
@@ -444,3 +445,87 @@ def test_failover_stream_round_trip_property(model: Model, data: st.DataObject) 
         ("page", b, o, p) for (b, o), p in pages.items()
     ]
     assert events[-2:] == [DeviceState(device), VmDescription(vmdesc_json(model.devices))]
+
+
+# -- regressions found by fuzzing (inputs in tests/fuzz/corpus/stream/) ------------------
+
+CORPUS = Path(__file__).parent / "fuzz" / "corpus" / "stream"
+
+
+def _feed_in_steps(parser: StreamParser, data: bytes, step: int) -> None:
+    for start in range(0, len(data), step):
+        parser.feed(data[start : start + step])
+
+
+def test_issue10_repro_is_a_stream_error_at_every_chunk_size() -> None:
+    """Issue 10 item 10: ``00 06`` within the last 5 bytes made the vmdesc trailer search
+    unpack a length past the end of the buffer (``struct.error``)."""
+    body = (CORPUS / "issue10-vmdesc-trailer-head-in-last-5-bytes").read_bytes()[1:]
+    for step in range(1, len(body) + 1):
+        parser = StreamParser(max_device_state=1 << 16, max_vmdesc=1 << 12)
+        _feed_in_steps(parser, body, step)
+        assert parser.state is ParserState.DEVICE_STATE
+        with pytest.raises(IncompleteStreamError):
+            parser.finish()
+
+
+@pytest.mark.parametrize("gap", [b"", b"x", b"xy", b"xyz"])
+def test_trailer_head_near_the_end_waits_for_more_data(gap: bytes) -> None:
+    """``00 06`` starting 3 to 6 bytes before the end: too close for a trailer head
+    (``00 06`` + be32) except the last case, whose length does not fit; the parser waits."""
+    model = simple_model()
+    initial, _, _ = build(model)
+    cut = initial.rindex(b"\x00\x06")
+    device = initial[:cut]
+    vmdesc = vmdesc_json(model.devices)
+    parser = StreamParser()
+    parser.feed(device)
+    assert parser.feed(b"\x00\x06" + gap + b"}") == []
+    assert parser.state is ParserState.DEVICE_STATE
+    # The junk became part of the device blob: the shape check refuses a trailer after it,
+    # so the stream can only end by hitting the limit or being cut; it must not crash.
+    assert parser.feed(b"\x00\x06" + len(vmdesc).to_bytes(4, "big") + vmdesc) == []
+    with pytest.raises(IncompleteStreamError):
+        parser.finish()
+
+
+@pytest.mark.parametrize("tail", [b"\x00\x06}", b"\x00\x06x}", b"\x00\x06xy}"])
+def test_device_blob_shorter_than_a_trailer_head_waits(tail: bytes) -> None:
+    """The whole device blob is shorter than a trailer head (no device sections)."""
+    model = simple_model()
+    model.devices = []
+    initial, _, _ = build(model)
+    parser = StreamParser()
+    parser.feed(initial[: initial.rindex(b"\x00\x06")])
+    assert parser.feed(tail) == []
+    assert parser.state is ParserState.DEVICE_STATE
+
+
+def test_deeply_nested_vmdesc_json_is_not_a_trailer() -> None:
+    """json.loads raises RecursionError (not ValueError) past ~1000 levels; that JSON is
+    not a vmdesc, so the parser waits and then reports the limit, never RecursionError."""
+    model = simple_model()
+    initial, _, _ = build(model)
+    cut = initial.rindex(b"\x00\x06")
+    deep = b'{"page_size":4096,"x":' + b"[" * 3000 + b"]" * 3000 + b"}"
+    parser = StreamParser(max_vmdesc=1 << 13)
+    events = parser.feed(initial[:cut] + b"\x00\x06" + len(deep).to_bytes(4, "big") + deep)
+    assert not any(isinstance(e, DeviceState | VmDescription) for e in events)
+    assert parser.state is ParserState.DEVICE_STATE
+    with pytest.raises(IncompleteStreamError):
+        parser.finish()
+
+
+@pytest.mark.parametrize(
+    "build_item",
+    [
+        lambda: encode_configuration("pc-é"),
+        lambda: encode_configuration("pc", ("x-ïgnore-shared",)),
+        lambda: encode_block_list([RamBlock("pc.rám", PAGE_SIZE)], ignore_shared=False),
+    ],
+)
+def test_writer_refuses_non_ascii_names_with_a_stream_error(build_item) -> None:
+    """The failover stream's machine type and block names come from the replica (UTF-8 on
+    the ft-transaction wire); QEMU's names are ASCII, and others are a StreamError."""
+    with pytest.raises(MalformedStreamError):
+        build_item()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,25 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def _monitor(args: argparse.Namespace) -> int:
     if not args.words:
         raise MonitorError("no command given (try 'help')")
+    try:
+        status = _command(args)
+        # Inside the try: a reader that went away must be noticed here, not by the
+        # interpreter's final flush.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader closed the pipe (``kemari monitor ... | head``): the rest of the
+        # output is not wanted.  As Python's signal docs ("Note on SIGPIPE") advise,
+        # point stdout at /dev/null so the flush at exit does not fail again, and exit
+        # with Python's own status for EPIPE.  SIGPIPE stays ignored: the monitor
+        # socket must not kill the process.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+    return status
+
+
+def _command(args: argparse.Namespace) -> int:
     reply = run_command(args.socket, args.words, timeout=args.timeout)
     print(json.dumps(reply.data, indent=2) if args.json else reply.text)
     if args.words[0] == "migrate" and "-d" not in args.words[1:]:

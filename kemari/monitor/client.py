@@ -7,10 +7,12 @@ from pathlib import Path
 
 from kemari.errors import MonitorError
 from kemari.monitor import protocol
+from kemari.sockets import check_socket_path
 
 
 def run_command(path: Path, words: list[str], timeout: float = 30.0) -> protocol.Reply:
     """Send ``words`` to the monitor at ``path`` and return its reply."""
+    check_socket_path(path, "monitor socket path")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kemari.errors import KemariError, MonitorError
 from kemari.monitor import protocol
-from kemari.sockets import claim_socket_path
+from kemari.sockets import check_socket_path, claim_socket_path
 
 Handler = Callable[[list[str]], Awaitable[protocol.Reply]]
 log = logging.getLogger(__name__)
@@ -26,6 +26,9 @@ class MonitorServer:
     """Serves the Kemari monitor on a unix socket until :meth:`close`."""
 
     def __init__(self, path: Path) -> None:
+        # Checked here, when the path is taken, so a bad one is refused before anything
+        # (runtime directory, QEMU, listeners) has been set up.
+        check_socket_path(path, "monitor socket path")
         self.path = path
         self._handlers: dict[tuple[str, ...], tuple[Handler, str]] = {}
         self._server: asyncio.base_events.Server | None = None

@@ -72,6 +72,7 @@ _CONTINUE = int(RamFlag.CONTINUE)
 _CONTINUE_PAGE = _CONTINUE | _PAGE
 _CONTINUE_ZERO = _CONTINUE | _ZERO
 _VMDESC_TRAILER_HEAD = 6  # QEMU_VM_EOF byte, QEMU_VM_VMDESCRIPTION byte, be32 length
+_VMDESC_MARK = bytes([SectionType.EOF, SectionType.VMDESCRIPTION])
 _FOOTER_LEN = 5  # QEMU_VM_SECTION_FOOTER byte, be32 section id
 
 
@@ -431,9 +432,12 @@ class StreamParser:
     def _find_vmdesc_trailer(self, blob: bytearray) -> int | None:
         if not blob.endswith(b"}"):
             return None
-        end = len(blob)
+        # Only where a whole trailer head (00 06 be32) fits before the end: a "00 06"
+        # among the last 5 bytes cannot start one.  Clamped at 0, because a negative
+        # ``end`` would count from the end of the blob.
+        end = max(len(blob) - _VMDESC_TRAILER_HEAD + len(_VMDESC_MARK), 0)
         while True:
-            at = blob.rfind(b"\x00\x06", 0, end)
+            at = blob.rfind(_VMDESC_MARK, 0, end)
             if at < 0 or len(blob) - at - _VMDESC_TRAILER_HEAD > self._max_vmdesc:
                 return None
             (length,) = _BE32.unpack_from(blob, at + 2)
@@ -448,7 +452,9 @@ class StreamParser:
         """The JSON is a vmdesc and agrees with the first device section's header."""
         try:
             desc = json.loads(bytes(blob[at + _VMDESC_TRAILER_HEAD :]).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            # RecursionError: nesting deeper than the interpreter's limit (a vmdesc is a
+            # few levels deep), which json raises instead of a ValueError.
             return False
         if not isinstance(desc, dict) or desc.get("page_size") != PAGE_SIZE:
             return False

@@ -37,8 +37,16 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
 
+def _ascii(text: str, what: str) -> bytes:
+    """``text`` as ASCII; QEMU's identifiers are, and a replica's names arrive as UTF-8."""
+    try:
+        return text.encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise MalformedStreamError(f"{what} {text!r} is not ASCII") from exc
+
+
 def _name(text: str) -> bytes:
-    raw = text.encode("ascii")
+    raw = _ascii(text, "identifier")
     if not 0 < len(raw) <= 255:
         raise MalformedStreamError(f"identifier {text!r} must be 1..255 ASCII bytes")
     return bytes([len(raw)]) + raw
@@ -55,7 +63,7 @@ def encode_configuration(
     uuid: bytes | None = None,
 ) -> bytes:
     """QEMU_VM_CONFIGURATION with the capabilities and uuid subsections when non-empty."""
-    name = machine_type.encode("ascii")
+    name = _ascii(machine_type, "machine type")
     if not 0 < len(name) <= MAX_MACHINE_TYPE_LEN:
         raise MalformedStreamError(f"machine type {machine_type!r}")
     caps = tuple(capabilities)

@@ -1,11 +1,14 @@
 """Fuzz target for the ft-transaction decoder and the standby's transaction rules.
 
-Run with atheris:  python tests/fuzz/fuzz_transaction.py [corpus_dir]
-In the test suite it is driven by hypothesis (tests/test_transaction_wire.py).
+Run with atheris:  python tests/fuzz/fuzz_transaction.py [libFuzzer flags] [corpus_dir]
+(coverage-guided, with a mutator that repairs lengths, checksums and sequence numbers,
+see tests/fuzz/structured.py).  Without atheris, the same command replays the input
+files it is given.  In the test suite it is driven by hypothesis (tests/test_fuzz.py).
 The only acceptable outcomes for any input are validated frames or a TransactionError.
 """
 
 import sys
+from pathlib import Path
 
 from kemari.errors import TransactionError
 from kemari.transaction.session import TransactionTracker
@@ -33,10 +36,17 @@ def TestOneInput(data: bytes) -> None:
 
 
 def main() -> None:
-    import atheris  # type: ignore[import-not-found]  # noqa: PLC0415 - optional fuzz engine
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the fuzz package
+    try:
+        import atheris  # type: ignore[import-not-found]  # noqa: PLC0415, F401 - optional engine
+    except ImportError:
+        for name in sys.argv[1:]:
+            if not name.startswith("-"):
+                TestOneInput(Path(name).read_bytes())  # a failure shows its traceback
+        return
+    from fuzz.atheris_run import run  # noqa: PLC0415
 
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    run("fuzz_transaction", "atheris_wire_mutator")
 
 
 if __name__ == "__main__":
