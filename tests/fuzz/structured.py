@@ -17,7 +17,7 @@ from fuzz.mutate import INTERESTING, Piece, WireFrame, prefixed, split_frames
 from hypothesis import strategies as st
 from stream_model import Model, build, device_bytes, section_bytes, vmdesc_json
 
-from kemari.eventtap.outputs import Output, OutputKind
+from kemari.outputs import Output, OutputKind
 from kemari.stream import RamPage
 from kemari.stream.format import PAGE_SIZE, ColoMessage
 from kemari.transaction.wire import (
