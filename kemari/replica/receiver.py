@@ -268,12 +268,12 @@ class StandbyReceiver:
         old = self.replica_run
         new = RunState(session.run_id, session.run_epoch(0))
         if old is None or old.committed is None:
-            log.info("replica: %s from primary %s (nothing replaced)", new, self.peer)
+            log.info("replica: %s from primary %s (nothing replaced)", str(new), self.peer)
         else:
             log.warning(
                 "replica replaced: %s -> %s from primary %s (%s)",
-                old,
-                new,
+                str(old),  # formatted now: both are updated by later commits
+                str(new),
                 self.peer,
                 "same run" if old.run_id == new.run_id else "NEW RUN, authenticated by TLS",
             )
