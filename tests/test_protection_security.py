@@ -13,6 +13,8 @@ transaction layer, and a plain-TCP pair is announced with a warning).
 from __future__ import annotations
 
 import re
+import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from kemari.cli.pki import make_credentials
 from kemari.testbed.vm import AgentProcess, wait_for
 
 pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu")]
@@ -87,3 +90,44 @@ def test_a_standby_that_stops_reading_costs_protection_not_the_guest(
         assert "socket.send() raised exception" not in output
     finally:
         assert active.stop() == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the agent wiring (issue 10): Agent must pass config.tls_creds to "
+    "Protection.start(tls=...) and StandbyReceiver(tls=...); remove this mark then",
+)
+def test_a_pair_with_tls_creds_protects_over_authenticated_tls(tmp_path: Path) -> None:
+    creds = tmp_path / "pki"
+    make_credentials(creds, "kemari-tlspair")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    standby = AgentProcess(
+        "tlspair",
+        tmp_path,
+        [
+            "--workload", "ticks", "--accel", "tcg", "--tls-creds", str(creds),
+            "--incoming", f"kemari:tcp:127.0.0.1:{port}",
+            "--replica-dir", str(Path("/dev/shm") / f"kemari-test-tls-{port}"),
+        ],
+        label="tls-standby",
+    )  # fmt: skip
+    active = AgentProcess(
+        "tlspair",
+        tmp_path,
+        ["--workload", "ticks", "--accel", "tcg", "--tls-creds", str(creds)],
+        label="tls-active",
+    )
+    try:
+        standby.wait_monitor()
+        active.wait_serial(r"tick 3\b")
+        active.wait_monitor()
+        active.monitor("migrate", "-d", f"kemari:tcp:127.0.0.1:{port}")
+        wait_for(lambda: active.status()["protection"] == "protected", "protection", 120)
+        assert active.status()["replication"]["tls"] is True
+        assert "plain TCP" not in active.agent_output() + standby.agent_output()
+    finally:
+        active.stop()
+        standby.stop()
+        shutil.rmtree(Path("/dev/shm") / f"kemari-test-tls-{port}", ignore_errors=True)
