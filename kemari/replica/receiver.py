@@ -248,7 +248,13 @@ class StandbyReceiver:
                     log.info("transaction %d discarded: %s", epoch, reason)
                     self.applier.abort(reason)
                 case SessionEnded(message=message):
-                    log.info("primary %s ended the session: %s", self.peer, message)
+                    log.warning(
+                        "session with primary %s ended by the primary: %s; replica stays at "
+                        "epoch %s",
+                        self.peer,
+                        message,
+                        self.applier.committed_epoch,
+                    )
                     self.applier.abort(f"session ended: {message}")
                     return
 
