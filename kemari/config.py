@@ -108,6 +108,75 @@ MIN_HELD_FRAMES_BYTES = 64 << 10
 MAX_HELD_FRAMES_BYTES = 1 << 40
 
 
+TLS_FILES = (
+    "ca-cert.pem",
+    "server-cert.pem",
+    "server-key.pem",
+    "client-cert.pem",
+    "client-key.pem",
+)
+_TLS_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_TLS_NAME_RE = re.compile(rf"^{_TLS_LABEL}(\.{_TLS_LABEL})*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsCreds:
+    """x509 credentials of the replication channel, in QEMU's directory layout.
+
+    ``directory`` holds ``ca-cert.pem`` (the CA both hosts trust), ``server-cert.pem`` /
+    ``server-key.pem`` (presented by the standby) and ``client-cert.pem`` /
+    ``client-key.pem`` (presented by the primary).  Both certificates must carry
+    ``peer_name`` as a DNS subjectAltName (``kemari-<vm name>`` unless ``tls_name`` says
+    otherwise), so certificates of another VM pair under the same CA are refused.
+    """
+
+    directory: Path
+    peer_name: str
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / "ca-cert.pem"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.directory / "server-cert.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.directory / "server-key.pem"
+
+    @property
+    def client_cert(self) -> Path:
+        return self.directory / "client-cert.pem"
+
+    @property
+    def client_key(self) -> Path:
+        return self.directory / "client-key.pem"
+
+    def check(self) -> None:
+        """ConfigError unless the directory exists and every file in it is readable."""
+        if not self.directory.is_dir():
+            raise ConfigError(f"tls_creds: {self.directory} is not a directory")
+        for name in TLS_FILES:
+            path = self.directory / name
+            if not path.is_file():
+                raise ConfigError(
+                    f"tls_creds: {path} is missing (make the files with `kemari pki`)"
+                )
+            try:
+                with path.open("rb") as handle:
+                    handle.read(1)
+            except OSError as exc:
+                raise ConfigError(f"tls_creds: {path} is not readable: {exc.strerror}") from exc
+        if not _TLS_NAME_RE.match(self.peer_name):
+            raise ConfigError(f"tls_name: {self.peer_name!r} is not a valid DNS name")
+
+
+def tls_name_for(vm_name: str) -> str:
+    """The default name both certificates of a VM pair carry: ``kemari-<vm name>``."""
+    return f"kemari-{vm_name}"
+
+
 @dataclasses.dataclass(frozen=True)
 class DiskConfig:
     """A raw image file that Kemari serves to the guest over NBD (virtio-blk)."""
@@ -153,6 +222,9 @@ class VMConfig:
     # Bytes of guest frames held before the network path stops reading QEMU (back-pressure):
     # host-local (not guest-visible), so not in the digest.
     held_frames_max_bytes: int = DEFAULT_HELD_FRAMES_BYTES
+    # Replication channel credentials (host-local paths, not in the digest); None means
+    # plain TCP, which the agents announce loudly (docs/security.md).
+    tls_creds: TlsCreds | None = None
 
     @property
     def held_frames_max_count(self) -> int:
@@ -340,7 +412,8 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
     allowed = {
         "name", "memory", "vcpus", "accel", "kernel", "initrd", "append", "workload",
         "guest_ip", "disk", "nic", "monitor", "serial_log", "runtime_dir", "incoming",
-        "replica_dir", "sync", "epoch_ms", "storage", "held_frames_max",
+        "replica_dir", "sync", "epoch_ms", "storage", "held_frames_max", "tls_creds",
+        "tls_name",
     }  # fmt: skip
     _check_keys(raw, allowed, "")
     if "name" not in raw:
@@ -378,10 +451,21 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
         else DEFAULT_HELD_FRAMES_BYTES,
         disks=tuple(_disk_from(d, i) for i, d in enumerate(disks)),
         nics=tuple(_nic_from(n, i, name) for i, n in enumerate(nics)),
+        tls_creds=_tls_from(raw, name),
         **optional_paths,
     )
     validate(config)
     return config
+
+
+def _tls_from(raw: Mapping[str, Any], vm_name: str) -> TlsCreds | None:
+    tls_name = _expect(raw, "tls_name", str, "") if "tls_name" in raw else None
+    if "tls_creds" not in raw:
+        if tls_name is not None:
+            raise ConfigError("tls_name: given without tls_creds")
+        return None
+    directory = _expect(raw, "tls_creds", str, "")
+    return TlsCreds(Path(directory), tls_name if tls_name is not None else tls_name_for(vm_name))
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -425,6 +509,8 @@ def validate(config: VMConfig) -> None:
         )
     if config.incoming is not None and not config.incoming.startswith("kemari:tcp:"):
         raise ConfigError(f"incoming: {config.incoming!r} is not kemari:tcp:HOST:PORT")
+    if config.tls_creds is not None:
+        config.tls_creds.check()
     if config.initrd is not None and config.kernel is None:
         raise ConfigError("initrd: given without a kernel")
     for what, boot_file in (("kernel", config.kernel), ("initrd", config.initrd)):

@@ -31,6 +31,7 @@ from kemari.transaction.session import (
     refuse_busy,
 )
 from kemari.transaction.transport import (
+    PRE_HANDSHAKE_BYTES,
     Listener,
     TcpAddress,
     TcpTransport,
@@ -224,9 +225,16 @@ PRIMARY = Identity("vm1", DIGEST, ("heartbeat", "future-thing"))
 async def _pair(
     standby_side: Callable[[Transport], Awaitable[object]],
     primary_side: Callable[[Transport], Awaitable[object]],
+    *,
+    handshake: bool = True,
 ) -> tuple[object, object]:
-    """Run both ends over a real loopback TCP connection; return (standby, primary) results."""
-    listener = Listener("kemari:tcp:127.0.0.1:0")
+    """Run both ends over a real loopback TCP connection; return (standby, primary) results.
+
+    ``handshake=False``: the ends exchange raw bytes, not a session, so the listener's
+    pre-handshake byte bound is off."""
+    listener = Listener(
+        "kemari:tcp:127.0.0.1:0", pre_handshake_bytes=PRE_HANDSHAKE_BYTES if handshake else None
+    )
     await listener.start()
     try:
 
@@ -538,7 +546,7 @@ def test_mixed_reads_return_the_stream_in_order():
             await transport.drain()
         await transport.read_some(1)  # wait for the receiver to finish and close
 
-    received, _ = asyncio.run(_pair(receiver, sender))
+    received, _ = asyncio.run(_pair(receiver, sender, handshake=False))
     assert received == sent
 
 
@@ -554,7 +562,7 @@ def test_exact_read_cut_short_reports_how_much_arrived():
         transport.write(b"x" * 60)
         await transport.drain()
 
-    error, _ = asyncio.run(_pair(receiver, sender))
+    error, _ = asyncio.run(_pair(receiver, sender, handshake=False))
     assert isinstance(error, TransportClosed)
     assert "after 60 of 100 bytes" in str(error)
 
@@ -576,7 +584,7 @@ def test_close_returns_even_if_the_peer_stopped_reading():
         finally:
             writer_done.set()
 
-    _, result = asyncio.run(_pair(stuck, writer))
+    _, result = asyncio.run(_pair(stuck, writer, handshake=False))
     assert result == "closed"
 
 

@@ -35,6 +35,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import logging
 import socket
 import time
 from collections.abc import Sequence
@@ -57,6 +58,8 @@ from kemari.stream import (
     encode_colo_message,
 )
 from kemari.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
 
 PageRecord = RamPage | RamZeroPage
 PageBatch = Sequence[PageRecord]
@@ -519,8 +522,10 @@ class CheckpointSource:
         except KemariError as exc:
             self._reason = f"{reason}; guest not resumed: {exc}"
             self._state = SourceState.FAILED
+            log.error("protection lost: %s", self._reason)
         else:
             self._state = SourceState.UNPROTECTED
+            log.warning("protection lost: %s; the guest runs unprotected", reason)
         finally:
             self._close_socket()
             self._signal_progress()

@@ -15,6 +15,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "qemu",
     "nbd",
     "net",
+    "pki",
 )
 
 

@@ -41,6 +41,8 @@ _SCALAR_FLAGS = {
     "epoch_ms": "epoch_ms",
     "storage": "storage",
     "held_frames_max": "held_frames_max",
+    "tls_creds": "tls_creds",
+    "tls_name": "tls_name",
 }
 
 
@@ -100,6 +102,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="SIZE",
         help="memory for guest frames held until their checkpoint commits, e.g. 64K or 32M "
         "(default 32M); when full, Kemari stops reading the guest's NIC until half has left",
+    )
+    parser.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="replication channel credentials (ca-cert.pem, server-cert.pem, server-key.pem, "
+        "client-cert.pem, client-key.pem; make them with `kemari pki`): mutually "
+        "authenticated TLS 1.3, plain TCP refused. Without it the channel is plain TCP.",
+    )
+    parser.add_argument(
+        "--tls-name",
+        metavar="NAME",
+        help="the name both certificates of this pair carry (default kemari-<vm name>)",
     )
     parser.add_argument(
         "--console", action="store_true", help="also copy the guest serial console to stdout"

@@ -17,16 +17,23 @@ A primary that disconnects, says goodbye or breaks the protocol loses only its o
 transaction: the replica stays at the last committed epoch and the receiver waits for
 the next primary.  It never takes over by itself (failover is the operator's, or a
 later issue's failure detector's, decision).
+
+Admission (docs/security.md): with ``tls`` only a primary with a certificate of the
+pair gets past the listener; the session slot is taken only after the handshake
+(HELLO, HELLO_ACK, CONFIRM), so an idle or silent connection never makes the real
+primary BUSY; a session of the replica's run must start after the replica's run epoch,
+a new run replaces the replica only over TLS, and each replacement is logged with both
+runs and epochs.  ``max_ram_bytes`` bounds the RAM_BLOCKS a primary may announce.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
 
+from kemari.config import TlsCreds
 from kemari.errors import KemariError, ReplicaError, TransactionError
 from kemari.outputs import Output
 from kemari.replica.applier import ReplicaApplier
@@ -36,12 +43,13 @@ from kemari.stream import Configuration, RamBlock, RamBlockList
 from kemari.stream.format import PAGE_SIZE
 from kemari.tasks import cancel_and_wait
 from kemari.transaction.session import (
+    IDLE_TIMEOUT_S,
     Committed,
     Discarded,
     Identity,
+    RunState,
     SessionEnded,
     StandbySession,
-    refuse_busy,
 )
 from kemari.transaction.transport import Listener, Transport
 from kemari.transaction.wire import (
@@ -55,6 +63,9 @@ from kemari.transaction.wire import (
 
 HANDSHAKE_TIMEOUT_S = 10.0
 OUTPUTS_DIRECTORY = "outputs"
+# RAM_BLOCKS may announce the configured memory plus this much (firmware, option ROMs,
+# ACPI tables, video RAM); anything beyond is refused before a byte is reserved.
+RAM_SLACK_BYTES = 64 << 20
 log = logging.getLogger(__name__)
 
 
@@ -67,8 +78,19 @@ class StandbyReceiver:
         identity: Identity,
         applier: ReplicaApplier,
         disks: StandbyDisks | None = None,
+        *,
+        tls: TlsCreds | None = None,
+        max_ram_bytes: int | None = None,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
     ) -> None:
-        self.listener = Listener(uri)
+        self.listener = Listener(uri, tls=tls, handshake_timeout=handshake_timeout)
+        self.tls = tls
+        self.max_ram_bytes = max_ram_bytes
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        # The run and run epoch of the committed replica (None: nothing committed yet).
+        self.replica_run: RunState | None = None
         # The guest's disks on this host (docs/storage.md): committed disk records go there.
         self.disks = disks
         self.identity = identity
@@ -94,6 +116,13 @@ class StandbyReceiver:
     async def start(self) -> None:
         """Listen and serve primaries in the background."""
         await self.listener.start()
+        if self.tls is None:
+            log.warning(
+                "standby %s: replication channel is plain TCP (no tls_creds): anyone who "
+                "can reach %s can replace the replica",
+                self.identity.vm_name,
+                self.listener.bound,
+            )
         self._task = asyncio.create_task(self._serve(), name="standby-receiver")
 
     async def close(self) -> None:
@@ -110,7 +139,12 @@ class StandbyReceiver:
         last = applied[-1] if applied else None
         return {
             "listening": str(self.listener.bound) if self._task is not None else None,
+            "tls": self.tls is not None,
             "primary": self.peer,
+            "refused_peers": self.listener.refused,
+            "last_refusal": self.listener.last_refusal,
+            "run": None if self.replica_run is None else self.replica_run.run_id.hex(),
+            "run_epoch": None if self.replica_run is None else self.replica_run.committed,
             "sessions": self.sessions,
             "last_error": self.last_error,
             "epoch": self.applier.committed_epoch,
@@ -127,44 +161,59 @@ class StandbyReceiver:
         }
 
     async def _serve(self) -> None:
-        """Accept forever: one primary is served, any other is refused BUSY meanwhile."""
+        """Accept forever; each connection shakes hands on its own, and only one that
+        completed the handshake takes the session slot (others are refused BUSY)."""
         helpers: set[asyncio.Task[None]] = set()
-        current: asyncio.Task[None] | None = None
         try:
             while True:
                 transport = await self.listener.accept()
-                if current is not None and not current.done():
-                    task = asyncio.create_task(self._refuse(transport))
-                    helpers.add(task)
-                    task.add_done_callback(helpers.discard)
-                    continue
-                current = asyncio.create_task(self._serve_primary(transport))
+                task = asyncio.create_task(self._serve_primary(transport))
+                helpers.add(task)
+                task.add_done_callback(helpers.discard)
         finally:
-            for task in [*helpers, *([current] if current is not None else [])]:
+            for task in list(helpers):
                 await cancel_and_wait(task)
 
-    async def _refuse(self, transport: Transport) -> None:
-        with contextlib.suppress(KemariError, OSError):
-            await refuse_busy(transport, f"already serving {self.peer}", HANDSHAKE_TIMEOUT_S)
+    def _busy(self) -> str | None:
+        return None if self._session is None else f"already serving {self.peer}"
 
     async def _serve_primary(self, transport: Transport) -> None:
         try:
-            session = await StandbySession.handshake(transport, self.identity, HANDSHAKE_TIMEOUT_S)
+            session = await StandbySession.handshake(
+                transport,
+                self.identity,
+                self.handshake_timeout,
+                replica=self.replica_run,
+                idle_timeout=self.idle_timeout,
+                busy=self._busy,
+            )
         except (KemariError, OSError) as exc:
+            self.listener.refuse(transport.peer, f"handshake: {exc}")
             self.last_error = f"handshake with {transport.peer}: {exc}"
-            log.warning("%s", self.last_error)
             await transport.close()
+            return
+        if self._session is not None:  # another primary completed its handshake first
+            self.listener.refuse(transport.peer, f"busy: already serving {self.peer}")
+            await session.close(f"standby busy: already serving {self.peer}")
             return
         self._session, self.peer = session, transport.peer
         self.sessions += 1
-        log.info("primary %s connected", transport.peer)
+        log.info(
+            "primary %s connected (%s, run %s from run epoch %d)",
+            transport.peer,
+            "TLS, authenticated" if transport.tls else "plain TCP, NOT authenticated",
+            session.run_id.hex()[:12],
+            session.run_epoch(0),
+        )
         try:
             await self._receive(session)
         except (KemariError, OSError) as exc:
             # The open transaction, if any, is discarded; the committed replica stays.
             self.last_error = f"primary {transport.peer}: {exc}"
             log.warning(
-                "%s; replica stays at epoch %s", self.last_error, self.applier.committed_epoch
+                "session with primary lost: %s; replica stays at epoch %s",
+                self.last_error,
+                self.applier.committed_epoch,
             )
             self.applier.abort(str(exc))
         finally:
@@ -183,6 +232,7 @@ class StandbyReceiver:
                     if epoch != 0:
                         self.applier.begin_checkpoint(epoch)
                 case RamBlocks():
+                    self._check_ram_blocks(event)
                     self._start_sync(event)
                 case RamPages():
                     self._put_pages(event)
@@ -198,9 +248,42 @@ class StandbyReceiver:
                     log.info("transaction %d discarded: %s", epoch, reason)
                     self.applier.abort(reason)
                 case SessionEnded(message=message):
-                    log.info("primary %s ended the session: %s", self.peer, message)
+                    log.warning(
+                        "session with primary %s ended by the primary: %s; replica stays at "
+                        "epoch %s",
+                        self.peer,
+                        message,
+                        self.applier.committed_epoch,
+                    )
                     self.applier.abort(f"session ended: {message}")
                     return
+
+    def _check_ram_blocks(self, blocks: RamBlocks) -> None:
+        if self.max_ram_bytes is None:
+            return
+        total = sum(block.size for block in blocks.blocks)
+        limit = self.max_ram_bytes + RAM_SLACK_BYTES
+        if total > limit:
+            raise ReplicaError(
+                f"RAM_BLOCKS announce {total} bytes of RAM ({len(blocks.blocks)} blocks), "
+                f"more than the configured memory allows ({limit} bytes with firmware)"
+            )
+
+    def _replaced(self, session: StandbySession) -> None:
+        """Epoch 0 of ``session`` is the replica now: log what it replaced."""
+        old = self.replica_run
+        new = RunState(session.run_id, session.run_epoch(0))
+        if old is None or old.committed is None:
+            log.info("replica: %s from primary %s (nothing replaced)", str(new), self.peer)
+        else:
+            log.warning(
+                "replica replaced: %s -> %s from primary %s (%s)",
+                str(old),  # formatted now: both are updated by later commits
+                str(new),
+                self.peer,
+                "same run" if old.run_id == new.run_id else "NEW RUN, authenticated by TLS",
+            )
+        self.replica_run = new
 
     def _start_sync(self, blocks: RamBlocks) -> None:
         configuration = Configuration(machine_type=blocks.machine_type)
@@ -236,6 +319,7 @@ class StandbyReceiver:
             if not self._vmdesc:
                 raise ReplicaError("the initial sync ended without a VM description")
             self.applier.finish_sync(device_state, self._vmdesc)
+            self._replaced(session)
             await session.acknowledge(committed)
             self.outputs.committed(0)
             self.outputs_committed += committed.outputs
@@ -243,6 +327,8 @@ class StandbyReceiver:
         self.applier.set_device_state(committed.epoch, device_state)
         # The journal holds the epoch now (commit point): acknowledge, then copy pages.
         self.applier.commit_checkpoint(committed.epoch, defer_apply=True)
+        if self.replica_run is not None:
+            self.replica_run.committed = session.run_epoch(committed.epoch)
         await session.acknowledge(committed)
         self.outputs.committed(committed.epoch)
         self.outputs_committed += committed.outputs

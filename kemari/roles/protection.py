@@ -18,7 +18,9 @@ running: the protection ends UNPROTECTED and may be started again.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -27,24 +29,44 @@ from typing import Any
 from kemari.checkpoint.sender import TransactionSender
 from kemari.checkpoint.source import CheckpointSource, SourceState
 from kemari.checkpoint.trigger import CheckpointTrigger
+from kemari.config import TlsCreds
 from kemari.errors import TransactionError
 from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.gate import EventTap
 from kemari.outputs import Output
 from kemari.qemu.machine import QemuMachine
-from kemari.transaction.session import Identity, PrimarySession
+from kemari.transaction.session import Identity, PrimarySession, RunState
 from kemari.transaction.transport import connect
 
 HANDSHAKE_TIMEOUT_S = 10.0
+log = logging.getLogger(__name__)
+# The run of each VM this process protects when the caller passes none: chosen at the
+# first protection, kept for later sessions, so a reconnecting primary continues its run.
+_RUNS: dict[str, RunState] = {}
+
+
+def run_of(vm_name: str) -> RunState:
+    """This process's run of ``vm_name`` (a fresh one the first time)."""
+    return _RUNS.setdefault(vm_name, RunState.new())
 
 
 class Protection:
     """One protection session of one VM (active side)."""
 
-    def __init__(self, source: CheckpointSource, trigger: CheckpointTrigger, peer: str) -> None:
+    def __init__(
+        self,
+        source: CheckpointSource,
+        trigger: CheckpointTrigger,
+        peer: str,
+        *,
+        tls: bool = False,
+        run: RunState | None = None,
+    ) -> None:
         self.source = source
         self.trigger = trigger
         self.peer = peer
+        self.tls = tls
+        self.run = run
         self.started_at = time.monotonic()
 
     @classmethod
@@ -57,17 +79,37 @@ class Protection:
         event_tap: EventTap | None = None,
         *,
         disk_tap: DiskTap | None = None,
+        tls: TlsCreds | None = None,
+        run: RunState | None = None,
     ) -> Protection:
-        """Connect to the standby at ``uri`` and start the initial sync in the background."""
-        transport = await connect(uri, HANDSHAKE_TIMEOUT_S)
+        """Connect to the standby at ``uri`` and start the initial sync in the background.
+
+        ``tls``: the VM's ``tls_creds``; without it the channel is plain TCP (logged as a
+        warning, ``tls: false`` in the status).  ``run``: the VM's run (kept across
+        sessions and failovers); None uses this process's run of the VM.
+        """
+        run = run if run is not None else run_of(identity.vm_name)
+        if tls is None:
+            log.warning(
+                "protection of VM %s: replication channel to %s is plain TCP (no "
+                "tls_creds): not authenticated, not encrypted",
+                identity.vm_name,
+                uri,
+            )
+        transport = await connect(uri, HANDSHAKE_TIMEOUT_S, tls=tls)
         try:
-            session = await PrimarySession.handshake(transport, identity, HANDSHAKE_TIMEOUT_S)
+            session = await PrimarySession.handshake(
+                transport, identity, HANDSHAKE_TIMEOUT_S, run=run
+            )
         except BaseException:
             await transport.close()
             raise
+        session.start_keepalive()
         outputs_of = _outputs_of(event_tap, disk_tap)
         sender = TransactionSender(session, outputs_of=outputs_of)
         source = CheckpointSource(machine, sender, epoch_ms=epoch_ms)
+        # Protection over: end the session too (its keepalive would hold the standby).
+        source.add_listener(_SessionCloser(source, session))
         trigger = CheckpointTrigger(source)
         if event_tap is not None:
             event_tap.attach(source, trigger)
@@ -84,7 +126,7 @@ class Protection:
             await session.close("could not start the migration stream")
             raise
         await trigger.start()
-        return cls(source, trigger, transport.peer)
+        return cls(source, trigger, transport.peer, tls=transport.tls, run=run)
 
     @property
     def active(self) -> bool:
@@ -115,6 +157,9 @@ class Protection:
             "state": source.state.value,
             "reason": source.reason,
             "peer": self.peer,
+            "tls": self.tls,
+            "run": None if self.run is None else self.run.run_id.hex(),
+            "run_epoch": None if self.run is None else self.run.committed,
             "epoch": source.committed_epoch,
             "epoch_ms": source.epoch_ms,
             "last_checkpoint_age_s": None if last_age is None else round(last_age, 3),
@@ -142,6 +187,27 @@ class Protection:
                 "pages_last": recent[-1].pages if recent else None,
             },
         }
+
+
+class _SessionCloser:
+    """Source listener: says GOODBYE to the standby once protection ended."""
+
+    def __init__(self, source: CheckpointSource, session: PrimarySession) -> None:
+        self.source = source
+        self.session = session
+        self.task: asyncio.Task[None] | None = None
+
+    async def checkpoint_requested(self, epoch: int) -> None:
+        del epoch
+
+    def checkpoint_committed(self, epoch: int) -> None:
+        del epoch
+
+    def protection_ended(self, state: SourceState) -> None:
+        del state
+        if self.task is None:
+            reason = f"protection ended: {self.source.reason}"
+            self.task = asyncio.create_task(self.session.close(reason[:1000]))
 
 
 def _outputs_of(

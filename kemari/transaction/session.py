@@ -17,20 +17,29 @@ reader/writer over a :class:`~kemari.transaction.transport.Transport`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import hashlib
+import logging
+import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kemari.errors import TransactionError
 from kemari.stream.format import PAGE_SIZE
 from kemari.transaction.transport import Transport, TransportClosed
 from kemari.transaction.wire import (
+    MAX_PAYLOAD,
+    NONCE_LEN,
     PROTOCOL_VERSION,
+    RUN_ID_LEN,
     Abort,
     Begin,
     Buffer,
     Commit,
     CommitAck,
+    Confirm,
     DeviceState,
     Frame,
     FrameDecoder,
@@ -54,6 +63,15 @@ from kemari.transaction.wire import (
 # Frame parts up to this size are joined into one write so the header does not leave in
 # a segment of its own; larger parts (page data) are written as they are, without copy.
 _JOIN_LIMIT = 64 << 10
+# Before the handshake ends no frame may be larger than this (HELLO, CONFIRM are small).
+HANDSHAKE_MAX_PAYLOAD = 4096
+# Deadline of every send: the peer must take a frame's bytes within this many seconds.
+SEND_TIMEOUT_S = 5.0
+# The standby ends a session that sends no frame for this long; the primary sends a
+# HEARTBEAT whenever it sent nothing for KEEPALIVE_S (so an idle guest keeps its session).
+IDLE_TIMEOUT_S = 20.0
+KEEPALIVE_S = 2.0
+log = logging.getLogger(__name__)
 
 
 class PeerRefused(TransactionError):
@@ -251,15 +269,22 @@ class TransactionTracker:
             )
 
 
-class FrameWriter:
-    """Sends payloads as frames with consecutive sequence numbers."""
+class SendTimeout(TransactionError):
+    """The peer did not take a frame's bytes within the send deadline."""
 
-    def __init__(self, transport: Transport) -> None:
+
+class FrameWriter:
+    """Sends payloads as frames with consecutive sequence numbers, each within a deadline."""
+
+    def __init__(self, transport: Transport, send_timeout: float = SEND_TIMEOUT_S) -> None:
         self._transport = transport
         self._encoder = FrameEncoder()
+        self.send_timeout = send_timeout
+        self.last_sent = time.monotonic()
 
     async def send(self, payload: Payload) -> None:
-        """Send one frame; waits while the peer does not keep up (callers bound the time)."""
+        """Send one frame; :class:`SendTimeout` if the peer does not take it in time."""
+        self.last_sent = time.monotonic()
         parts = self._encoder.encode(payload)
         # Header and small leading parts leave together; large page data is not copied.
         small: list[Buffer] = []
@@ -273,7 +298,14 @@ class FrameWriter:
             self._transport.write(part)
         if small:
             self._transport.write(b"".join(small))
-        await self._transport.drain()
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await self._transport.drain()
+        except TimeoutError as exc:
+            raise SendTimeout(
+                f"{self._transport.peer} took no {payload.TYPE.name} frame within "
+                f"{self.send_timeout:g} s (send deadline; the peer stopped reading?)"
+            ) from exc
 
 
 class FrameReader:
@@ -287,6 +319,15 @@ class FrameReader:
     def __init__(self, transport: Transport, max_payload: int | None = None) -> None:
         self._transport = transport
         self._decoder = FrameDecoder() if max_payload is None else FrameDecoder(max_payload)
+
+    @property
+    def max_payload(self) -> int:
+        """The largest payload accepted from now on (smaller during the handshake)."""
+        return self._decoder.max_payload
+
+    @max_payload.setter
+    def max_payload(self, value: int) -> None:
+        self._decoder.max_payload = value
 
     async def receive(self) -> Frame:
         """The next frame; :class:`TransportClosed` if the stream ends."""
@@ -315,6 +356,47 @@ class Identity:
     capabilities: tuple[str, ...] = ()
 
 
+@dataclass(slots=True)
+class RunState:
+    """A run of a VM and how far its replicated history has come.
+
+    ``run_id`` is chosen when the VM first boots and kept across failovers (the
+    failed-over agent continues the run of the replica it resumed).  Run epochs count
+    the run's checkpoints across sessions: a session starting at run epoch ``b`` maps
+    its transaction epoch ``e`` to ``b + e``; ``committed`` is the run epoch of the last
+    checkpoint known committed (None before the first).  A standby refuses a session of
+    the same run that starts at or below its replica's run epoch (a replay, or a primary
+    from the past).
+    """
+
+    run_id: bytes
+    committed: int | None = None
+
+    @classmethod
+    def new(cls) -> RunState:
+        """A fresh run (a VM booting for the first time)."""
+        return cls(secrets.token_bytes(RUN_ID_LEN))
+
+    @property
+    def next_base(self) -> int:
+        """The run epoch a new session's epoch 0 gets."""
+        return 0 if self.committed is None else self.committed + 1
+
+    def __str__(self) -> str:
+        return f"run {self.run_id.hex()[:12]} epoch {self.committed}"
+
+
+def session_binding(hello: Hello, ack: HelloAck) -> bytes:
+    """What CONFIRM carries: both nonces and the run, hashed (so a recorded CONFIRM is
+    worthless against any other HELLO_ACK)."""
+    digest = hashlib.sha256(b"kemari-session-binding-v2\0")
+    for part in (hello.nonce, ack.nonce, hello.run_id, hello.run_epoch.to_bytes(8, "big")):
+        digest.update(part)
+    digest.update(hello.vm_name.encode())
+    digest.update(hello.config_digest)
+    return digest.digest()
+
+
 async def _receive_within(reader: FrameReader, timeout: float, what: str) -> Frame:
     try:
         async with asyncio.timeout(timeout):
@@ -327,22 +409,50 @@ class PrimarySession:
     """The active host's end: runs transactions and waits for each COMMIT_ACK."""
 
     def __init__(
-        self, transport: Transport, writer: FrameWriter, reader: FrameReader, standby: HelloAck
+        self,
+        transport: Transport,
+        writer: FrameWriter,
+        reader: FrameReader,
+        standby: HelloAck,
+        *,
+        run: RunState | None = None,
+        run_base: int = 0,
     ) -> None:
         self.transport = transport
         self.standby = standby
         self.tracker = TransactionTracker()
+        self.run = run
+        self.run_base = run_base
+        self.failed: TransactionError | None = None
         self._writer = writer
         self._reader = reader
+        self._keepalive: asyncio.Task[None] | None = None
 
     @classmethod
     async def handshake(
-        cls, transport: Transport, identity: Identity, timeout: float
+        cls,
+        transport: Transport,
+        identity: Identity,
+        timeout: float,
+        *,
+        run: RunState | None = None,
+        send_timeout: float = SEND_TIMEOUT_S,
     ) -> PrimarySession:
-        """Send HELLO and wait for HELLO_ACK; :class:`PeerRefused` on REFUSE."""
-        writer = FrameWriter(transport)
-        reader = FrameReader(transport)
-        hello = Hello(Role.PRIMARY, identity.vm_name, identity.config_digest, identity.capabilities)
+        """HELLO (with a fresh nonce and the run), HELLO_ACK, then CONFIRM binding both
+        nonces; :class:`PeerRefused` on REFUSE."""
+        writer = FrameWriter(transport, send_timeout)
+        reader = FrameReader(transport, HANDSHAKE_MAX_PAYLOAD)
+        run = run if run is not None else RunState.new()
+        base = run.next_base
+        hello = Hello(
+            Role.PRIMARY,
+            identity.vm_name,
+            identity.config_digest,
+            identity.capabilities,
+            nonce=secrets.token_bytes(NONCE_LEN),
+            run_id=run.run_id,
+            run_epoch=base,
+        )
         await writer.send(hello)
         frame = await _receive_within(reader, timeout, f"HELLO_ACK from {transport.peer}")
         match frame.payload:
@@ -350,7 +460,10 @@ class PrimarySession:
                 raise PeerRefused(reason, message)
             case HelloAck(role=Role.STANDBY) as ack:
                 _check_ack(ack, identity, transport.peer)
-                return cls(transport, writer, reader, ack)
+                await writer.send(Confirm(session_binding(hello, ack)))
+                transport.established()
+                reader.max_payload = MAX_PAYLOAD
+                return cls(transport, writer, reader, ack, run=run, run_base=base)
         got = frame.payload.TYPE.name
         raise TransactionError(f"expected HELLO_ACK of a standby from {transport.peer}, got {got}")
 
@@ -359,10 +472,31 @@ class PrimarySession:
         """Capabilities both sides support (the standby sends the intersection)."""
         return self.standby.capabilities
 
+    def start_keepalive(self, interval: float = KEEPALIVE_S) -> None:
+        """Send a HEARTBEAT whenever nothing was sent for ``interval`` seconds (the
+        standby ends sessions idle for :data:`IDLE_TIMEOUT_S`).  A heartbeat that cannot
+        be sent fails the session: the next send or commit raises."""
+        if self._keepalive is None:
+            self._keepalive = asyncio.create_task(self._keep_alive(interval), name="keepalive")
+
+    async def _keep_alive(self, interval: float) -> None:
+        while self.failed is None:
+            await asyncio.sleep(max(0.0, self._writer.last_sent + interval - time.monotonic()))
+            if time.monotonic() - self._writer.last_sent >= interval:
+                try:
+                    await self._writer.send(Heartbeat(time.monotonic_ns()))
+                except TransactionError as exc:
+                    self.failed = exc
+
+    def _check_alive(self) -> None:
+        if self.failed is not None:
+            raise TransactionError(f"session to {self.transport.peer} failed: {self.failed}")
+
     async def send(
         self, payload: Begin | RamBlocks | RamPages | DeviceState | VmDescription | Outputs | Abort
     ) -> None:
         """Send one transaction frame after checking it against the transaction rules."""
+        self._check_alive()
         self.tracker.apply(payload)
         await self._writer.send(payload)
 
@@ -371,6 +505,7 @@ class PrimarySession:
 
         Only after this returns may the guest run past the checkpoint (docs/protocol.md).
         """
+        self._check_alive()
         summary = self.tracker.commit_summary()
         committed = self.tracker.apply(summary)
         assert isinstance(committed, Committed)  # a summary of the tracker always commits
@@ -383,7 +518,16 @@ class PrimarySession:
             )
             match frame.payload:
                 case CommitAck(epoch=summary.epoch):
+                    if self.run is not None:
+                        self.run.committed = self.run_base + summary.epoch
                     return committed
+                case CommitAck(epoch=other):
+                    raise TransactionError(
+                        f"expected COMMIT_ACK of epoch {summary.epoch}, "
+                        f"got COMMIT_ACK of epoch {other}"
+                    )
+                case HeartbeatAck():
+                    continue  # the answer to a keepalive
                 case Goodbye(message=message):
                     raise TransactionError(f"standby said goodbye before acknowledging: {message}")
                 case _:
@@ -396,16 +540,28 @@ class PrimarySession:
         """Round-trip time of one HEARTBEAT in seconds (not concurrently with commit)."""
         sent = time.monotonic_ns()
         await self._writer.send(Heartbeat(sent))
-        frame = await _receive_within(self._reader, timeout, "HEARTBEAT_ACK")
-        match frame.payload:
-            case HeartbeatAck(timestamp_ns=stamp) if stamp == sent:
-                return (time.monotonic_ns() - sent) / 1e9
-        raise TransactionError(f"expected HEARTBEAT_ACK of {sent}, got {frame.payload.TYPE.name}")
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(deadline - time.monotonic(), 0.0)
+            frame = await _receive_within(self._reader, remaining, "HEARTBEAT_ACK")
+            match frame.payload:
+                case HeartbeatAck(timestamp_ns=stamp) if stamp == sent:
+                    return (time.monotonic_ns() - sent) / 1e9
+                case HeartbeatAck():
+                    continue  # a keepalive's answer
+            got = frame.payload.TYPE.name
+            raise TransactionError(f"expected HEARTBEAT_ACK of {sent}, got {got}")
 
     async def close(self, message: str = "") -> None:
         """Say GOODBYE (best effort) and close the transport."""
+        keepalive, self._keepalive = self._keepalive, None
+        if keepalive is not None:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
         try:
-            await self._writer.send(Goodbye(message))
+            if self.failed is None:
+                await self._writer.send(Goodbye(message))
         except TransactionError:
             pass
         finally:
@@ -443,46 +599,110 @@ class StandbySession:
         reader: FrameReader,
         primary: Hello,
         capabilities: tuple[str, ...],
+        *,
+        idle_timeout: float = IDLE_TIMEOUT_S,
     ) -> None:
         self.transport = transport
         self.primary = primary
         self.capabilities = capabilities
         self.tracker = TransactionTracker()
+        self.idle_timeout = idle_timeout
         self._writer = writer
         self._reader = reader
 
+    @property
+    def run_id(self) -> bytes:
+        """The run the primary's guest belongs to."""
+        return self.primary.run_id
+
+    def run_epoch(self, epoch: int) -> int:
+        """The run epoch of this session's transaction ``epoch``."""
+        return self.primary.run_epoch + epoch
+
     @classmethod
     async def handshake(
-        cls, transport: Transport, identity: Identity, timeout: float
+        cls,
+        transport: Transport,
+        identity: Identity,
+        timeout: float,
+        *,
+        replica: RunState | None = None,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+        send_timeout: float = SEND_TIMEOUT_S,
+        busy: Callable[[], str | None] | None = None,
     ) -> StandbySession:
-        """Wait for HELLO and accept it, or REFUSE it and raise :class:`TransactionError`."""
-        writer = FrameWriter(transport)
-        reader = FrameReader(transport)
+        """Wait for HELLO and accept it (then CONFIRM), or REFUSE it and raise
+        :class:`TransactionError`.  ``replica`` is the run of the committed replica, if
+        any: a session may not replace it with an older epoch of the same run, and a new
+        run may replace it only over authenticated TLS.  ``busy`` says why the standby
+        cannot take a session now (REFUSE BUSY), or None."""
+        writer = FrameWriter(transport, send_timeout)
+        reader = FrameReader(transport, HANDSHAKE_MAX_PAYLOAD)
+        deadline = time.monotonic() + timeout
         frame = await _receive_within(reader, timeout, f"HELLO from {transport.peer}")
         hello = frame.payload
         if type(hello) is not Hello:
             raise TransactionError(f"expected HELLO from {transport.peer}, got {hello.TYPE.name}")
-        refusal = _refusal(hello, identity)
+        refusal = _refusal(hello, identity) or _run_refusal(hello, replica, transport.tls)
+        busy_message = None if busy is None or refusal is not None else busy()
+        if busy_message is not None:
+            refusal = Refuse(RefuseReason.BUSY, busy_message)
         if refusal is not None:
-            await writer.send(refusal)
+            with contextlib.suppress(TransactionError):
+                await writer.send(refusal)
             await transport.close()
             raise TransactionError(
                 f"refused primary {transport.peer} ({refusal.reason.name}): {refusal.message}"
             )
         shared = tuple(c for c in identity.capabilities if c in hello.capabilities)
-        await writer.send(HelloAck(Role.STANDBY, identity.vm_name, identity.config_digest, shared))
-        return cls(transport, writer, reader, hello, shared)
+        ack = HelloAck(
+            Role.STANDBY,
+            identity.vm_name,
+            identity.config_digest,
+            shared,
+            nonce=secrets.token_bytes(NONCE_LEN),
+            run_id=bytes(RUN_ID_LEN) if replica is None else replica.run_id,
+            run_epoch=0 if replica is None or replica.committed is None else replica.committed,
+        )
+        await writer.send(ack)
+        remaining = max(deadline - time.monotonic(), 0.0)
+        frame = await _receive_within(reader, remaining, f"CONFIRM from {transport.peer}")
+        match frame.payload:
+            case Confirm(binding=binding) if secrets.compare_digest(
+                binding, session_binding(hello, ack)
+            ):
+                pass
+            case Confirm():
+                raise TransactionError(
+                    f"primary {transport.peer} sent a CONFIRM for another session "
+                    "(a replayed recording?)"
+                )
+            case other:
+                raise TransactionError(
+                    f"expected CONFIRM from {transport.peer}, got {other.TYPE.name}"
+                )
+        transport.established()
+        reader.max_payload = MAX_PAYLOAD
+        return cls(transport, writer, reader, hello, shared, idle_timeout=idle_timeout)
 
     async def receive(self) -> StandbyEvent:
         """The next validated transaction step.
 
-        Heartbeats are answered here.  When the primary vanishes this raises
-        :class:`PeerDisconnected`, on any protocol violation :class:`SessionFailed`; both
-        carry the open transaction, now discarded, that the caller must drop.
+        Heartbeats are answered here.  When the primary vanishes (or sends nothing for
+        ``idle_timeout`` seconds) this raises :class:`PeerDisconnected`, on any protocol
+        violation :class:`SessionFailed`; both carry the open transaction, now
+        discarded, that the caller must drop.
         """
         while True:
             try:
-                frame = await self._reader.receive()
+                try:
+                    async with asyncio.timeout(self.idle_timeout):
+                        frame = await self._reader.receive()
+                except TimeoutError as exc:
+                    raise TransportClosed(
+                        f"{self.transport.peer} sent nothing for {self.idle_timeout:g} s "
+                        "(idle timeout)"
+                    ) from exc
                 payload = frame.payload
                 ended = self.tracker.apply(payload)
             except TransportClosed as exc:
@@ -523,6 +743,10 @@ class StandbySession:
 
 def _check_ack(ack: HelloAck, identity: Identity, peer: str) -> None:
     """The standby checked our HELLO; check that it also describes the same VM."""
+    if ack.protocol_version != PROTOCOL_VERSION:
+        raise TransactionError(
+            f"standby {peer} speaks protocol {ack.protocol_version}, primary {PROTOCOL_VERSION}"
+        )
     if ack.vm_name != identity.vm_name or ack.config_digest != identity.config_digest:
         raise TransactionError(
             f"standby {peer} accepted but protects VM {ack.vm_name!r} with another config"
@@ -538,7 +762,8 @@ async def refuse_busy(transport: Transport, message: str, timeout: float) -> Non
     instead of waiting for a handshake timeout.
     """
     try:
-        await _receive_within(FrameReader(transport), timeout, f"HELLO from {transport.peer}")
+        reader = FrameReader(transport, HANDSHAKE_MAX_PAYLOAD)
+        await _receive_within(reader, timeout, f"HELLO from {transport.peer}")
         await FrameWriter(transport).send(Refuse(RefuseReason.BUSY, message))
     finally:
         await transport.close()
@@ -562,5 +787,28 @@ def _refusal(hello: Hello, identity: Identity) -> Refuse | None:
             RefuseReason.CONFIG_DIGEST,
             f"VM config of {hello.vm_name!r} differs (primary {hello.config_digest.hex()[:16]}…, "
             f"standby {identity.config_digest.hex()[:16]}…)",
+        )
+    return None
+
+
+def _run_refusal(hello: Hello, replica: RunState | None, authenticated: bool) -> Refuse | None:
+    """May a session of ``hello``'s run replace the committed replica of ``replica``?"""
+    if replica is None or replica.committed is None:
+        return None
+    if hello.run_id == replica.run_id:
+        if hello.run_epoch <= replica.committed:
+            return Refuse(
+                RefuseReason.STALE_RUN,
+                f"session of run {hello.run_id.hex()[:12]} starts at run epoch "
+                f"{hello.run_epoch}, the replica already holds epoch {replica.committed} "
+                "of that run (a replayed or outdated primary)",
+            )
+        return None
+    if not authenticated:
+        return Refuse(
+            RefuseReason.UNAUTHENTICATED,
+            f"the replica holds run {replica.run_id.hex()[:12]} epoch {replica.committed}; "
+            f"a new run ({hello.run_id.hex()[:12]}) may replace it only over authenticated "
+            "TLS (tls_creds) — or restart the standby to drop the replica",
         )
     return None

@@ -34,7 +34,8 @@ from kemari.stream.format import PAGE_SIZE
 MAGIC = b"KMRI"
 WIRE_VERSION = 1
 # Semantics of the session (handshake, transaction rules), negotiated in HELLO.
-PROTOCOL_VERSION = 1
+# 2: HELLO / HELLO_ACK carry a nonce and the run identity, and CONFIRM binds both nonces.
+PROTOCOL_VERSION = 2
 
 HEADER = struct.Struct(">4sBBHQQIII")
 HEADER_SIZE = HEADER.size
@@ -43,6 +44,9 @@ _HEADER_CRC_SPAN = HEADER_SIZE - 4
 MAX_PAYLOAD = 64 << 20
 
 CONFIG_DIGEST_LEN = 32
+NONCE_LEN = 32
+RUN_ID_LEN = 16
+BINDING_LEN = 32
 MAX_NAME_LEN = 255
 MAX_CAPABILITIES = 32
 MAX_RAM_BLOCKS = 1024
@@ -73,6 +77,7 @@ class FrameType(enum.IntEnum):
     HELLO_ACK = 0x02
     REFUSE = 0x03
     GOODBYE = 0x04
+    CONFIRM = 0x05
     HEARTBEAT = 0x08
     HEARTBEAT_ACK = 0x09
     BEGIN = 0x10
@@ -101,6 +106,10 @@ class RefuseReason(enum.IntEnum):
     VM_NAME = 3
     CONFIG_DIGEST = 4
     BUSY = 5
+    # The session would replace the replica with an older epoch of the same run.
+    STALE_RUN = 6
+    # A new run may replace a committed replica only over authenticated TLS.
+    UNAUTHENTICATED = 7
 
 
 class _Cursor:
@@ -138,6 +147,10 @@ class _Cursor:
         except UnicodeDecodeError as exc:
             raise TransactionError(f"{self._what} payload has invalid UTF-8 text") from exc
 
+    @property
+    def remaining(self) -> int:
+        return len(self._payload) - self._pos
+
     def finish(self) -> None:
         if self._pos != len(self._payload):
             raise TransactionError(
@@ -171,7 +184,14 @@ def _check_capability(name: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """A primary introduces itself; the standby checks every field before accepting."""
+    """A primary introduces itself; the standby checks every field before accepting.
+
+    ``nonce`` is fresh random bytes per session from each side (CONFIRM binds both);
+    ``run_id`` names the VM's run (chosen at its first boot, kept across failovers) and
+    ``run_epoch`` says where in that run this session starts: in HELLO, the run epoch of
+    the session's epoch 0; in HELLO_ACK, the run epoch of the standby's committed
+    replica (``run_id`` all zero when it holds none).
+    """
 
     TYPE: ClassVar[FrameType] = FrameType.HELLO
 
@@ -180,10 +200,15 @@ class Hello:
     config_digest: bytes
     capabilities: tuple[str, ...] = ()
     protocol_version: int = PROTOCOL_VERSION
+    nonce: bytes = bytes(NONCE_LEN)
+    run_id: bytes = bytes(RUN_ID_LEN)
+    run_epoch: int = 0
 
     def encode(self) -> list[Buffer]:
         if len(self.config_digest) != CONFIG_DIGEST_LEN:
             raise TransactionError(f"config digest must be {CONFIG_DIGEST_LEN} bytes")
+        if len(self.nonce) != NONCE_LEN or len(self.run_id) != RUN_ID_LEN:
+            raise TransactionError(f"nonce must be {NONCE_LEN} bytes, run id {RUN_ID_LEN}")
         if len(self.capabilities) > MAX_CAPABILITIES:
             raise TransactionError(f"more than {MAX_CAPABILITIES} capabilities")
         if len(set(self.capabilities)) != len(self.capabilities):
@@ -200,6 +225,7 @@ class Hello:
         for capability in self.capabilities:
             _check_capability(capability)
             parts += [_U8.pack(len(capability)), capability.encode("ascii")]
+        parts += [self.nonce, self.run_id, _U64.pack(self.run_epoch)]
         return [b"".join(parts)]
 
     @classmethod
@@ -225,8 +251,14 @@ class Hello:
             _check_capability(capability)
         if len(set(capabilities)) != count:
             raise TransactionError(f"{cls.TYPE.name} lists a capability twice")
+        nonce, run_id, run_epoch = bytes(NONCE_LEN), bytes(RUN_ID_LEN), 0
+        # A version 1 peer sends no nonce and no run: decoded, then refused by version.
+        if version >= 2 or cursor.remaining:
+            nonce = bytes(cursor.take(NONCE_LEN))
+            run_id = bytes(cursor.take(RUN_ID_LEN))
+            run_epoch = cursor.u64()
         cursor.finish()
-        return cls(role, name, digest, capabilities, version)
+        return cls(role, name, digest, capabilities, version, nonce, run_id, run_epoch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +311,30 @@ class Goodbye:
         message = cursor.text(cursor.u16())
         cursor.finish()
         return cls(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """The primary's first frame after HELLO_ACK: the session binding
+    (:func:`kemari.transaction.session.session_binding` of both nonces and the run), so
+    a recorded session, whose HELLO_ACK had another nonce, cannot be replayed."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CONFIRM
+
+    binding: bytes
+
+    def encode(self) -> list[Buffer]:
+        if len(self.binding) != BINDING_LEN:
+            raise TransactionError(f"session binding must be {BINDING_LEN} bytes")
+        return [self.binding]
+
+    @classmethod
+    def decode(cls, epoch: int, payload: memoryview) -> Confirm:
+        del epoch
+        cursor = _Cursor(payload, cls.TYPE.name)
+        binding = bytes(cursor.take(BINDING_LEN))
+        cursor.finish()
+        return cls(binding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -648,7 +704,7 @@ class Abort:
         return cls(epoch, reason)
 
 
-SessionPayload = Hello | HelloAck | Refuse | Goodbye | Heartbeat | HeartbeatAck
+SessionPayload = Hello | HelloAck | Refuse | Goodbye | Confirm | Heartbeat | HeartbeatAck
 TransactionPayload = (
     Begin
     | RamBlocks
@@ -669,6 +725,7 @@ _PAYLOAD_CLASSES: dict[FrameType, type[Payload]] = {
         HelloAck,
         Refuse,
         Goodbye,
+        Confirm,
         Heartbeat,
         HeartbeatAck,
         Begin,
@@ -688,6 +745,7 @@ SESSION_TYPES = frozenset(
         FrameType.HELLO_ACK,
         FrameType.REFUSE,
         FrameType.GOODBYE,
+        FrameType.CONFIRM,
         FrameType.HEARTBEAT,
         FrameType.HEARTBEAT_ACK,
     }
