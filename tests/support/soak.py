@@ -38,14 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from support.fsck import check_crashed_disk
-
 from kemari.config import StorageMode
 from kemari.errors import KemariError
 from kemari.image.disk import create_data_disk
 from kemari.testbed.records import LOOP_TIMEOUT_S
 from kemari.testbed.topology import Namespace, Topology
 from kemari.testbed.vm import AgentProcess, kill_active, wait_for
+from support.fsck import check_crashed_disk
 
 GUEST_IP = "10.214.0.2"
 HOST_IPS = {"a": "10.214.0.11", "b": "10.214.0.12"}
