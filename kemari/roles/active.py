@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from kemari.config import NicConfig, StorageMode, VMConfig
-from kemari.errors import ConfigError, KemariError, QemuError
+from kemari.errors import CheckpointError, ConfigError, KemariError, QemuError
 from kemari.eventtap.diskcopy import DiskCopier
 from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.gate import EventTap
@@ -133,6 +133,12 @@ class ActiveRole:
         if self.protection is not None and self.protection.active:
             raise ConfigError(
                 f"VM {self.config.name} is already protected by {self.protection.peer}"
+            )
+        if not self.binary.checkpoint_safe:
+            raise CheckpointError(
+                f"refusing to protect VM {self.config.name}: {self.binary.path} cannot take "
+                "checkpoints under TCG (stock QEMU deadlocks at the first one); run "
+                "'kemari qemu build' (docs/qemu-patch.md)"
             )
         if self.protection is not None:  # a previous session ended (standby lost): tidy it
             await self.protection.close()
