@@ -174,13 +174,15 @@ class Agent:
             assert promotion is not None
             try:
                 promoted = await promote(standby, self._host())
-            except BaseException as exc:
+            except Exception as exc:
                 self._to(State.FAILED, f"failover failed: {exc}")
                 if not promotion.done():
                     promotion.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
                 continue
+            except BaseException:  # cancelled (the agent is stopping): so is the request
+                self._to(State.FAILED, "failover interrupted")
+                promotion.cancel()
+                raise
             self.role = promoted.role
             self._to(State.ACTIVE, f"failed over: resumed from epoch {promoted.reply.epoch}")
             promotion.set_result(promoted)
