@@ -206,6 +206,7 @@ def test_migrate_is_refused_on_a_qemu_that_cannot_checkpoint(
     monkeypatch.setenv("KEMARI_CACHE_DIR", str(cache))
     with AgentProcess("stock", tmp_path, ["--workload", "ticks", "--accel", "tcg"]) as agent:
         agent.wait_monitor()
+        wait_for(lambda: agent.status()["state"] == "active", "the agent to be active", 120)
         status = agent.status()
         assert status["checkpoint_safe"] is False
         assert "patched QEMU is not built" in status["qemu_binary_reason"]
