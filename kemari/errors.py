@@ -61,3 +61,7 @@ class FailoverError(KemariError):
 
 class EventTapError(KemariError):
     """Guest outputs could not be held, carried or released as the event-tap requires."""
+
+
+class StateError(KemariError):
+    """A role transition the state machine's table does not allow (kemari.roles.state)."""

@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -30,8 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from kemari.errors import KemariError
-from kemari.testbed.vm import AgentProcess, kill_active
+from kemari.cache import cache_dir
+from kemari.errors import KemariError, MonitorError
+from kemari.testbed.vm import KEMARI_ARGV, AgentProcess, kill_active
 from kemari.testbed.wait import wait_for
 
 pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu")]
@@ -189,3 +191,42 @@ def test_failover_while_checkpoints_arrive_as_fast_as_possible(workdir: Path) ->
         done.set()
         active.stop()
         standby.stop()
+
+
+def test_migrate_is_refused_on_a_qemu_that_cannot_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stock QEMU 7.2 deadlocks at its first checkpoint under TCG (docs/qemu-patch.md).
+
+    A cache without the patched QEMU (``KEMARI_CACHE_DIR`` holding only the image) makes
+    the agent run the guest with Debian's QEMU; ``migrate`` is then refused with one
+    line, before any standby is contacted, and the guest keeps running unprotected.
+    """
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "image").symlink_to(cache_dir() / "image")
+    monkeypatch.setenv("KEMARI_CACHE_DIR", str(cache))
+    with AgentProcess("stock", tmp_path, ["--workload", "ticks", "--accel", "tcg"]) as agent:
+        agent.wait_monitor()
+        wait_for(lambda: agent.status()["state"] == "active", "the agent to be active", 120)
+        status = agent.status()
+        assert status["checkpoint_safe"] is False
+        assert "patched QEMU is not built" in status["qemu_binary_reason"]
+        uri = f"kemari:tcp:127.0.0.1:{free_port()}"
+        with pytest.raises(MonitorError) as refused:
+            agent.monitor("migrate", "-d", uri)
+        message = str(refused.value)
+        assert message.startswith("refusing to protect VM stock: ")
+        assert "cannot take checkpoints under TCG" in message and "\n" not in message
+        cli = subprocess.run(
+            [*KEMARI_ARGV, "monitor", str(agent.monitor_path), "migrate", "-d", uri],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert cli.returncode == 1
+        assert cli.stderr == f"kemari: error: {message}\n"
+        status = agent.status()
+        assert (status["vm"], status["protection"]) == ("running", "unprotected")
+        agent.wait_serial(r"tick 2\b")

@@ -67,7 +67,7 @@ def _follow_initial_sync(socket: Path, timeout: float) -> int:
     standby refuses to fail over until it is complete).
     """
     while True:
-        status = run_command(socket, ["info", "status"], timeout=timeout).data
+        status = run_command(socket, ["query-status"], timeout=timeout).data
         replication = status.get("replication") or {}
         state = status.get("protection")
         progress = replication.get("sync_progress")
@@ -96,7 +96,7 @@ def _follow_initial_sync(socket: Path, timeout: float) -> int:
             print("\ndisk copy stopped: protection ended", file=sys.stderr)
             return 1
         time.sleep(0.2)
-        status = run_command(socket, ["info", "status"], timeout=timeout).data
+        status = run_command(socket, ["query-status"], timeout=timeout).data
         copies = status.get("disk_copy") or []
     return 0
 

@@ -1,5 +1,10 @@
 """Manual failover: start QEMU on the standby from the committed replica and resume the guest.
 
+This module is the "QEMU from the replica" part of a failover: :func:`hand_over_replica`,
+:func:`load_replica`, :func:`resume_guest` (:func:`fail_over` runs the three).  The
+agent's whole order, with the receiver, the held frames and the disks around these
+steps, is kemari.roles.failover.
+
 Order (docs/failover.md)::
 
     hand_over()        open checkpoint discarded, pending apply done, device state and
@@ -28,6 +33,7 @@ import contextlib
 import dataclasses
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from kemari.errors import FailoverError, QemuError, ReplicaError
@@ -90,6 +96,28 @@ def failover_spec(spec: MachineSpec, image: FailoverImage) -> MachineSpec:
     )
 
 
+def hand_over_replica(applier: ReplicaApplier, spec: MachineSpec) -> FailoverImage:
+    """The committed replica, handed over for a failover QEMU (after the checks).
+
+    Raises :class:`FailoverError` when there is no committed replica (the initial sync
+    has not completed: nothing to resume) or when ``spec`` does not fit it; in both
+    cases the replica is left untouched.
+    """
+    info = applier.stream_info
+    if info is None:
+        raise FailoverError(
+            "refusing to fail over: no committed replica (the initial sync has not "
+            "completed, so there is no state to resume the guest from)"
+        )
+    sizes = {block.name: block.used_length for block in info.blocks}
+    # Checked before hand_over(), so a wrong spec leaves the replica untouched.
+    _check_spec(spec, RAM_BACKEND_ID, sizes.get(RAM_BACKEND_ID))
+    try:
+        return applier.hand_over()
+    except ReplicaError as exc:
+        raise FailoverError(f"refusing to fail over: {exc}") from exc
+
+
 async def fail_over(
     applier: ReplicaApplier,
     spec: MachineSpec,
@@ -101,32 +129,32 @@ async def fail_over(
 
     ``spec`` describes the VM with this host's disks and NICs (same devices, in the same
     order, as the primary's); its RAM and incoming settings are filled in here.
-    Raises :class:`FailoverError` when there is no committed replica (the initial sync
-    has not completed: nothing to resume) or when the spec does not fit it; in both
-    cases the replica is left untouched.
+    :func:`hand_over_replica`, then :func:`start_from_image`.
     """
     started = time.monotonic()
-    info = applier.stream_info
-    if info is None:
-        raise FailoverError(
-            "refusing to fail over: no committed replica (the initial sync has not "
-            "completed, so there is no state to resume the guest from)"
-        )
-    sizes = {block.name: block.used_length for block in info.blocks}
-    # Checked before hand_over(), so a wrong spec leaves the replica untouched.
-    _check_spec(spec, RAM_BACKEND_ID, sizes.get(RAM_BACKEND_ID))
-    try:
-        image = applier.hand_over()
-    except ReplicaError as exc:
-        raise FailoverError(f"refusing to fail over: {exc}") from exc
+    image = hand_over_replica(applier, spec)
     handed_over = time.monotonic()
     result = await start_from_image(image, spec, binary, load_timeout_s=load_timeout_s)
+    return with_hand_over_time(result, handed_over - started)
+
+
+def with_hand_over_time(result: FailoverResult, hand_over_s: float) -> FailoverResult:
+    """``result`` with the hand-over's time added to its timings."""
     timings = dataclasses.replace(
-        result.timings,
-        hand_over_s=handed_over - started,
-        total_s=handed_over - started + result.timings.total_s,
+        result.timings, hand_over_s=hand_over_s, total_s=hand_over_s + result.timings.total_s
     )
     return dataclasses.replace(result, timings=timings)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedMachine:
+    """A failover QEMU, paused, with the replica loaded (:func:`load_replica`)."""
+
+    machine: QemuMachine
+    image: FailoverImage
+    started: float  # time.monotonic() before QEMU's exec
+    connected: float  # QMP connected
+    loaded: float  # incoming migration completed
 
 
 async def start_from_image(
@@ -138,22 +166,44 @@ async def start_from_image(
 ) -> FailoverResult:
     """Start a failover QEMU from a handed-over image (a retry after a failed start may reuse it).
 
-    QEMU is shut down again on any failure: the guest never runs from a partial load.
+    :func:`load_replica`, then :func:`resume_guest`.  QEMU is shut down again on any
+    failure: the guest never runs from a partial load.
     """
+    loaded = await load_replica(image, spec, binary, load_timeout_s=load_timeout_s)
+    return await resume_guest(loaded)
+
+
+async def load_replica(
+    image: FailoverImage,
+    spec: MachineSpec,
+    binary: Path,
+    *,
+    load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
+) -> LoadedMachine:
+    """QEMU started paused on the replica's RAM (-S, -incoming defer), x-ignore-shared on,
+    the synthesized stream loaded.  The guest does not run yet; QEMU is shut down on any
+    failure."""
     started = time.monotonic()
     machine = QemuMachine(failover_spec(spec, image), binary)
     try:
         await machine.start()
     except QemuError as exc:
         raise FailoverError(f"the failover QEMU did not start: {exc}") from exc
-    try:
+    async with _shut_down_on_failure(machine):
         connected = time.monotonic()
         await machine.execute(
             "migrate-set-capabilities",
             {"capabilities": [{"capability": CAPABILITY_IGNORE_SHARED, "state": True}]},
         )
         await _load_stream(machine, image, load_timeout_s)
-        loaded = time.monotonic()
+    return LoadedMachine(machine, image, started, connected, time.monotonic())
+
+
+async def resume_guest(loaded: LoadedMachine) -> FailoverResult:
+    """``cont``: the guest runs from the committed epoch; then x-ignore-shared off again.
+    QEMU is shut down on any failure."""
+    machine = loaded.machine
+    async with _shut_down_on_failure(machine):
         await machine.execute("cont")
         status = await machine.query_status()
         if not status.running:
@@ -165,19 +215,26 @@ async def start_from_image(
             "migrate-set-capabilities",
             {"capabilities": [{"capability": CAPABILITY_IGNORE_SHARED, "state": False}]},
         )
+    timings = FailoverTimings(
+        hand_over_s=0.0,
+        start_s=loaded.connected - loaded.started,
+        load_s=loaded.loaded - loaded.connected,
+        resume_s=running - loaded.loaded,
+        total_s=running - loaded.started,
+    )
+    return FailoverResult(machine, loaded.image.epoch, loaded.image.committed_at, timings)
+
+
+@contextlib.asynccontextmanager
+async def _shut_down_on_failure(machine: QemuMachine) -> AsyncIterator[None]:
+    """Shut ``machine`` down when the block fails; a QEMU error becomes a FailoverError."""
+    try:
+        yield
     except BaseException as exc:
         await machine.shutdown()
         if isinstance(exc, QemuError) and not isinstance(exc, FailoverError):
             raise FailoverError(f"failover QEMU failed: {exc}") from exc
         raise
-    timings = FailoverTimings(
-        hand_over_s=0.0,
-        start_s=connected - started,
-        load_s=loaded - connected,
-        resume_s=running - loaded,
-        total_s=running - started,
-    )
-    return FailoverResult(machine, image.epoch, image.committed_at, timings)
 
 
 async def _load_stream(machine: QemuMachine, image: FailoverImage, timeout_s: float) -> None:

@@ -4,6 +4,11 @@ Handlers are registered by the words they answer to (``("info", "status")``);
 the longest registered prefix of a request wins and receives the remaining
 words as arguments.  A handler raising :class:`KemariError` becomes an error
 reply; the connection and the server keep serving.
+
+The agent registers through :meth:`MonitorServer.register_api`: each command of
+the typed API (kemari.monitor.api) is parsed from its words at this edge, answered
+with a typed reply, and sent as its plain JSON plus the text kemari.monitor.render
+makes of it.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from kemari.errors import KemariError, MonitorError
-from kemari.monitor import protocol
+from kemari.monitor import api, protocol, render
 from kemari.sockets import check_socket_path, claim_socket_path
 
 Handler = Callable[[list[str]], Awaitable[protocol.Reply]]
+ApiHandler = Callable[[api.Command], Awaitable[api.Reply]]
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +44,21 @@ class MonitorServer:
     def register(self, words: tuple[str, ...], handler: Handler, summary: str) -> None:
         """Make ``handler`` answer requests starting with ``words``."""
         self._handlers[words] = (handler, summary)
+
+    def register_api(self, handle: ApiHandler) -> None:
+        """Answer every command of the typed API (but ``help``, answered here) with ``handle``."""
+        for spec in api.COMMANDS:
+            if spec.words != ("help",):
+                self.register(spec.words, self._typed(spec.words, handle), spec.summary)
+
+    @staticmethod
+    def _typed(words: tuple[str, ...], handle: ApiHandler) -> Handler:
+        async def run(args: list[str]) -> protocol.Reply:
+            command = api.parse_command([*words, *args])
+            reply = await handle(command)
+            return protocol.Reply(data=api.to_plain(reply), text=render.text(command, reply))
+
+        return run
 
     async def start(self) -> None:
         """Claim the socket path (refusing a live one) and start listening."""
@@ -69,8 +90,8 @@ class MonitorServer:
     async def _help(self, args: list[str]) -> protocol.Reply:
         del args
         rows = sorted((" ".join(words), summary) for words, (_, summary) in self._handlers.items())
-        text = "\n".join(f"{words:<20} {summary}" for words, summary in rows)
-        return protocol.Reply(data=dict(rows), text=text)
+        reply = api.HelpReply(dict(rows))
+        return protocol.Reply(data=reply.commands, text=render.text(api.Help(), reply))
 
     def _track(self) -> None:
         task = asyncio.current_task()

@@ -145,8 +145,8 @@ class AgentProcess:
         return follow.stdout
 
     def status(self) -> dict[str, Any]:
-        """``info status`` as data."""
-        data: dict[str, Any] = self.monitor("info", "status").data
+        """``query-status``: the status as JSON data (docs/status.md)."""
+        data: dict[str, Any] = self.monitor("query-status").data
         return data
 
     def stop(self, timeout: float = 60.0) -> int:
