@@ -27,9 +27,9 @@ import zlib
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from kemari.cli.pki import make_credentials
 from kemari.config import TlsCreds
 from kemari.stream.format import PAGE_SIZE
+from kemari.transaction.pki import make_credentials
 from kemari.transaction.session import Committed, Identity, PrimarySession, StandbySession
 from kemari.transaction.transport import Listener, connect
 from kemari.transaction.wire import (

@@ -25,11 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from kemari.config import tls_name_for
 from kemari.errors import KemariError
 from kemari.image.builder import build_image
 from kemari.image.disk import create_data_disk
 from kemari.testbed.topology import Namespace, Topology
 from kemari.testbed.vm import AgentProcess
+from kemari.transaction.pki import make_credentials
 
 GUEST_IP = "10.213.0.2"
 CLIENT_IP = "10.213.0.100"
@@ -97,7 +99,11 @@ def _failover_act(lab: Topology, workdir: Path) -> int:
     primary_ns = lab.add_host("primary", f"{PRIMARY_IP}/24")
     standby_ns = lab.add_host("standby", f"{STANDBY_IP}/24")
     address = f"kemari:tcp:{STANDBY_IP}:{PROTECTION_PORT}"
-    ticks_args = ["--workload", "ticks"]
+    creds = workdir / "pki"
+    step(f"TLS credentials for the pair: kemari pki create {creds} --name ft")
+    make_credentials(creds, tls_name_for("ft"))
+    print("    the replication channel is mutually authenticated TLS 1.3 (docs/security.md)")
+    ticks_args = ["--workload", "ticks", "--tls-creds", str(creds)]
     step(f"standby: kemari run -incoming {address} (no QEMU; keeps the replica)")
     standby = AgentProcess(
         "ft", workdir, [*ticks_args, "--incoming", address], standby_ns, label="standby"

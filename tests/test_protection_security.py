@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from kemari.cli.pki import make_credentials
 from kemari.testbed.vm import AgentProcess, wait_for
+from kemari.transaction.pki import make_credentials
 
 pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu")]
 
@@ -92,11 +92,6 @@ def test_a_standby_that_stops_reading_costs_protection_not_the_guest(
         assert active.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the agent wiring (issue 10): Agent must pass config.tls_creds to "
-    "Protection.start(tls=...) and StandbyReceiver(tls=...); remove this mark then",
-)
 def test_a_pair_with_tls_creds_protects_over_authenticated_tls(tmp_path: Path) -> None:
     creds = tmp_path / "pki"
     make_credentials(creds, "kemari-tlspair")

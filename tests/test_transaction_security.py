@@ -2,7 +2,7 @@
 
 Real sockets on loopback; where the issue's probe was another process (a replayed
 recording, a fake standby, a standby that stops reading), the attacker runs as one.
-Certificates come from ``kemari pki`` (kemari/cli/pki.py).
+Certificates come from ``kemari pki`` (kemari/transaction/pki.py).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 
 from kemari.cli.main import main as kemari_main
-from kemari.cli.pki import make_credentials
 from kemari.config import TLS_FILES, TlsCreds, config_from_mapping
 from kemari.errors import ConfigError, KemariError, TransactionError
 from kemari.replica.applier import ReplicaApplier
 from kemari.replica.receiver import StandbyReceiver
 from kemari.stream.format import PAGE_SIZE
+from kemari.transaction.pki import make_credentials
 from kemari.transaction.session import (
     Committed,
     FrameReader,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -156,5 +157,7 @@ def _parse_nic_flag(text: str) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    # Peers connected, refused and lost, replicas replaced: one line each on stderr.
+    logging.basicConfig(level=logging.INFO, format="kemari: %(levelname)s: %(message)s")
     agent = Agent(config, console=sys.stdout if args.console else None)
     return asyncio.run(agent.run())

@@ -34,7 +34,7 @@ from kemari.qemu.binary import QemuBinary
 from kemari.qemu.cmdline import MachineSpec, StreamNic
 from kemari.qemu.machine import QemuMachine
 from kemari.roles.protection import Protection
-from kemari.transaction.session import Identity
+from kemari.transaction.session import Identity, RunState
 
 
 @contextlib.asynccontextmanager
@@ -74,14 +74,21 @@ class ActiveRole:
         disk_tap: DiskTap,
         stack: contextlib.AsyncExitStack,
         failover: api.FailoverInfo | None = None,
+        run: RunState | None = None,
     ) -> None:
-        """Use :meth:`start` or the failover order; ``stack`` already stops ``machine``."""
+        """Use :meth:`start` or the failover order; ``stack`` already stops ``machine``.
+
+        ``run``: the run this guest belongs to (the replica's after a failover); a fresh
+        QEMU starts a new one.  Every protection session carries it, so a standby never
+        lets an older session of the same run replace a newer replica.
+        """
         self.config = config
         self.machine = machine
         self.binary = binary
         self.event_tap = event_tap
         self.disk_tap = disk_tap
         self.failover = failover
+        self.run = RunState.new() if run is None else run
         self.protection: Protection | None = None
         self.disk_copies: list[DiskCopier] = []
         self._copy_tasks: list[asyncio.Task[None]] = []
@@ -150,6 +157,8 @@ class ActiveRole:
             epoch_ms=self.config.qemu_epoch_ms,
             event_tap=self.event_tap,
             disk_tap=self.disk_tap,
+            tls=self.config.tls_creds,
+            run=self.run,
         )
         if self.config.storage is StorageMode.REPLICATED:
             self._start_disk_copies(self.protection)

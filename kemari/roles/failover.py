@@ -59,6 +59,7 @@ from kemari.replica.applier import FailoverImage
 from kemari.roles.active import ActiveRole, guest_links
 from kemari.roles.guestdisks import GuestDisks
 from kemari.roles.standby import StandbyRole
+from kemari.transaction.session import RunState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +164,7 @@ def become_active(
     info: api.FailoverInfo,
 ) -> ActiveRole:
     """9. The active role owns the QEMU, then the standby's cleanup (run after it)."""
+    replica_run = standby.receiver.replica_run  # the guest's run carries on here
     stack = contextlib.AsyncExitStack()
     stack.push_async_exit(standby.hand_over_resources())
     stack.push_async_callback(result.machine.shutdown)
@@ -174,4 +176,5 @@ def become_active(
         disk_tap=disks.tap,
         stack=stack,
         failover=info,
+        run=None if replica_run is None else RunState(replica_run.run_id, replica_run.committed),
     )

@@ -57,7 +57,14 @@ class StandbyRole:
             disks = StandbyDisks([disk.path for disk in config.disks], config.storage)
             stack.push_async_callback(disks.close)
             identity = Identity(config.name, config.replication_digest())
-            receiver = StandbyReceiver(uri, identity, applier, disks)
+            receiver = StandbyReceiver(
+                uri,
+                identity,
+                applier,
+                disks,
+                tls=config.tls_creds,
+                max_ram_bytes=config.memory_mib << 20,
+            )
             await receiver.start()
             role = cls(config, receiver, disks, stack.pop_all())
         return role
