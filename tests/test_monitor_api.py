@@ -87,6 +87,9 @@ def sample_status() -> api.Status:
             state="protected",
             reason=None,
             peer="10.0.0.2:4444",
+            tls=True,
+            run="00112233445566778899aabbccddeeff",
+            run_epoch=7,
             epoch=7,
             epoch_ms=100,
             last_checkpoint_age_s=0.05,
@@ -171,7 +174,14 @@ def test_status_renders_as_text_and_as_json() -> None:
     assert lines[0] == "VM web: running (role active, protected, agent active)"
     assert lines[1] == "state: active for 1.5 s (QEMU started); agent pid 1234"
     assert "nic0: tap kt0: guest->host 3 frames, host->guest 3 frames" in lines
-    assert "standby: 10.0.0.2:4444 (protected)" in lines
+    assert "standby: 10.0.0.2:4444 (protected, TLS)" in lines
+    assert not any("WARNING: plain TCP" in line for line in lines)
+    plain = dataclasses.replace(
+        status, replication=dataclasses.replace(status.replication, tls=False)
+    )
+    plain_lines = render.text(api.InfoStatus(), plain).splitlines()
+    assert "standby: 10.0.0.2:4444 (protected, plain TCP)" in plain_lines
+    assert any(line.startswith("  WARNING: plain TCP") for line in plain_lines)
     for command in (api.InfoStatus(json=True), api.QueryStatus()):
         assert json.loads(render.text(command, status)) == api.to_plain(status)
 

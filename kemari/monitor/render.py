@@ -74,11 +74,20 @@ def status_lines(status: api.Status) -> list[str]:
     return lines
 
 
+_PLAIN_TCP_WARNING = (
+    "  WARNING: plain TCP: anyone who reaches the standby's port can replace its replica "
+    "(set tls_creds, docs/security.md)"
+)
+
+
 def _replication_lines(replication: api.ReplicationStatus | None) -> list[str]:
     """The active side's replication."""
     if replication is None:
         return []
-    lines = [f"standby: {replication.peer} ({replication.state})"]
+    channel = "TLS" if replication.tls else "plain TCP"
+    lines = [f"standby: {replication.peer} ({replication.state}, {channel})"]
+    if not replication.tls:
+        lines.append(_PLAIN_TCP_WARNING)
     if replication.reason:
         lines.append(f"  reason: {replication.reason}")
     progress = replication.sync_progress
@@ -104,6 +113,10 @@ def _standby_lines(standby: api.StandbyStatus) -> list[str]:
         f"replica epoch {standby.epoch} ({standby.applier}); last checkpoint "
         f"{standby.last_checkpoint_age_s} s ago"
     ]
+    if not standby.tls:
+        lines.append(_PLAIN_TCP_WARNING)
+    if standby.refused_peers:
+        lines.append(f"  refused peers: {standby.refused_peers}; last: {standby.last_refusal}")
     if standby.last_error:
         lines.append(f"  last error: {standby.last_error}")
     for index, disk in enumerate(standby.disks):
