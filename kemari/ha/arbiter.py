@@ -206,13 +206,18 @@ class Arbiter:
         await self.grant_lease()
         self._keepalive = asyncio.create_task(self._keepalive_loop(), name="arbiter-keepalive")
 
-    async def close(self, *, revoke: bool = True) -> None:
-        """Stop renewing; revoke the lease (best effort) unless ``revoke`` is False."""
+    async def stop_renewing(self) -> None:
+        """Stop the keepalive task; the lease runs out by itself (an agent that fenced
+        itself, or a test playing a frozen agent)."""
         if self._keepalive is not None:
             self._keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keepalive
             self._keepalive = None
+
+    async def close(self, *, revoke: bool = True) -> None:
+        """Stop renewing; revoke the lease (best effort) unless ``revoke`` is False."""
+        await self.stop_renewing()
         if revoke and self._lease_id is not None:
             lease_id = self._lease_id
             with contextlib.suppress(ArbiterError):
