@@ -283,7 +283,11 @@ class Arbiter:
                 raise ArbiterError(f"etcd refused {what}: {detail}") from None
             reason = detail
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # gRPC cancels the calls of a channel another call closed (_reset_channel)
+            reason = "the call was cancelled with its channel"
         except Exception as exc:  # grpc raises its own errors for a closed channel, etc.
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         else:
@@ -342,6 +346,8 @@ class Arbiter:
                     await self.renew_lease()
             except ArbiterError:
                 pass  # recorded by _call: status shows it, lease_valid() runs out
+            except Exception as exc:  # never let the loop die: the lease would just lapse
+                self._last_error = f"keepalive: {type(exc).__name__}: {exc}"
             await asyncio.sleep(max(0.0, interval - (self._clock() - started)))
 
     def lease_remaining(self) -> float | None:
