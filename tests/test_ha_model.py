@@ -21,6 +21,7 @@ interleaving, which shows the checks can fail.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import pytest
@@ -52,7 +53,7 @@ MARGIN = 5  # the safety margin subtracted by the agent's own clock
 T_FD = 5  # failure-detection timeout of the replication heartbeats
 IO_LATENCY = 3  # a disk write issued at t lands by t + IO_LATENCY (< MARGIN, docs/ha.md)
 
-slots = st.sampled_from(["a", "b"])
+slots = st.sampled_from(["a", "b", "c"])
 
 
 @dataclass
@@ -111,7 +112,7 @@ class HaModel(RuleBasedStateMachine):
         self.alive: dict[str, int] = {}  # agent -> lease its alive key is bound to
         self.successors: dict[int, int] = {}  # record revision -> transitions from it
         self.max_term = 0
-        self.agents = {slot: Agent(slot) for slot in ("a", "b")}
+        self.agents = {slot: Agent(slot) for slot in ("a", "b", "c")}
         self.links: dict[str, Link] = {}  # by active identity
         self.write_horizon: dict[str, int] = {}  # agent -> last time it may issue a write
 
@@ -157,12 +158,16 @@ class HaModel(RuleBasedStateMachine):
         return agent.lease is not None and attached and self.now < agent.renewed_sent + TTL - MARGIN
 
     def case_a(self, agent: Agent) -> bool:
-        """(a): its standby committed and answered within the detection timeout."""
+        """(a): the standby the record says protects it committed and answered within
+        the detection timeout."""
         link = self.links.get(agent.ident)
+        record = agent.view.record
         return (
             agent.role == "active"
             and agent.started
             and link is not None
+            and record is not None
+            and (record.protected_by == link.standby or self.BUG == "unmarked-standby-counts")
             and self.now - agent.last_answer <= T_FD
         )
 
@@ -436,9 +441,10 @@ class HaModel(RuleBasedStateMachine):
     @invariant()
     def no_divergent_outputs(self) -> None:
         releasing = [a for a in self.agents.values() if self.releases(a)]
-        if len(releasing) < 2:
-            return
-        x, y = releasing
+        for x, y in itertools.combinations(releasing, 2):
+            self.check_pair(x, y)
+
+    def check_pair(self, x: Agent, y: Agent) -> None:
 
         def continues(old: Agent, new: Agent) -> bool:
             link = self.links.get(old.ident)
@@ -477,7 +483,7 @@ class HaModel(RuleBasedStateMachine):
 
 TestHaModel = HaModel.TestCase
 TestHaModel.settings = settings(
-    max_examples=300,
+    max_examples=500,
     stateful_step_count=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -576,10 +582,28 @@ def scenario_shared_takeover(model: HaModel) -> None:
     model.no_divergent_outputs()
 
 
+def scenario_claim_while_an_unmarked_standby_commits(model: HaModel) -> None:
+    """a connected to b but has not won mark_protected; a loses etcd, its lease ends,
+    and a third agent c claims: a's commits at b must not count for case (a)."""
+    model.mode(shared=False)
+    protected_pair(model, protect=False)
+    model.read("b")
+    model.act("b")  # publish
+    model.protect("a")  # the link and the initial sync, not yet marked in the record
+    model.cut_or_heal_etcd("a")
+    model.tick(TTL + 1)
+    model.exchange()
+    model.act("c", fresh=True)  # claim over a's ended lease (unprotected record)
+    model.start_guest("c")
+    assert model.agents["c"].started
+    model.no_divergent_outputs()
+
+
 SCENARIOS = [
     (scenario_unprotected_active_frozen_then_claimed, "new-lease-counts"),
     (scenario_standby_crash_and_claim, "claim-protected"),
     (scenario_shared_takeover, "no-lease-wait"),
+    (scenario_claim_while_an_unmarked_standby_commits, "unmarked-standby-counts"),
 ]
 
 
