@@ -250,29 +250,41 @@ def test_a_three_member_cluster_with_one_member_killed_accepts_transactions(lab,
             killed_at = time.monotonic()
             lab.kill(victim.name)
             try:
-                # publish/drop back and forth: every one is a compare-and-swap
+                # publish/drop back and forth: every one is a compare-and-swap.  A call
+                # that ran out of time has an unknown outcome (it may have committed):
+                # the retry then finds the record already changed and refuses, which
+                # counts when the record is what the change wanted.
+                unprotected = Record(vm, 1, A)
+                published = Record(vm, 1, A, standby=Standby(B, "tcp:b:1"))
                 done = 0
                 first_ok = None
+                unknown = 0
                 deadline = killed_at + 15
                 while done < 6:
                     if done % 2 == 0:
                         decide = lambda s: publish_standby(s.record, B, "tcp:b:1")  # noqa: E731
-                        who = b
+                        who, target = b, published
                     else:
                         decide = lambda s: drop_standby(s.record, A)  # noqa: E731
-                        who = a
+                        who, target = a, unprotected
                     try:
                         outcome = await who.transition(decide)
                     except ArbiterError:
                         assert time.monotonic() < deadline, "no transaction within 15 s"
+                        unknown += 1
                         continue
-                    assert isinstance(outcome, Won), outcome
+                    assert outcome.state.record == target, outcome
                     first_ok = first_ok or time.monotonic() - killed_at
                     done += 1
+                print(f"{unknown} calls with an unknown outcome")
                 print(f"killed the {which}: first transaction {first_ok:.2f} s after the kill")
-                assert a.lease_valid(), "the lease must survive one member's death"
-                record = (await a.read()).record
-                assert record == Record(vm, 1, A)
+                # etcd extends leases on a leader change: a's lease and key survive; by
+                # a's own clock it may have lapsed during a long election (TTL 2 s,
+                # margin 0.5 s), and is valid again once renewals go through
+                state = await a.read()
+                assert state.record == Record(vm, 1, A)
+                assert A in state.alive and B in state.alive
+                await until(holds(a.lease_valid), 5, "a's lease valid again")
             finally:
                 lab.restart(victim.name)
             lab.wait_healthy()
