@@ -211,6 +211,14 @@ def test_lease_expiry_removes_the_alive_key_within_ttl_and_a_claim_follows(lab):
             assert state.record == Record(vm, 1, A)
             assert isinstance(await b.transition(claim_for(B, vm)), Won)
             assert (await b.read()).record == Record(vm, 2, B)
+            # a comes back and rejoins as b's standby: its old lease is gone in etcd, so
+            # the transaction's put fails once and is retried with a new lease
+            stale_lease = a.lease_id
+            rejoined = await a.transition(lambda s: publish_standby(s.record, A, "tcp:a:1"))
+            assert isinstance(rejoined, Won), rejoined
+            assert a.lease_id not in (None, stale_lease)
+            assert rejoined.state.record == Record(vm, 2, B, standby=Standby(A, "tcp:a:1"))
+            assert rejoined.state.alive == {A, B}
 
     asyncio.run(main())
 

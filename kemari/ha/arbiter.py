@@ -388,7 +388,17 @@ class Arbiter:
     async def compare_and_swap(self, state: RecordState, step: Step) -> tuple[bool, RecordState]:
         """Commit ``step`` if the record is still at ``state.revision`` (and the agent
         ``step.requires_gone`` has no alive key); put our alive key with our lease in the
-        same transaction.  Returns (won, the state now)."""
+        same transaction.  Returns (won, the state now).  A lease etcd no longer knows
+        (it expired while we were cut off) is replaced by a new one, once."""
+        try:
+            return await self._compare_and_swap(state, step)
+        except ArbiterError as exc:
+            if isinstance(exc, ArbiterUnreachable) or "lease not found" not in str(exc):
+                raise
+        self._lease_id, self._attached = None, False
+        return await self._compare_and_swap(state, step)
+
+    async def _compare_and_swap(self, state: RecordState, step: Step) -> tuple[bool, RecordState]:
         if self._lease_id is None:
             await self.grant_lease()
         lease_id = self._lease_id
