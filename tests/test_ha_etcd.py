@@ -29,6 +29,7 @@ from kemari.ha.record import (
     take_over,
 )
 from kemari.testbed.etcd import EtcdLab, EtcdLabError, etcd_binary
+from kemari.testbed.topology import Topology
 
 pytestmark = pytest.mark.root
 
@@ -375,3 +376,29 @@ def test_the_arbiter_reports_unreachable_when_the_cluster_loses_its_quorum(lab):
 
 async def _unreachable(a: Arbiter) -> bool:
     return not await a.probe()
+
+
+def test_a_one_member_etcd_on_an_existing_topology_for_the_demo():
+    """The demo's shape: one member joined to a testbed Topology's LAN (kt- namespaces),
+    an arbiter from an agent namespace on that LAN; the member stops with the lab, the
+    namespaces go with the topology."""
+    with Topology() as topology:
+        topology.add_host("primary", "10.232.0.2/24")
+        with EtcdLab(1, subnet="10.232.0", topology=topology) as single:
+            assert [m.name for m in single.members] == ["etcd0"]
+            assert single.uri == "etcd://10.232.0.10:2379"
+            agent = single.add_agent("agent")
+
+            async def main() -> None:
+                vm = fresh_vm()
+                async with arbiter(single, "agent", vm, A) as a:
+                    assert isinstance(await a.transition(claim_for(A, vm)), Won)
+                    assert a.status().term == 1
+
+            asyncio.run(main())
+            member = single.members[0]
+            namespace = agent.name
+        assert not member.running
+        names = os.listdir("/run/netns")
+        assert namespace in names  # the topology is not the lab's: it stays until its exit
+    assert namespace not in os.listdir("/run/netns")
