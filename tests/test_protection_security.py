@@ -15,12 +15,11 @@ from __future__ import annotations
 import re
 import shutil
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.stuck_standby import stuck_standby
 
 from kemari.testbed.vm import AgentProcess, wait_for
 from kemari.transaction.pki import make_credentials
@@ -30,36 +29,11 @@ pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu
 ROOT = Path(__file__).resolve().parent.parent
 TICK_RE = re.compile(r"^tick (\d+)\r?$", re.MULTILINE)
 
-# Answers HELLO like a standby would (the digest is public), then never reads again.
-STOPS_READING = """
-import socket, time
-from kemari.transaction.wire import FrameDecoder, encode_frame, HelloAck, Role
-listener = socket.create_server(("127.0.0.1", 0))
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-print(listener.getsockname()[1], flush=True)
-conn, _ = listener.accept()
-decoder = FrameDecoder()
-hello = None
-while hello is None:
-    for frame in decoder.feed(conn.recv(36 if decoder.at_frame_boundary else decoder.wanted)):
-        hello = frame.payload
-ack = HelloAck(Role.STANDBY, hello.vm_name, hello.config_digest, (), nonce=bytes(32))
-conn.sendall(b"".join(encode_frame(ack, 0)))
-time.sleep(3600)
-"""
 
-
-@pytest.fixture
-def stuck_standby() -> Iterator[int]:
-    process = subprocess.Popen(
-        [sys.executable, "-c", STOPS_READING], stdout=subprocess.PIPE, text=True, cwd=ROOT
-    )
-    try:
-        assert process.stdout is not None
-        yield int(process.stdout.readline())
-    finally:
-        process.kill()
-        process.wait()
+@pytest.fixture(name="stuck_standby")
+def stuck_standby_port() -> Iterator[int]:
+    with stuck_standby() as port:
+        yield port
 
 
 def ticks(agent: AgentProcess) -> list[int]:

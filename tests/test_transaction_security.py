@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from support.stuck_standby import stuck_standby
 
 from kemari.cli.main import main as kemari_main
 from kemari.config import TLS_FILES, TlsCreds, config_from_mapping
@@ -614,32 +615,10 @@ def test_ram_blocks_beyond_the_configured_memory_are_refused(tmp_path: Path) -> 
 
 # --- 5. a standby that stops reading ----------------------------------------------------
 
-STOPS_READING = """
-import socket, sys, time
-from kemari.transaction.wire import FrameDecoder, encode_frame, HelloAck, Role, Hello
-listener = socket.create_server(("127.0.0.1", 0))
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-print(listener.getsockname()[1], flush=True)
-conn, _ = listener.accept()
-decoder = FrameDecoder()
-hello = None
-while hello is None:
-    for frame in decoder.feed(conn.recv(36 if decoder.at_frame_boundary else decoder.wanted)):
-        hello = frame.payload
-conn.sendall(b"".join(encode_frame(
-    HelloAck(Role.STANDBY, hello.vm_name, hello.config_digest, (), nonce=bytes(32)), 0)))
-time.sleep(3600)  # never reads again
-"""
-
 
 def test_a_standby_that_stops_reading_fails_the_send_within_its_deadline() -> None:
     """Issue 10.5: the primary's sends have a deadline (it used to wait forever)."""
-    standby = subprocess.Popen(
-        [sys.executable, "-c", STOPS_READING], stdout=subprocess.PIPE, text=True, cwd=ROOT
-    )
-    try:
-        assert standby.stdout is not None
-        port = int(standby.stdout.readline())
+    with stuck_standby() as port:
 
         async def primary() -> tuple[BaseException | None, float]:
             transport = await connect(f"kemari:tcp:127.0.0.1:{port}", 5)
@@ -660,9 +639,6 @@ def test_a_standby_that_stops_reading_fails_the_send_within_its_deadline() -> No
             return None, time.monotonic() - started
 
         error, elapsed = asyncio.run(primary())
-    finally:
-        standby.kill()
-        standby.wait()
     assert isinstance(error, SendTimeout), error
     assert "send deadline" in str(error)
     assert elapsed < 10
