@@ -232,6 +232,9 @@ class ReplicationStatus:
     state: str
     reason: str | None
     peer: str
+    tls: bool
+    run: str | None
+    run_epoch: int | None
     epoch: int | None
     epoch_ms: int
     last_checkpoint_age_s: float | None
@@ -257,7 +260,12 @@ class StandbyStatus:
     """The standby side: its listener, the primary it serves and the replica."""
 
     listening: str | None
+    tls: bool
     primary: str | None
+    refused_peers: int
+    last_refusal: str
+    run: str | None
+    run_epoch: int | None
     sessions: int
     last_error: str | None
     epoch: int | None
