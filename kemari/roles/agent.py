@@ -50,7 +50,7 @@ from kemari.qemu.accel import choose_accel
 from kemari.qemu.binary import QemuBinary, qemu_binary
 from kemari.qemu.cmdline import MachineSpec, NbdDisk
 from kemari.roles.active import ActiveRole
-from kemari.roles.failover import Host, Promoted, promote
+from kemari.roles.failover import Host, Promoted, promote, refuse_without_replica
 from kemari.roles.guestdisks import NBD_EXPORT, GuestDisks, disk_socket
 from kemari.roles.standby import StandbyRole
 from kemari.roles.state import RoleState, State
@@ -316,6 +316,7 @@ class Agent:
         """``failover``: ask the agent's task to promote this standby; wait for the outcome."""
         if not isinstance(self.role, StandbyRole) or self.state.state is not State.STANDBY:
             raise ConfigError(f"VM {self.config.name} is not a standby ({self.state.state.value})")
+        refuse_without_replica(self.role)  # refused before anything changes: still a standby
         self._to(State.PROMOTING, "monitor: failover")
         promotion: asyncio.Future[Promoted] = asyncio.get_running_loop().create_future()
         self._promotion = promotion

@@ -4,7 +4,8 @@
 only when every earlier one succeeded:
 
 1. :func:`refuse_without_replica`: no committed replica (the initial sync has not
-   completed) refuses the failover before anything changes.
+   completed), or replicated images without the initial disk copy, refuses the
+   failover before anything changes.
 2. :func:`stop_receiving`: the standby's receiver stops, so no checkpoint lands while
    QEMU maps the replica (the primary's open transaction, if any, is discarded).
 3. :func:`replay_held_outputs`: the held network frames of the committed epoch go out
@@ -111,11 +112,21 @@ async def promote(standby: StandbyRole, host: Host) -> Promoted:
 
 
 def refuse_without_replica(standby: StandbyRole) -> None:
-    """1. FailoverError unless the replica holds a committed epoch."""
+    """1. FailoverError unless the replica holds a committed epoch and, with replicated
+    storage, the standby's images hold the initial disk copy.
+
+    The agent also calls this before it enters ``promoting``, so a refused failover
+    changes nothing: the standby keeps receiving.
+    """
     if standby.applier.committed_epoch is None:
         raise FailoverError(
             "refusing to fail over: no committed replica (the initial sync has not "
             "completed, so there is no state to resume the guest from)"
+        )
+    if not standby.disks.synced:
+        raise FailoverError(
+            "refusing to fail over: the initial disk copy to this standby has not "
+            "completed (its image does not match the guest yet)"
         )
 
 
