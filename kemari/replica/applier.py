@@ -64,6 +64,7 @@ from kemari.replica.store import (
     Replica,
     StagedCheckpoint,
 )
+from kemari.sockets import make_private_dir
 from kemari.stream import (
     Configuration,
     FailoverPage,
@@ -252,7 +253,8 @@ class ReplicaApplier:
             maxlen=RECENT_CHECKPOINTS
         )
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            # 0700 whatever the umask: the replica is the guest's memory.
+            make_private_dir(self.root)
         except OSError as exc:
             raise ReplicaError(f"cannot create replica root {self.root}: {exc}") from exc
         self._committed = self._open_current()

@@ -54,6 +54,7 @@ from kemari.roles.failover import Host, Promoted, promote, refuse_without_replic
 from kemari.roles.guestdisks import NBD_EXPORT, GuestDisks, disk_socket
 from kemari.roles.standby import StandbyRole
 from kemari.roles.state import RoleState, State
+from kemari.sockets import make_private_dir
 
 Role = ActiveRole | StandbyRole
 
@@ -377,9 +378,9 @@ class Agent:
 
 @contextlib.contextmanager
 def _locked_runtime_dir(path: Path, name: str) -> Iterator[None]:
-    """Hold an exclusive lock on the VM's runtime directory; remove it when empty."""
-    created = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
+    """Hold an exclusive lock on the VM's runtime directory (mode 0700 whatever the
+    umask: its sockets reach the monitor, QMP and the disks); remove it when empty."""
+    created = make_private_dir(path)
     lock_path = path / "agent.lock"
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
