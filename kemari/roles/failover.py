@@ -24,7 +24,8 @@ only when every earlier one succeeded:
    (x-ignore-shared on); the guest does not run yet (kemari.failover.load_replica).
 8. :func:`resume_guest`: ``cont``, the guest runs from the committed epoch; then
    x-ignore-shared off again, since this QEMU is the primary now
-   (kemari.failover.resume_guest).
+   (kemari.failover.resume_guest); then :func:`reclaim_replica_space` removes the
+   replica folder's generations no live process holds.
 9. :func:`become_active`: the new :class:`~kemari.roles.active.ActiveRole` owns the
    QEMU and takes over the standby's cleanup (disks, applier, replica directory),
    which runs after its QEMU is gone.
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -61,6 +63,8 @@ from kemari.roles.active import ActiveRole, guest_links
 from kemari.roles.guestdisks import GuestDisks
 from kemari.roles.standby import StandbyRole
 from kemari.transaction.session import RunState
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +99,7 @@ async def promote(standby: StandbyRole, host: Host) -> Promoted:
     handed_over = time.monotonic()
     loaded = await start_qemu_from_replica(image, host)
     result = await resume_guest(loaded)
+    reclaim_replica_space(standby)
     result = qemu_failover.with_hand_over_time(result, handed_over - started)
     info = api.FailoverInfo(
         epoch=result.epoch,
@@ -165,6 +170,18 @@ async def start_qemu_from_replica(image: FailoverImage, host: Host) -> LoadedMac
 async def resume_guest(loaded: LoadedMachine) -> FailoverResult:
     """8. The guest runs from the committed epoch."""
     return await qemu_failover.resume_guest(loaded)
+
+
+def reclaim_replica_space(standby: StandbyRole) -> None:
+    """8b. Generations in the replica folder that no live process holds go (a killed
+    agent's failover QEMU left its RAM there); this QEMU's generation is held."""
+    removed = standby.applier.reclaim()
+    if removed:
+        log.info(
+            "replica folder %s: removed %s (no live process held them)",
+            standby.applier.root,
+            ", ".join(removed),
+        )
 
 
 def become_active(
