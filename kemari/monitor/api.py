@@ -275,6 +275,8 @@ class StandbyStatus:
     outputs_committed: int
     disks: list[StandbyDiskStatus]
     last_frame_age_s: float | None
+    health: str
+    health_reason: str | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

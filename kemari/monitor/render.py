@@ -104,6 +104,11 @@ def _standby_lines(standby: api.StandbyStatus) -> list[str]:
         f"replica epoch {standby.epoch} ({standby.applier}); last checkpoint "
         f"{standby.last_checkpoint_age_s} s ago"
     ]
+    if standby.health != "ok":
+        lines.append(
+            f"  HEALTH {standby.health}: cannot keep the replica: {standby.health_reason}; "
+            f"epoch {standby.epoch} is kept for a failover; the next initial sync resets it"
+        )
     if standby.last_error:
         lines.append(f"  last error: {standby.last_error}")
     for index, disk in enumerate(standby.disks):

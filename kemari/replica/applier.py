@@ -503,6 +503,7 @@ class ReplicaApplier:
             self.abort("committing the initial sync failed")
             raise
         old, self._committed = self._committed, generation
+        self._apply_error = None  # that was the old generation's
         self._building = None
         self._staged = None
         self._open_epoch = None

@@ -133,6 +133,9 @@ def refuse_without_replica(standby: StandbyRole) -> None:
             "refusing to fail over: the initial disk copy to this standby has not "
             "completed (its image does not match the guest yet)"
         )
+    problem = standby.disks.check_images()
+    if problem is not None:
+        raise FailoverError(f"refusing to fail over: {problem}")
 
 
 async def stop_receiving(standby: StandbyRole) -> None:
