@@ -88,7 +88,7 @@ def sample_status() -> api.Status:
             reason=None,
             peer="10.0.0.2:4444",
             tls=True,
-            run="00112233445566778899aabbccddeeff",
+            run="00" * 16,
             run_epoch=7,
             epoch=7,
             epoch_ms=100,

@@ -860,3 +860,43 @@ def test_qemu_maps_the_ram_file_as_block_pc_ram(tmp_path):
         assert dump.read_bytes() == marker
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_state_file_that_cannot_be_written_after_the_commit_point_keeps_the_epoch(
+    tmp_path, monkeypatch
+):
+    """Issue 10.7: the file system fills after an acknowledged epoch (the journal holds
+    it, state.bin cannot be rewritten).  The replica stays at that epoch and can be
+    handed over (the old code: "must be reopened"), takes no new checkpoint, and a
+    reopen redoes the epoch from the journal."""
+    directory = tmp_path / "r"
+    replica = Replica.create(directory, BLOCKS)
+    committed(replica, 1, [(RAM, 0, page_of(1, 0, 1))], device_state=b"one")
+    real_write_state = store._write_state
+
+    def full(*args, **kwargs):
+        raise ReplicaError("cannot write state.bin") from OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "_write_state", full)
+    with replica.begin(2) as staged:
+        staged.put_page(RAM, PAGE, page_of(1, PAGE, 2))
+        staged.set_device_state(b"two")
+        with pytest.raises(ReplicaError, match="only in the journal"):
+            staged.commit()
+    assert (replica.committed_epoch, replica.device_state) == (2, b"two")
+    assert replica.unsaved is not None
+    assert replica.read_page(RAM, PAGE) == page_of(1, PAGE, 2)
+    with pytest.raises(ReplicaError, match="takes no new checkpoint"):
+        replica.begin(3)
+    pages = {(p.block, p.offset) for p in replica.failover_pages()}
+    assert (ROM, 0) in pages
+    monkeypatch.setattr(store, "_write_state", real_write_state)
+    replica.close()
+    with Replica.open(directory) as reopened:  # the journal's epoch is redone
+        assert (reopened.committed_epoch, reopened.device_state) == (2, b"two")
+        assert reopened.read_page(RAM, PAGE) == page_of(1, PAGE, 2)
+        monkeypatch.setattr(store, "_write_state", full)
+        # hand_over needs no state.bin: its marker is written (or, full, left empty).
+        reopened.hand_over()
+    with pytest.raises(ReplicaError, match="handed over"):
+        Replica.open(directory)

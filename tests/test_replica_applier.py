@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,14 +226,15 @@ def test_hand_over_discards_the_open_checkpoint_and_builds_the_stream(tmp_path: 
     assert pages == {("pc.bios", 0): page(1), ("pc.bios", PAGE_SIZE): page(7)}
     assert next(e for e in events if isinstance(e, DeviceState)).data == device("dev1")
     assert next(e for e in events if isinstance(e, VmDescription)).json == VMDESC
-    # A later applier on the same root has no replica (the files are QEMU's RAM now),
-    # keeps the handed-over generation, and takes a new sync.
+    # A later applier on the same root has no replica (the files were QEMU's RAM), and
+    # takes a new sync; the handed-over generation, which no live process holds any
+    # more (no QEMU maps it here), is reclaimed (issue 10.11; the test below).
     with ReplicaApplier(tmp_path) as applier:
         assert applier.committed_epoch is None
         with pytest.raises(ReplicaError, match="no committed replica"):
             applier.hand_over()
         sync(applier, 3)
-        assert len(generations(tmp_path)) == 2
+        assert len(generations(tmp_path)) == 1
 
 
 def test_checkpoint_sink_protocol_defers_the_apply(tmp_path: Path) -> None:
@@ -259,3 +262,45 @@ def test_primary_with_x_ignore_shared_or_without_main_ram_is_refused(tmp_path: P
         with pytest.raises(ReplicaError, match=r"lack 'pc\.ram'"):
             applier.start_sync(CONFIG, RamBlockList(2, (RamBlock("pc.bios", PAGE_SIZE),)))
         assert generations(tmp_path) == []
+
+
+HOLD_MAPPED = """
+import mmap, sys, time
+with open(sys.argv[1], "r+b") as handle:
+    view = mmap.mmap(handle.fileno(), 0)
+print("mapped", flush=True)
+time.sleep(3600)
+"""
+
+
+def test_handed_over_generations_are_reclaimed_once_no_live_process_holds_them(
+    tmp_path: Path,
+) -> None:
+    """Issue 10.11: a handed-over generation stays while a process maps its RAM file (a
+    failover QEMU) or its agent holds it, and goes at the next open once neither lives.
+    The old code kept every handed-over generation forever."""
+    applier = ReplicaApplier(tmp_path)
+    sync(applier, 1)
+    image = applier.hand_over()
+    held = current_generation(tmp_path)
+    # The handing-over agent owns it until it closes (its QEMU has not mapped it yet).
+    assert ReplicaApplier(tmp_path).reclaim() == []
+    assert generations(tmp_path) == [held]
+    qemu = subprocess.Popen(
+        [sys.executable, "-c", HOLD_MAPPED, str(image.ram_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert qemu.stdout is not None and qemu.stdout.readline() == "mapped\n"
+        applier.close()  # the agent is gone, its "QEMU" maps the RAM file
+        with ReplicaApplier(tmp_path) as second:
+            assert generations(tmp_path) == [held]
+            sync(second, 2)  # a new generation; the mapped one still stays
+            assert generations(tmp_path) == sorted([held, current_generation(tmp_path)])
+        second.remove_files()  # a standby's stop spares the live one
+        assert generations(tmp_path) == [held]
+    finally:
+        qemu.kill()
+        qemu.wait()
+    with ReplicaApplier(tmp_path) as third:  # nobody holds it now: reclaimed at open
+        assert generations(tmp_path) == []
+        assert third.committed_epoch is None

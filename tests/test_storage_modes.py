@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from support.fsck import check_diskload_disk
 
+from kemari.errors import KemariError
 from kemari.image.builder import default_image
 from kemari.image.disk import create_data_disk
 from kemari.testbed.vm import AgentProcess
@@ -118,3 +119,68 @@ def test_diskload_survives_kill_and_failover(workdir: Path, storage: str) -> Non
     scratch = workdir / "check"
     scratch.mkdir()
     check_diskload_disk(standby_image, scratch, default_image().kguest)
+
+
+def test_replicated_is_protected_only_once_the_disks_are_copied(workdir: Path) -> None:
+    """Issue 10.12: ``protected`` means a failover now would succeed.  While the disks'
+    initial copy runs the state is ``copying-disks`` (the old code said ``protected``),
+    a failover is refused and leaves the standby a standby, and ``protected`` follows
+    once every copy is done."""
+    disk_mib = 384  # a copy long enough to be seen (several seconds under TCG)
+    primary_image = workdir / "primary.raw"
+    create_data_disk(primary_image, disk_mib)
+    standby_image = workdir / "standby.raw"
+    with standby_image.open("wb") as handle:
+        handle.truncate(disk_mib << 20)
+    common = ["--workload", "ticks", "--accel", "tcg", "--storage", "replicated"]
+    port = free_port()
+    active = AgentProcess("copy", workdir, [*common, "--disk", str(primary_image)], label="active")
+    standby = AgentProcess(
+        "copy",
+        workdir,
+        [
+            *common, "--disk", str(standby_image),
+            "--incoming", f"kemari:tcp:127.0.0.1:{port}",
+            "--replica-dir", f"/dev/shm/kemari-storage-{os.getpid()}-copy",
+        ],
+        label="standby",
+    )  # fmt: skip
+    try:
+        active.wait_serial(r"tick 3\b")
+        active.wait_monitor()
+        standby.wait_monitor()
+        active.monitor("migrate", "-d", f"kemari:tcp:127.0.0.1:{port}")
+        seen: list[tuple[str, bool]] = []
+        refused = ""
+        texts: list[str] = []
+
+        def copied() -> bool:
+            nonlocal refused
+            status = active.status()
+            copies = status["disk_copy"]
+            done = bool(copies) and all(copy["done"] for copy in copies)
+            seen.append((status["protection"], done))
+            if status["protection"] == "copying-disks" and not refused:
+                with pytest.raises(KemariError, match="initial disk copy") as caught:
+                    standby.monitor("failover")
+                refused = str(caught.value)
+                texts.append(active.monitor("info", "status").text)
+                standby_status = standby.status()
+                assert (standby_status["role"], standby_status["state"]) == (
+                    "standby",
+                    "standby",
+                ), standby_status
+            return done and status["protection"] == "protected"
+
+        wait_for(copied, "the disk copy and protection", 180, interval=0.05)
+        states = sorted(set(seen))
+        assert all(done for protection, done in seen if protection == "protected"), states
+        assert ("copying-disks", False) in seen, states
+        assert refused, seen
+        # The refused failover left the standby receiving: checkpoints still commit.
+        assert active.monitor("checkpoint").data["epoch"] >= 1
+        assert standby.status()["standby"]["epoch"] >= 1
+        assert "copying-disks" in texts[0], texts
+    finally:
+        active.stop()
+        standby.stop()

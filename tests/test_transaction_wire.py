@@ -46,6 +46,8 @@ from kemari.transaction.wire import (
 epochs = st.integers(min_value=0, max_value=(1 << 64) - 1)
 texts = st.text(max_size=40)
 names = st.text(min_size=1, max_size=30).filter(lambda s: len(s.encode()) <= 255)
+# Machine types and RAM block names: printable ASCII, as in QEMU's stream.
+wire_names = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=30)
 capability_names = st.from_regex(r"[a-z0-9][a-z0-9-]{0,15}", fullmatch=True)
 
 
@@ -80,13 +82,13 @@ def ram_pages(draw: st.DrawFn) -> RamPages:
 
 @st.composite
 def ram_blocks(draw: st.DrawFn) -> RamBlocks:
-    block_names = draw(st.lists(names, min_size=1, max_size=4, unique=True))
+    block_names = draw(st.lists(wire_names, min_size=1, max_size=4, unique=True))
     sizes = draw(st.lists(st.integers(1, 1 << 20), min_size=len(block_names)))
     gpas = draw(st.lists(st.integers(0, (1 << 64) - 1), min_size=len(block_names)))
     blocks = tuple(
         RamBlock(n, s * PAGE_SIZE, g) for n, s, g in zip(block_names, sizes, gpas, strict=False)
     )
-    machine = draw(names)
+    machine = draw(wire_names)
     return RamBlocks(draw(epochs), blocks, machine, draw(st.integers(0, (1 << 32) - 1)))
 
 
@@ -325,3 +327,25 @@ def test_header_error_in_a_split_header_is_a_transaction_error():
     decoder.feed(bytes(header[:20]))
     with pytest.raises(TransactionError, match="header checksum"):
         decoder.feed(bytes(header[20:]))
+
+
+# A fuzz finding: BEGIN(1) then RAM_BLOCKS(1, (RamBlock("pc.ram", 4096),), "pc-\u00e9", 2),
+# valid frames whose machine type is not ASCII.  StreamParser refuses such names in
+# QEMU's stream; the wire decoder accepted any UTF-8 and handed it to the replica.
+NON_ASCII_MACHINE_TYPE = bytes.fromhex(
+    "4b4d52490110000000000000000000010000000000000000000000000000000078da543c"
+    "4b4d524901110000000000000000000100000000000000010000002748dad3f322d35d64"
+    "0570632dc3a9000000000000000200010670632e72616d00000000000010000000000000000000"
+)
+
+
+def test_ram_blocks_names_must_be_printable_ascii_at_decode() -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(TransactionError, match="machine type 'pc-\u00e9' is not printable ASCII"):
+        decoder.feed(NON_ASCII_MACHINE_TYPE)
+    # The same frame with an ASCII machine type decodes (only the name was wrong).
+    good = RamBlocks(1, (RamBlock("pc.ram", PAGE_SIZE),), "pc-i440fx-7.2", 2)
+    assert FrameDecoder().feed(b"".join(encode_frame(good, 0)))[0].payload == good
+    for machine, block in (("pc", "pc.r\u00e4m"), ("pc", "pc.ram\n"), ("pc\x7f", "pc.ram")):
+        with pytest.raises(TransactionError, match="not printable ASCII"):
+            RamBlocks(1, (RamBlock(block, PAGE_SIZE),), machine, 0)

@@ -74,14 +74,17 @@ def _follow_initial_sync(socket: Path, timeout: float) -> int:
         if progress and progress.get("ram_bytes"):
             done = progress["received_bytes"] / progress["ram_bytes"]
             _draw("RAM ", done, f"{progress['rate_bytes_per_s'] / 2**20:7.1f} MiB/s")
-        if state == "protected":
+        if state in ("protected", "copying-disks"):
             break
         if state == "unprotected":
             reason = replication.get("reason") or "protection ended"
             print(f"\ninitial sync failed: {reason}", file=sys.stderr)
             return 1
         time.sleep(0.2)
-    print(f"\nprotected by {replication.get('peer')} (epoch {replication.get('epoch')})")
+    if state == "copying-disks":  # replicated storage: not protected before the disks are
+        print(f"\nRAM synced to {replication.get('peer')}; copying the disks")
+    else:
+        print(f"\nprotected by {replication.get('peer')} (epoch {replication.get('epoch')})")
     copies = status.get("disk_copy") or []
     while copies:
         committed = sum(copy["committed_bytes"] for copy in copies)
@@ -92,7 +95,7 @@ def _follow_initial_sync(socket: Path, timeout: float) -> int:
         if all(copy["done"] for copy in copies):
             print("\ndisks copied: the standby can take over")
             return 0
-        if status.get("protection") != "protected":
+        if status.get("protection") not in ("protected", "copying-disks"):
             print("\ndisk copy stopped: protection ended", file=sys.stderr)
             return 1
         time.sleep(0.2)

@@ -263,7 +263,7 @@ class StandbyStatus:
     tls: bool
     primary: str | None
     refused_peers: int
-    last_refusal: str | None
+    last_refusal: str
     run: str | None
     run_epoch: int | None
     sessions: int
@@ -275,6 +275,8 @@ class StandbyStatus:
     outputs_committed: int
     disks: list[StandbyDiskStatus]
     last_frame_age_s: float | None
+    health: str
+    health_reason: str | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

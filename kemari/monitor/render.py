@@ -117,6 +117,11 @@ def _standby_lines(standby: api.StandbyStatus) -> list[str]:
         lines.append(_PLAIN_TCP_WARNING)
     if standby.refused_peers:
         lines.append(f"  refused peers: {standby.refused_peers}; last: {standby.last_refusal}")
+    if standby.health != "ok":
+        lines.append(
+            f"  HEALTH {standby.health}: cannot keep the replica: {standby.health_reason}; "
+            f"epoch {standby.epoch} is kept for a failover; the next initial sync resets it"
+        )
     if standby.last_error:
         lines.append(f"  last error: {standby.last_error}")
     for index, disk in enumerate(standby.disks):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kemari.errors import KemariError, MonitorError
 from kemari.monitor import api, protocol, render
-from kemari.sockets import check_socket_path, claim_socket_path
+from kemari.sockets import bind_private_socket, check_socket_path, claim_socket_path
 
 Handler = Callable[[list[str]], Awaitable[protocol.Reply]]
 ApiHandler = Callable[[api.Command], Awaitable[api.Reply]]
@@ -63,7 +63,9 @@ class MonitorServer:
     async def start(self) -> None:
         """Claim the socket path (refusing a live one) and start listening."""
         claim_socket_path(self.path)
-        self._server = await asyncio.start_unix_server(self._serve_client, path=str(self.path))
+        # Mode 0600 whatever the umask: the monitor can quit the VM and fail it over.
+        sock = bind_private_socket(self.path, "monitor socket")
+        self._server = await asyncio.start_unix_server(self._serve_client, sock=sock)
 
     async def close(self) -> None:
         """Stop listening, end client connections and remove the socket file."""

@@ -145,6 +145,10 @@ class RawFileBackend:
         """Export size in bytes."""
         return self._size
 
+    def stat(self) -> os.stat_result:
+        """``fstat`` of the open image: a deleted image has ``st_nlink`` 0."""
+        return os.fstat(self._fd)
+
     @property
     def read_only(self) -> bool:
         """True when opened read-only."""

@@ -54,7 +54,7 @@ from kemari.nbd.protocol import (
     ProtocolViolation,
     TransmissionFlag,
 )
-from kemari.sockets import claim_socket_path
+from kemari.sockets import bind_private_socket, claim_socket_path
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,9 @@ class NbdServer:
             raise NbdError(f"socket path {self.socket_path} is longer than {_UNIX_PATH_MAX} bytes")
         try:
             claim_socket_path(self.socket_path)
-            self._server = await asyncio.start_unix_server(self._accept, path=str(self.socket_path))
+            # Mode 0600 whatever the umask: only the owner (QEMU's user) reaches the disk.
+            sock = bind_private_socket(self.socket_path, "NBD socket")
+            self._server = await asyncio.start_unix_server(self._accept, sock=sock)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise NbdError(f"cannot listen on {self.socket_path}: {reason}") from exc

@@ -43,7 +43,7 @@ from qemu.qmp import Runstate as QmpRunstate
 
 from kemari.errors import QemuError
 from kemari.qemu.cmdline import MachineSpec, build_argv, inherited_fds
-from kemari.sockets import claim_socket_path
+from kemari.sockets import SOCKET_MODE, SOCKET_UMASK, claim_socket_path, create_log
 from kemari.tasks import cancel_and_wait
 
 OUTPUT_TAIL_LINES = 200
@@ -229,6 +229,11 @@ class QemuMachine:
             _check_inheritable_socket(fd)
         # Refuses (ConfigError) when a live process listens on the path; removes a stale socket.
         claim_socket_path(self.spec.qmp_socket)
+        if self.spec.serial_log is not None:
+            try:  # QEMU opens it; made here so it is 0640 whatever the umask
+                create_log(self.spec.serial_log)
+            except OSError as exc:
+                raise QemuError(f"cannot create serial log {self.spec.serial_log}: {exc}") from exc
         self.run_state = RunState.STARTING
         try:
             # pass_fds: the NICs' stream sockets keep their numbers in QEMU, which the
@@ -250,6 +255,8 @@ class QemuMachine:
         try:
             try:
                 await self._connect_qmp(self._process)
+                # QEMU bound it under umask 0177 (_die_with_parent); say the mode explicitly.
+                os.chmod(self.spec.qmp_socket, SOCKET_MODE)
                 self._event_task = asyncio.create_task(self._watch_events())
             finally:
                 self._qmp_settled.set()
@@ -530,13 +537,16 @@ def _remove_socket(path: Path) -> None:
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A ``preexec_fn`` that makes the kernel SIGKILL the child when Kemari dies.
+    """A ``preexec_fn`` that makes the kernel SIGKILL the child when Kemari dies, and
+    sets the child's umask to 0177 (QEMU's QMP socket is then 0600).
 
     libc is loaded here, in the parent, so the child only makes two system calls.
     """
     libc = ctypes.CDLL(None, use_errno=True)
 
     def arm() -> None:
+        # What QEMU creates (its QMP socket) is the owner's only, whatever our umask.
+        os.umask(SOCKET_UMASK)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         # The parent may have died between fork and prctl; then nobody would kill us.
         if os.getppid() != parent_pid:

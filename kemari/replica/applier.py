@@ -48,6 +48,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import fcntl
 import json
 import os
 import re
@@ -58,12 +59,15 @@ from pathlib import Path
 
 from kemari import persist
 from kemari.errors import PersistError, ReplicaError
+from kemari.replica import holders
 from kemari.replica.store import (
     HANDED_OVER_FILE,
+    LOCK_FILE,
     MAIN_RAM_BLOCK,
     Replica,
     StagedCheckpoint,
 )
+from kemari.sockets import make_private_dir
 from kemari.stream import (
     Configuration,
     FailoverPage,
@@ -252,10 +256,12 @@ class ReplicaApplier:
             maxlen=RECENT_CHECKPOINTS
         )
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            # 0700 whatever the umask: the replica is the guest's memory.
+            make_private_dir(self.root)
         except OSError as exc:
             raise ReplicaError(f"cannot create replica root {self.root}: {exc}") from exc
         self._committed = self._open_current()
+        self._held_fd: int | None = None  # flock on a handed-over generation (hand_over)
         self._remove_stale_generations()
 
     # -- status ------------------------------------------------------------------
@@ -330,14 +336,56 @@ class ReplicaApplier:
         except OSError as exc:
             raise ReplicaError(f"cannot list {self.root}: {exc}") from exc
 
-    def _remove_stale_generations(self) -> None:
-        """Remove every generation but the committed one; handed-over ones stay (QEMU maps them)."""
+    def _remove_stale_generations(self) -> list[str]:
+        """Remove every generation but the committed and the building one; a handed-over
+        one only once no live process holds it (kemari.replica.holders): a failover QEMU
+        maps it, or its agent still owns it.  Returns the names removed."""
         keep = {g.name for g in (self._committed, self._building) if g is not None}
+        removed = []
         for name in self._generation_names():
             path = self.root / name
-            if name in keep or (path / REPLICA_SUBDIRECTORY / HANDED_OVER_FILE).exists():
+            if name in keep:
+                continue
+            if (path / REPLICA_SUBDIRECTORY / HANDED_OVER_FILE).exists() and holders.in_use(
+                path / REPLICA_SUBDIRECTORY / LOCK_FILE, self._generation_dirs(path)
+            ):
                 continue
             self._remove_generation_files(path)
+            removed.append(name)
+        return removed
+
+    def _generation_dirs(self, path: Path) -> list[Path]:
+        """The directories holding a generation's files (its RAM may live elsewhere)."""
+        if self.ram_directory is None:
+            return [path]
+        return [path, self.ram_directory / path.name]
+
+    def reclaim(self) -> list[str]:
+        """Remove the generations nobody holds (issue 10 item 11): half-built ones, and
+        handed-over ones whose failover QEMU and agent are gone.  Returns their names.
+
+        Runs when the applier opens (agent start) and after a failover; a generation a
+        live QEMU maps is never removed.
+        """
+        if self._state is ApplierState.CLOSED:
+            return []
+        return self._remove_stale_generations()
+
+    def remove_files(self) -> None:
+        """After :meth:`close`: remove what this applier kept under ``root`` (its
+        generations, ``current``, the kept outputs), except generations a live process
+        still holds (another agent's failover QEMU); the root goes when empty."""
+        for name in self._generation_names():
+            path = self.root / name
+            if holders.in_use(path / REPLICA_SUBDIRECTORY / LOCK_FILE, self._generation_dirs(path)):
+                continue
+            self._remove_generation_files(path)
+        link = self.root / CURRENT_LINK
+        with contextlib.suppress(OSError):
+            if not (self.root / os.readlink(link)).exists():
+                link.unlink()
+        if not self._generation_names():
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def _remove_generation_files(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
@@ -455,6 +503,7 @@ class ReplicaApplier:
             self.abort("committing the initial sync failed")
             raise
         old, self._committed = self._committed, generation
+        self._apply_error = None  # that was the old generation's
         self._building = None
         self._staged = None
         self._open_epoch = None
@@ -585,6 +634,16 @@ class ReplicaApplier:
         )
         replica.hand_over()
         self._state = ApplierState.HANDED_OVER
+        # Owned until close() (after the failover QEMU is gone): no other agent sharing
+        # the replica folder reclaims it before that QEMU maps it (kemari.replica.holders).
+        with contextlib.suppress(OSError):
+            fd = os.open(replica.directory / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+            else:
+                self._held_fd = fd
         return image
 
     # -- CheckpointSink ---------------------------------------------------------------
@@ -628,6 +687,9 @@ class ReplicaApplier:
         self.abort("applier closed")
         if self._committed is not None:
             self._committed.replica.close()
+        held, self._held_fd = self._held_fd, None
+        if held is not None:
+            os.close(held)
         if self._state is not ApplierState.HANDED_OVER:
             self._state = ApplierState.CLOSED
 

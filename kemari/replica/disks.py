@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,9 @@ class _Disk:
         self.flush_started_at = 0.0
         self.background_flushes = 0
         self.flush_error: str | None = None
+        # (device, inode) of the image when this session first saw it (shared storage:
+        # the standby does not hold it open), to tell a replaced image.
+        self.identity: tuple[int, int] | None = None
 
 
 class StandbyDisks:
@@ -110,6 +114,41 @@ class StandbyDisks:
             }
             for disk in self._disks
         ]
+
+    def check_images(self) -> str | None:
+        """Why an image can no longer be trusted, or None (issue 10 item 8).
+
+        One ``stat`` per image (and an ``fstat`` of an open one): the path must still name
+        the file this standby writes (replicated) or first saw (shared); a deleted image
+        (link count 0, path gone) or one replaced by another file is a problem.
+        """
+        for disk in self._disks:
+            try:
+                info = os.stat(disk.path)
+            except FileNotFoundError:
+                return f"disk {disk.index} image {disk.path} was deleted"
+            except OSError as exc:
+                return f"disk {disk.index} image {disk.path}: {exc.strerror}"
+            identity = (info.st_dev, info.st_ino)
+            if disk.backend is not None:
+                held = disk.backend.stat()
+                if held.st_nlink == 0 or (held.st_dev, held.st_ino) != identity:
+                    return (
+                        f"disk {disk.index} image {disk.path} was deleted or replaced while "
+                        "this standby wrote it"
+                    )
+            elif disk.identity is not None and disk.identity != identity:
+                return f"disk {disk.index} image {disk.path} was replaced by another file"
+            disk.identity = identity
+        return None
+
+    async def reopen(self) -> None:
+        """Forget the images' identities and close them; the next writes open them again
+        from their paths (a new session after the operator restored an image)."""
+        await self.close()
+        for disk in self._disks:
+            disk.identity = None
+            disk.flush_error = None  # the new initial copy rewrites the whole image
 
     def new_session(self) -> None:
         """A new primary session starts (epochs restart, a new initial copy will come).

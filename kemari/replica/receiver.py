@@ -38,6 +38,7 @@ from kemari.errors import KemariError, ReplicaError, TransactionError
 from kemari.outputs import Output
 from kemari.replica.applier import ReplicaApplier
 from kemari.replica.disks import StandbyDisks
+from kemari.replica.health import ReplicaHealthError, StandbyHealth, storage
 from kemari.replica.outputstore import OutputStore
 from kemari.stream import Configuration, RamBlock, RamBlockList
 from kemari.stream.format import PAGE_SIZE
@@ -66,6 +67,9 @@ OUTPUTS_DIRECTORY = "outputs"
 # RAM_BLOCKS may announce the configured memory plus this much (firmware, option ROMs,
 # ACPI tables, video RAM); anything beyond is refused before a byte is reserved.
 RAM_SLACK_BYTES = 64 << 20
+# A standby that cannot keep its replica says GOODBYE with the reason and reads what the
+# primary still sends for up to this long, so the primary learns the reason.
+HEALTH_LINGER_S = 5.0
 log = logging.getLogger(__name__)
 
 
@@ -107,6 +111,8 @@ class StandbyReceiver:
         self.outputs = OutputStore(applier.root / OUTPUTS_DIRECTORY)
         self._open_outputs: list[Output] = []
         self.outputs_committed = 0  # guest outputs of committed transactions (all sessions)
+        # Whether this standby can still keep its replica (kemari.replica.health).
+        self.health = StandbyHealth()
 
     def committed_outputs(self) -> tuple[Output, ...]:
         """The guest outputs of the replica's committed epoch (for failover to release)."""
@@ -158,6 +164,8 @@ class StandbyReceiver:
             "last_frame_age_s": None
             if self.last_frame_at is None
             else round(time.monotonic() - self.last_frame_at, 3),
+            "health": self.health.state,
+            "health_reason": self.health.reason,
         }
 
     async def _serve(self) -> None:
@@ -205,8 +213,16 @@ class StandbyReceiver:
             session.run_id.hex()[:12],
             session.run_epoch(0),
         )
+        goodbye, linger = "standby closing the session", 0.0
         try:
             await self._receive(session)
+        except ReplicaHealthError as exc:
+            # This standby cannot keep its replica: end the session with the reason (the
+            # primary drops protection and says why); the committed replica stays.
+            self.last_error = f"cannot keep the replica: {exc}"
+            self.applier.abort(str(exc))
+            self.health.fail(str(exc), self.applier.committed_epoch)
+            goodbye, linger = f"standby cannot keep its replica: {exc}", HEALTH_LINGER_S
         except (KemariError, OSError) as exc:
             # The open transaction, if any, is discarded; the committed replica stays.
             self.last_error = f"primary {transport.peer}: {exc}"
@@ -218,7 +234,7 @@ class StandbyReceiver:
             self.applier.abort(str(exc))
         finally:
             self._session = None
-            await session.close("standby closing the session")
+            await session.close(goodbye[:1000], linger=linger)
 
     async def _receive(self, session: StandbySession) -> None:
         while True:
@@ -233,7 +249,9 @@ class StandbyReceiver:
                         self.applier.begin_checkpoint(epoch)
                 case RamBlocks():
                     self._check_ram_blocks(event)
-                    self._start_sync(event)
+                    await self._reset_images()
+                    with storage("starting the initial sync"):
+                        self._start_sync(event)
                 case RamPages():
                     self._put_pages(event)
                 case DeviceState(data=data):
@@ -285,6 +303,20 @@ class StandbyReceiver:
             )
         self.replica_run = new
 
+    async def _reset_images(self) -> None:
+        """A new initial sync: the images are opened again from their paths (an operator
+        may have restored one); one that is missing ends the session (health)."""
+        if self.disks is None:
+            return
+        with storage("reopening the standby's disk images"):
+            await self.disks.reopen()
+        self._check_images()
+
+    def _check_images(self) -> None:
+        problem = None if self.disks is None else self.disks.check_images()
+        if problem is not None:
+            raise ReplicaHealthError(problem)
+
     def _start_sync(self, blocks: RamBlocks) -> None:
         configuration = Configuration(machine_type=blocks.machine_type)
         block_list = RamBlockList(
@@ -309,27 +341,37 @@ class StandbyReceiver:
 
     async def _commit(self, session: StandbySession, committed: Committed) -> None:
         device_state = b"".join(self._device_state)
+        epoch = committed.epoch
         # Ordering: the outputs are kept before the replica commits the epoch, the older
         # epochs' are removed only after (kemari.replica.outputstore).
-        self.outputs.stage(committed.epoch, self._open_outputs)
+        with storage(f"keeping the outputs of epoch {epoch}"):
+            self.outputs.stage(epoch, self._open_outputs)
         if self.disks is not None:
             # Before the acknowledgement: replicated storage has the epoch on its image.
-            await self.disks.committed_outputs(committed.epoch, self._open_outputs)
-        if committed.epoch == 0:
+            with storage(f"writing epoch {epoch} to the standby's disks"):
+                await self.disks.committed_outputs(epoch, self._open_outputs)
+            # An epoch is acknowledged only while the images are still the guest's.
+            self._check_images()
+        if epoch == 0:
             if not self._vmdesc:
                 raise ReplicaError("the initial sync ended without a VM description")
-            self.applier.finish_sync(device_state, self._vmdesc)
+            with storage("committing the initial sync"):
+                self.applier.finish_sync(device_state, self._vmdesc)
             self._replaced(session)
             await session.acknowledge(committed)
-            self.outputs.committed(0)
+            with storage("removing older outputs"):
+                self.outputs.committed(0)
             self.outputs_committed += committed.outputs
+            self.health.recovered(0)
             return
-        self.applier.set_device_state(committed.epoch, device_state)
+        self.applier.set_device_state(epoch, device_state)
         # The journal holds the epoch now (commit point): acknowledge, then copy pages.
-        self.applier.commit_checkpoint(committed.epoch, defer_apply=True)
+        with storage(f"committing epoch {epoch}"):
+            self.applier.commit_checkpoint(epoch, defer_apply=True)
         if self.replica_run is not None:
-            self.replica_run.committed = session.run_epoch(committed.epoch)
+            self.replica_run.committed = session.run_epoch(epoch)
         await session.acknowledge(committed)
-        self.outputs.committed(committed.epoch)
-        self.outputs_committed += committed.outputs
-        self.applier.apply_pending()
+        with storage(f"applying epoch {epoch}"):
+            self.outputs.committed(epoch)
+            self.outputs_committed += committed.outputs
+            self.applier.apply_pending()

@@ -317,6 +317,9 @@ class Replica:
             raise ReplicaError(str(exc)) from exc
         self._closed = False
         self._broken: str | None = None
+        # The committed epoch lives in RAM and the journal only (state.bin could not be
+        # written): hand_over() works, begin() refuses.
+        self._unsaved: str | None = None
         self._staged: StagedCheckpoint | None = None
         self._pending: JournalRecord | None = None
         self._ram: list[RamFile] = []
@@ -540,6 +543,8 @@ class Replica:
     def begin(self, epoch: int) -> StagedCheckpoint:
         """Start staging checkpoint ``epoch`` (strictly greater than the committed one)."""
         self._check_usable()
+        if self._unsaved is not None:
+            raise ReplicaError(f"replica {self.directory} takes no new checkpoint: {self._unsaved}")
         epoch = _check_epoch(epoch)
         if self._staged is not None:
             raise ReplicaError(f"checkpoint {self._staged.epoch} is still being staged")
@@ -631,12 +636,24 @@ class Replica:
             if self.durable:
                 for ram in self._ram:
                     ram.flush()
+        except BaseException as exc:
+            self._broken = f"applying epoch {record.epoch} failed: {exc}"
+            raise
+        try:
             self._write_state(record.epoch, record.committed_at, record.device_state)
             crashpoint.reached("state-written")
             self._journal.mark(JournalState.APPLIED)
         except BaseException as exc:
-            self._broken = f"applying epoch {record.epoch} failed: {exc}"
-            raise
+            # The RAM files hold the epoch and the complete journal keeps it (open() redoes
+            # it), so the replica is at record.epoch and can still be handed over; only a
+            # new checkpoint must not overwrite the journal (issue 10 item 7: a full file
+            # system after an acknowledged epoch).
+            self._pending = None
+            self.committed_epoch = record.epoch
+            self.committed_at = record.committed_at
+            self.device_state = record.device_state
+            self._unsaved = f"the committed epoch is only in the journal: {exc}"
+            raise ReplicaError(f"replica {self.directory}: {self._unsaved}") from exc
         self._pending = None
         self.committed_epoch = record.epoch
         self.committed_at = record.committed_at
@@ -721,13 +738,28 @@ class Replica:
         if self.durable:
             for ram in self._ram:
                 ram.flush()
-        _write(
-            self.directory / HANDED_OVER_FILE,
-            HANDED_OVER_FORMAT,
-            _HANDED_OVER_FIELDS.pack(self.committed_epoch),
-            durable=self.durable,
-        )
+        try:
+            _write(
+                self.directory / HANDED_OVER_FILE,
+                HANDED_OVER_FORMAT,
+                _HANDED_OVER_FIELDS.pack(self.committed_epoch),
+                durable=self.durable,
+            )
+        except ReplicaError:
+            # A full file system: an empty marker needs no data block, and open() refuses
+            # the directory just the same (it only names no epoch).
+            try:
+                os.close(
+                    os.open(self.directory / HANDED_OVER_FILE, os.O_CREAT | os.O_WRONLY, 0o600)
+                )
+            except OSError as exc:
+                raise ReplicaError(f"cannot mark {self.directory} handed over: {exc}") from exc
         self.close()
+
+    @property
+    def unsaved(self) -> str | None:
+        """Why the committed epoch is only in RAM and the journal (None: state.bin holds it)."""
+        return self._unsaved
 
     def close(self) -> None:
         """Apply a pending commit, unmap and close everything, release the lock; idempotent."""

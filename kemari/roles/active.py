@@ -130,10 +130,15 @@ class ActiveRole:
 
     @property
     def protection_state(self) -> str:
-        """``unprotected``, ``syncing`` or ``protected`` (a sub-state of the active role)."""
+        """``unprotected``, ``syncing``, ``copying-disks`` or ``protected`` (a sub-state of
+        the active role).  ``protected`` means a failover now would succeed, so with
+        replicated storage it waits for every disk's initial copy (docs/status.md)."""
         if self.protection is None or not self.protection.active:
             return "unprotected"
-        return self.protection.source.state.value
+        state = self.protection.source.state.value
+        if state == "protected" and not all(copier.done for copier in self.disk_copies):
+            return "copying-disks"
+        return state
 
     async def migrate(self, command: api.Migrate) -> api.MigrateStarted:
         """Start protecting the running guest with the standby at ``command.uri``."""

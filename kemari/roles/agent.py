@@ -50,10 +50,11 @@ from kemari.qemu.accel import choose_accel
 from kemari.qemu.binary import QemuBinary, qemu_binary
 from kemari.qemu.cmdline import MachineSpec, NbdDisk
 from kemari.roles.active import ActiveRole
-from kemari.roles.failover import Host, Promoted, promote
+from kemari.roles.failover import Host, Promoted, promote, refuse_without_replica
 from kemari.roles.guestdisks import NBD_EXPORT, GuestDisks, disk_socket
 from kemari.roles.standby import StandbyRole
 from kemari.roles.state import RoleState, State
+from kemari.sockets import make_private_dir
 
 Role = ActiveRole | StandbyRole
 
@@ -316,6 +317,7 @@ class Agent:
         """``failover``: ask the agent's task to promote this standby; wait for the outcome."""
         if not isinstance(self.role, StandbyRole) or self.state.state is not State.STANDBY:
             raise ConfigError(f"VM {self.config.name} is not a standby ({self.state.state.value})")
+        refuse_without_replica(self.role)  # refused before anything changes: still a standby
         self._to(State.PROMOTING, "monitor: failover")
         promotion: asyncio.Future[Promoted] = asyncio.get_running_loop().create_future()
         self._promotion = promotion
@@ -376,9 +378,9 @@ class Agent:
 
 @contextlib.contextmanager
 def _locked_runtime_dir(path: Path, name: str) -> Iterator[None]:
-    """Hold an exclusive lock on the VM's runtime directory; remove it when empty."""
-    created = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
+    """Hold an exclusive lock on the VM's runtime directory (mode 0700 whatever the
+    umask: its sockets reach the monitor, QMP and the disks); remove it when empty."""
+    created = make_private_dir(path)
     lock_path = path / "agent.lock"
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

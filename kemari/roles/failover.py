@@ -4,7 +4,8 @@
 only when every earlier one succeeded:
 
 1. :func:`refuse_without_replica`: no committed replica (the initial sync has not
-   completed) refuses the failover before anything changes.
+   completed), or replicated images without the initial disk copy, refuses the
+   failover before anything changes.
 2. :func:`stop_receiving`: the standby's receiver stops, so no checkpoint lands while
    QEMU maps the replica (the primary's open transaction, if any, is discarded).
 3. :func:`replay_held_outputs`: the held network frames of the committed epoch go out
@@ -23,7 +24,8 @@ only when every earlier one succeeded:
    (x-ignore-shared on); the guest does not run yet (kemari.failover.load_replica).
 8. :func:`resume_guest`: ``cont``, the guest runs from the committed epoch; then
    x-ignore-shared off again, since this QEMU is the primary now
-   (kemari.failover.resume_guest).
+   (kemari.failover.resume_guest); then :func:`reclaim_replica_space` removes the
+   replica folder's generations no live process holds.
 9. :func:`become_active`: the new :class:`~kemari.roles.active.ActiveRole` owns the
    QEMU and takes over the standby's cleanup (disks, applier, replica directory),
    which runs after its QEMU is gone.
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -60,6 +63,8 @@ from kemari.roles.active import ActiveRole, guest_links
 from kemari.roles.guestdisks import GuestDisks
 from kemari.roles.standby import StandbyRole
 from kemari.transaction.session import RunState
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +99,7 @@ async def promote(standby: StandbyRole, host: Host) -> Promoted:
     handed_over = time.monotonic()
     loaded = await start_qemu_from_replica(image, host)
     result = await resume_guest(loaded)
+    reclaim_replica_space(standby)
     result = qemu_failover.with_hand_over_time(result, handed_over - started)
     info = api.FailoverInfo(
         epoch=result.epoch,
@@ -111,12 +117,25 @@ async def promote(standby: StandbyRole, host: Host) -> Promoted:
 
 
 def refuse_without_replica(standby: StandbyRole) -> None:
-    """1. FailoverError unless the replica holds a committed epoch."""
+    """1. FailoverError unless the replica holds a committed epoch and, with replicated
+    storage, the standby's images hold the initial disk copy.
+
+    The agent also calls this before it enters ``promoting``, so a refused failover
+    changes nothing: the standby keeps receiving.
+    """
     if standby.applier.committed_epoch is None:
         raise FailoverError(
             "refusing to fail over: no committed replica (the initial sync has not "
             "completed, so there is no state to resume the guest from)"
         )
+    if not standby.disks.synced:
+        raise FailoverError(
+            "refusing to fail over: the initial disk copy to this standby has not "
+            "completed (its image does not match the guest yet)"
+        )
+    problem = standby.disks.check_images()
+    if problem is not None:
+        raise FailoverError(f"refusing to fail over: {problem}")
 
 
 async def stop_receiving(standby: StandbyRole) -> None:
@@ -154,6 +173,18 @@ async def start_qemu_from_replica(image: FailoverImage, host: Host) -> LoadedMac
 async def resume_guest(loaded: LoadedMachine) -> FailoverResult:
     """8. The guest runs from the committed epoch."""
     return await qemu_failover.resume_guest(loaded)
+
+
+def reclaim_replica_space(standby: StandbyRole) -> None:
+    """8b. Generations in the replica folder that no live process holds go (a killed
+    agent's failover QEMU left its RAM there); this QEMU's generation is held."""
+    removed = standby.applier.reclaim()
+    if removed:
+        log.info(
+            "replica folder %s: removed %s (no live process held them)",
+            standby.applier.root,
+            ", ".join(removed),
+        )
 
 
 def become_active(

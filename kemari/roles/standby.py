@@ -10,15 +10,16 @@ with :meth:`StandbyRole.hand_over_resources` when the operator says ``failover``
 Cleanup is the role's own exit stack, in reverse order of acquisition: the receiver
 stops, the standby disks close, the applier closes, and the replica directory goes:
 it is useless without this agent (a new protection session always starts with a new
-initial sync).  Only a crash of the agent leaves it behind, for the next start to
-recover.  After a failover the same cleanup belongs to the new active role, and runs
+initial sync), except a generation another live process holds (a failover QEMU of
+another agent sharing the folder).  A crash of the agent leaves it behind; the next
+agent with the same folder reclaims what no live process holds (kemari.replica.holders).
+After a failover the same cleanup belongs to the new active role, and runs
 once its QEMU, which maps the replica's RAM file, is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 
 from kemari.config import VMConfig
 from kemari.monitor import api
@@ -52,7 +53,7 @@ class StandbyRole:
         replica_dir = config.resolved_replica_dir()
         async with contextlib.AsyncExitStack() as stack:
             applier = ReplicaApplier(replica_dir, config_digest=config.replication_digest().hex())
-            stack.callback(shutil.rmtree, replica_dir, ignore_errors=True)
+            stack.callback(applier.remove_files)  # what a live process holds stays (item 11)
             stack.callback(applier.close)
             disks = StandbyDisks([disk.path for disk in config.disks], config.storage)
             stack.push_async_callback(disks.close)

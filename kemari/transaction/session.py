@@ -731,10 +731,21 @@ class StandbySession:
             raise TransactionError(f"epoch {committed.epoch} is not the last committed one")
         await self._writer.send(CommitAck(committed.epoch))
 
-    async def close(self, message: str = "") -> None:
-        """Say GOODBYE (best effort) and close the transport."""
+    async def close(self, message: str = "", *, linger: float = 0.0) -> None:
+        """Say GOODBYE (best effort) and close the transport.
+
+        With ``linger``, first read and drop what the primary still sends, for up to that
+        many seconds or until it closes: a primary busy sending a transaction then reads
+        the GOODBYE, and its reason, at its next wait (COMMIT_ACK) instead of meeting a
+        reset connection.
+        """
         try:
             await self._writer.send(Goodbye(message))
+            if linger > 0:
+                with contextlib.suppress(TransactionError, TimeoutError, OSError):
+                    async with asyncio.timeout(linger):
+                        while True:
+                            await self._reader.receive()
         except TransactionError:
             pass
         finally:

@@ -158,6 +158,14 @@ class _Cursor:
             )
 
 
+def _check_wire_name(name: str, what: str) -> None:
+    """Machine types and RAM block names are printable ASCII, as QEMU's stream carries
+    them (kemari.stream.parser refuses anything else); the replica stores them in file
+    names and JSON, and the failover stream sends them back to QEMU."""
+    if not name.isascii() or not name.isprintable():
+        raise TransactionError(f"{what} {name!r} is not printable ASCII")
+
+
 def _name_bytes(name: str, what: str) -> bytes:
     raw = name.encode("utf-8")
     if not 1 <= len(raw) <= MAX_NAME_LEN:
@@ -413,9 +421,11 @@ class RamBlocks:
             raise TransactionError("RAM_BLOCKS lists a block name twice")
         if not self.machine_type:
             raise TransactionError("RAM_BLOCKS has an empty machine type")
+        _check_wire_name(self.machine_type, "RAM_BLOCKS machine type")
         if not 0 <= self.ram_section_id < 1 << 32:
             raise TransactionError(f"RAM section id {self.ram_section_id} is not a u32")
         for block in self.blocks:
+            _check_wire_name(block.name, "RAM block name")
             if not 0 < block.size <= MAX_BLOCK_SIZE or block.size % PAGE_SIZE:
                 raise TransactionError(
                     f"RAM block {block.name!r} size {block.size} is not a positive multiple "

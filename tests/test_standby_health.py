@@ -1,0 +1,206 @@
+"""Issue 10 items 7 and 8: a standby that can no longer keep its replica says so.
+
+8. The standby's disk image deleted while protected was not noticed: status clean,
+   epochs applied, only ``failover`` found out.  Now each commit checks that the image
+   path still names the file the standby writes; a deleted one ends the session (the
+   primary drops protection, one line each side), ``health`` says why, a failover is
+   refused before anything changes, and the next primary's initial sync (after the
+   image is restored) makes the standby healthy again.
+7. A full replica file system after an acknowledged epoch left a standby that refused
+   failover ("must be reopened") with no way to reopen it.  Now the standby ends the
+   session with the reason, keeps its last committed replica for a failover, and the
+   next primary's initial sync resets it, without losing that replica until the new one
+   is committed.  Tested on a real small tmpfs as ``--replica-dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kemari.errors import KemariError
+from kemari.image.disk import create_data_disk
+from kemari.testbed.vm import AgentProcess, wait_for
+
+pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu")]
+
+TICK_RE = re.compile(r"^tick (\d+)\r?$", re.MULTILINE)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def ticks(agent: AgentProcess) -> list[int]:
+    return [int(value) for value in TICK_RE.findall(agent.serial_text())]
+
+
+def lines(agent: AgentProcess, marker: str) -> list[str]:
+    return [line for line in agent.agent_output().splitlines() if marker in line]
+
+
+def unprotected(active: AgentProcess) -> bool:
+    return bool(active.status()["protection"] == "unprotected")
+
+
+def protect(active: AgentProcess, uri: str) -> None:
+    active.monitor("migrate", "-d", uri)
+    wait_for(lambda: active.status()["protection"] == "protected", "protection", 120)
+
+
+def test_a_deleted_standby_image_ends_protection_and_a_new_sync_resets_it(
+    tmp_path: Path,
+) -> None:
+    primary_image = tmp_path / "primary.raw"
+    create_data_disk(primary_image, 16)
+    standby_image = tmp_path / "standby.raw"
+    standby_image.write_bytes(b"")
+    os.truncate(standby_image, 16 << 20)
+    common = ["--workload", "ticks", "--accel", "tcg", "--memory", "128M"]
+    common += ["--storage", "replicated"]
+    uri = f"kemari:tcp:127.0.0.1:{free_port()}"
+    replica_dir = Path("/dev/shm") / f"kemari-test-health-{os.getpid()}"
+    active = AgentProcess("gone", tmp_path, [*common, "--disk", str(primary_image)], label="a")
+    standby = AgentProcess(
+        "gone",
+        tmp_path,
+        [
+            *common,
+            "--disk",
+            str(standby_image),
+            "--incoming",
+            uri,
+            "--replica-dir",
+            str(replica_dir),
+        ],
+        label="b",
+    )
+    try:
+        active.wait_serial(r"tick 2\b")
+        active.wait_monitor()
+        standby.wait_monitor()
+        protect(active, uri)
+        standby_image.unlink()
+        # The old code stayed "protected" and went on applying epochs.
+        wait_for(lambda: unprotected(active), "protection dropped", 30)
+        health = standby.status()["standby"]
+        assert health["health"] == "failed", health
+        assert "was deleted" in health["health_reason"], health
+        reason = active.status()["replication"]["reason"]
+        assert "cannot keep its replica" in reason and "deleted" in reason, reason
+        assert len(lines(active, "protection lost:")) == 1, active.agent_output()
+        assert len(lines(standby, "cannot keep its replica")) == 1, standby.agent_output()
+        assert "HEALTH failed" in standby.monitor("info", "status").text
+        # Refused before anything changes: still a standby.
+        with pytest.raises(KemariError, match="was deleted"):
+            standby.monitor("failover")
+        assert standby.status()["state"] == "standby"
+        before = ticks(active)[-1]
+        wait_for(lambda: ticks(active)[-1] >= before + 2, "the guest runs on")
+        # The operator restores an (empty) image; the next session copies it again.
+        standby_image.write_bytes(b"")
+        os.truncate(standby_image, 16 << 20)
+        protect(active, uri)
+        assert standby.status()["standby"]["health"] == "ok"
+        assert active.monitor("checkpoint").data["epoch"] >= 1
+    finally:
+        active.stop()
+        standby.stop()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    # Two generations of 128 MiB of guest RAM (the last good one is kept while a new sync
+    # builds the next), with a few MiB for the journal and outputs.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of ``directory`` to the last page."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as handle:
+        for chunk in (1 << 20, 4096):
+            with contextlib.suppress(OSError):
+                while True:
+                    handle.write(b"\xff" * chunk)
+    with pytest.raises(OSError) as full:
+        (directory / "probe").write_bytes(b"x" * 4096)
+    assert full.value.errno == errno.ENOSPC
+    return filler
+
+
+@pytest.mark.root
+def test_a_full_replica_file_system_keeps_the_last_replica_for_failover(
+    tmp_path: Path, small_tmpfs: Path
+) -> None:
+    common = ["--workload", "ticks", "--accel", "tcg", "--memory", "128M"]
+    uri = f"kemari:tcp:127.0.0.1:{free_port()}"
+    replica_dir = small_tmpfs / "replica"
+    active = AgentProcess("full", tmp_path, common, label="a")
+    standby = AgentProcess(
+        "full", tmp_path, [*common, "--incoming", uri, "--replica-dir", str(replica_dir)], label="b"
+    )
+    try:
+        active.wait_serial(r"tick 2\b")
+        active.wait_monitor()
+        standby.wait_monitor()
+        protect(active, uri)
+        active.monitor("checkpoint")
+        filler = fill(small_tmpfs)
+        wait_for(lambda: unprotected(active), "protection dropped", 30)
+        # The primary says why (the old code: "TransportClosed: ... connection closed").
+        reason = active.status()["replication"]["reason"]
+        assert "cannot keep its replica" in reason and "No space" in reason, reason
+        status = standby.status()["standby"]
+        assert status.get("health") == "failed", status
+        assert "space" in status["health_reason"], status
+        kept = status["epoch"]
+        assert kept is not None and kept >= 1, status
+        assert len(lines(active, "protection lost:")) == 1, active.agent_output()
+        assert len(lines(standby, "cannot keep its replica")) == 1, standby.agent_output()
+        # A new session while the file system is still full: its sync fails cleanly and
+        # the last good replica stays (it is replaced only once a new one commits).
+        active.monitor("migrate", "-d", uri)
+        wait_for(lambda: unprotected(active), "the second session ends", 60)
+        status = standby.status()["standby"]
+        assert (status["health"], status["epoch"]) == ("failed", kept), status
+        # Space again: the next primary's initial sync resets the standby.
+        filler.unlink()
+        protect(active, uri)
+        status = standby.status()["standby"]
+        assert status["health"] == "ok", status
+        acked = active.monitor("checkpoint").data["epoch"]
+        # Full again, then the primary dies: the failover resumes from the last
+        # acknowledged epoch, on the full file system.
+        fill(small_tmpfs)
+        wait_for(lambda: unprotected(active), "protection dropped again", 30)
+        qemu_pid = active.status()["qemu_pid"]
+        os.kill(active.process.pid, signal.SIGKILL)
+        os.kill(qemu_pid, signal.SIGKILL)
+        active.process.wait(30)
+        last = ticks(active)[-1]
+        reply = standby.monitor("failover")
+        assert reply.data["epoch"] >= acked
+        wait_for(lambda: len(ticks(standby)) >= 3, "ticks after the failover", 60)
+        assert ticks(standby)[0] <= last + 1
+    finally:
+        active.stop()
+        standby.stop()
