@@ -108,6 +108,11 @@ class StandbyReceiver:
         self._open_outputs: list[Output] = []
         self.outputs_committed = 0  # guest outputs of committed transactions (all sessions)
 
+    @property
+    def connected(self) -> bool:
+        """A primary's session is open (handshake done, not ended)."""
+        return self._session is not None
+
     def committed_outputs(self) -> tuple[Output, ...]:
         """The guest outputs of the replica's committed epoch (for failover to release)."""
         epoch = self.applier.committed_epoch
