@@ -62,6 +62,8 @@ class TakeOver:
 
     reason: str
     old_active: str
+    detect_ms: float  # the active's last frame → the loss noticed
+    arbitrate_ms: float  # the loss noticed → take_over won (and, shared, the lease gone)
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,9 @@ class HaSupervisor:
     async def _lost_active(self, role: StandbyRole) -> TakeOver | Rejoin | None:
         """The session with the active ended: take over if the record lets us."""
         lost = role.receiver.last_error or "the session ended"
+        noticed = time.monotonic()
+        last_frame = role.receiver.last_frame_at
+        detect_ms = 0.0 if last_frame is None else (noticed - last_frame) * 1000
         while True:
             try:
                 state = await self.arbiter.read()
@@ -346,9 +351,13 @@ class HaSupervisor:
                         break
                     except ArbiterError:
                         continue
-        why = f"took over from {old_active} (term {self.record.term}): active lost: {lost}"
+        arbitrate_ms = (time.monotonic() - noticed) * 1000
+        why = (
+            f"took over from {old_active} (term {self.record.term}): active lost: {lost}; "
+            f"detection {detect_ms:.0f} ms, arbitration {arbitrate_ms:.0f} ms"
+        )
         self._note(why)
-        return TakeOver(why, old_active)
+        return TakeOver(why, old_active, detect_ms, arbitrate_ms)
 
     def promoted(self, role: ActiveRole) -> None:
         """The failover order made ``role`` the active: guard it from now on."""
