@@ -16,15 +16,21 @@ The tests run in order and continue from each other's end state:
    joins as the standby and the pair is protected again (replicated storage: a fresh
    disk copy), with no command typed.
 3. (scenario 8) one etcd member of three killed during protection → nothing changes.
+4. (scenario 2) SIGSTOP of the active agent beyond the detection timeout → takeover;
+   after SIGCONT the old active fences itself; captures show nothing it sent after.
+5. (scenario 5) every etcd member cut off: the protected pair goes on, status says
+   unreachable; the active killed → no takeover while etcd is unreachable.
 At the end the acknowledged records must be exactly the first stored ones, in order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -33,7 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from support.soak import GUEST_IP, records_agent_args
+from support.soak import GUEST_IP, GUEST_MAC, records_agent_args
 
 from kemari.config import StorageMode
 from kemari.errors import KemariError
@@ -231,6 +237,123 @@ def test_8_one_etcd_member_of_three_killed_during_protection_changes_nothing(
         assert status(active)["ha"]["withheld"] == 0 or status(active)["ha"]["fenced"] is False
     finally:
         pair.lab.restart(victim.name)
+
+
+def pcap_records(path: Path) -> list[tuple[float, bytes]]:
+    """(wall-clock time, frame) of each frame in a classic pcap file."""
+    data = path.read_bytes()
+    if len(data) < 24:
+        return []
+    assert struct.unpack_from("<I", data)[0] == 0xA1B2C3D4
+    frames = []
+    position = 24
+    while position + 16 <= len(data):
+        seconds, micros, captured, _ = struct.unpack_from("<IIII", data, position)
+        frames.append((seconds + micros / 1e6, data[position + 16 : position + 16 + captured]))
+        position += 16 + captured
+    return frames
+
+
+@contextlib.contextmanager
+def capture(namespace: Namespace, interface: str, path: Path) -> Iterator[Path]:
+    """tcpdump --immediate-mode of every frame from the guest's MAC on ``interface``."""
+    process = namespace.popen(
+        ["tcpdump", "--immediate-mode", "-i", interface, "-U", "-w", str(path),
+         "ether", "src", GUEST_MAC],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    process.stderr.readline()  # "listening on ...": the capture is armed
+    try:
+        yield path
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_2_a_frozen_active_is_replaced_and_fences_itself_after_sigcont(pair: HaPair) -> None:
+    """SIGSTOP of the active agent beyond the detection timeout → takeover; after SIGCONT
+    the old active fences itself, and nothing it sends reaches the network: every guest
+    frame the client captures after the SIGCONT also left the new active's host."""
+    old, new = pair.agents["b"], pair.agents["a"]
+    assert protected_pair(old, new)
+    lan = pair.topology.lan
+    assert lan is not None
+    workdir = pair.workdir
+    with (
+        capture(pair.client_ns, "eth0", workdir / "client.pcap") as client_pcap,
+        capture(lan, "to-b", workdir / "old-host.pcap") as old_pcap,
+        capture(lan, "to-a", workdir / "new-host.pcap") as new_pcap,
+    ):
+        stopped_at = time.monotonic()
+        os.kill(old.process.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: status(new)["state"] == "active", "the standby took over", 60)
+            active_after = time.monotonic() - stopped_at
+            acked = pair.acked()
+            wait_for(lambda: pair.acked() > acked, "the client's ack from the new active", 60)
+        finally:
+            cont_wall = time.time()
+            os.kill(old.process.pid, signal.SIGCONT)
+        wait_for(lambda: status(old)["state"] == "fenced", "the old active fenced itself", 60)
+        fenced = status(old)
+        acked = pair.acked()
+        wait_for(lambda: pair.acked() > acked + 3, "records acknowledged after the fence", 60)
+    print(
+        f"SIGSTOP → standby active in {active_after * 1000:.0f} ms; old active: "
+        f"{fenced['state_reason']}"
+    )
+    assert fenced["ha"]["fenced"] is True and fenced["qemu_pid"] is None
+    late_old = [frame for at, frame in pcap_records(old_pcap) if at >= cont_wall]
+    assert late_old == [], f"{len(late_old)} frames left the fenced host after SIGCONT"
+    new_frames = {frame for _, frame in pcap_records(new_pcap)}
+    late_client = [frame for at, frame in pcap_records(client_pcap) if at >= cont_wall]
+    assert late_client, "the client saw no guest frame after the SIGCONT"
+    assert all(frame in new_frames for frame in late_client)
+
+
+def test_5_etcd_unreachable_the_pair_goes_on_and_a_kill_leads_to_no_takeover(
+    pair: HaPair,
+) -> None:
+    """Replicated storage, every etcd member cut off: the protected pair keeps serving
+    (rule 2 a) and says etcd is unreachable; the active killed → the standby does NOT
+    take over while etcd is unreachable, and says why; healed → it takes over."""
+    pair.agents["b"].stop()  # the fenced agent from test 2
+    active = pair.agents["a"]
+    standby = pair.start_agent("b")
+    standby.wait_monitor()
+    wait_for(lambda: protected_pair(active, standby), "a protected by b", PROTECT_TIMEOUT_S)
+    members = [member.name for member in pair.lab.members]
+    for name in members:
+        pair.lab.cut(name)
+    try:
+        wait_for(
+            lambda: (
+                status(active)["ha"]["reachable"] is False
+                and status(standby)["ha"]["reachable"] is False
+            ),
+            "both agents see etcd unreachable",
+            30,
+        )
+        acked = pair.acked()
+        wait_for(lambda: pair.acked() > acked + 5, "records acknowledged without etcd", 60)
+        assert status(active)["state"] == "active" and protected_pair(active, standby)
+        os.kill(status(active)["qemu_pid"], signal.SIGKILL)
+        os.kill(active.process.pid, signal.SIGKILL)
+        active.process.wait(30)
+        wait_for(
+            lambda: "cannot take over" in status(standby)["ha"]["last_change"],
+            "the standby saying why it does not take over",
+            30,
+        )
+        assert status(standby)["state"] == "standby"
+        print(f"etcd unreachable, active killed: {status(standby)['ha']['last_change']}")
+    finally:
+        for name in members:
+            pair.lab.heal(name)
+    wait_for(lambda: status(standby)["state"] == "active", "takeover once etcd is back", 60)
+    acked = pair.acked()
+    wait_for(lambda: pair.acked() > acked, "the client's ack after the late takeover", 60)
 
 
 def test_records_acknowledged_are_stored_in_order(pair: HaPair) -> None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from kemari.config import StorageMode, VMConfig
 from kemari.errors import KemariError
 from kemari.eventtap.gate import EventTap
-from kemari.ha import ArbiterError, ArbiterUnreachable
+from kemari.ha import ArbiterError
 from kemari.ha import record as ha
 from kemari.ha.arbiter import Arbiter, ArbiterSettings, RecordState, Refused, Won
 from kemari.monitor import api
@@ -185,7 +185,7 @@ class HaSupervisor:
     async def _active_step(self, role: ActiveRole) -> str | None:
         try:
             state = await self.arbiter.read()
-        except ArbiterUnreachable as exc:
+        except ArbiterError as exc:  # unreachable, or an answer we cannot use
             record = self.record
             unprotected = record is not None and record.protected_by is None
             if unprotected and not self.arbiter.lease_valid():
