@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from kemari.config import VMConfig
+from kemari.config import StorageMode, VMConfig
 from kemari.errors import ConfigError, KemariError, NetError, StateError
 from kemari.eventtap.gate import EventTap
 from kemari.eventtap.net import NetOutputs
@@ -52,7 +52,7 @@ from kemari.qemu.cmdline import MachineSpec, NbdDisk
 from kemari.roles.active import ActiveRole
 from kemari.roles.failover import Host, Promoted, promote
 from kemari.roles.guestdisks import NBD_EXPORT, GuestDisks, disk_socket
-from kemari.roles.ha import HaPermit, HaSupervisor, Rejoin, TakeOver
+from kemari.roles.ha import HaDiskPermit, HaPermit, HaSupervisor, Rejoin, TakeOver
 from kemari.roles.standby import StandbyRole
 from kemari.roles.state import RoleState, State
 
@@ -183,6 +183,8 @@ class Agent:
         """Rule 5: release nothing more, pause the guest, stop QEMU; never resume."""
         ha.fenced = True
         discarded = self.event_tap.fence()
+        if self.disks is not None:
+            discarded += self.disks.tap.fence()
         with contextlib.suppress(KemariError, OSError):
             await active.machine.execute("stop")
         await self._close_role()
@@ -274,6 +276,10 @@ class Agent:
         if self.disks is not None:
             raise StateError(f"the disks of VM {self.config.name} are open already")
         self.disks = await GuestDisks.open(self.config, self.runtime_dir)
+        if self.ha is not None and self.config.storage is StorageMode.SHARED:
+            # One disk writer (docs/ha.md invariant 5): writes ask the arbiter too.
+            self.disks.tap.set_permit(HaDiskPermit(self.ha))
+            self.ha.disk_tap = self.disks.tap
         return self.disks
 
     async def _close_disks(self) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from kemari.config import StorageMode, VMConfig
 from kemari.errors import KemariError
+from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.gate import EventTap
 from kemari.ha import ArbiterError
 from kemari.ha import record as ha
@@ -87,6 +88,7 @@ class HaSupervisor:
         self.last_change = "starting"
         self.fenced = False
         self.event_tap: EventTap | None = None
+        self.disk_tap: DiskTap | None = None  # shared storage: gated by HaDiskPermit
         self._active: ActiveRole | None = None
         self._standby: StandbyRole | None = None
         self._protecting: str | None = None  # the standby agent our protection goes to
@@ -198,8 +200,7 @@ class HaSupervisor:
         if not record.protected:
             if not self.arbiter.lease_valid():
                 return "the lease is no longer valid while unprotected"
-            assert self.event_tap is not None
-            self.event_tap.release_permitted()
+            self._release_permitted()
         standby = record.standby
         if record.protected:
             if role.protection_state == "unprotected":
@@ -253,10 +254,15 @@ class HaSupervisor:
         self._protect_failures = 0
         if isinstance(got, Won):
             self._note(f"{why}: dropped it, running unprotected")
-            assert self.event_tap is not None
-            self.event_tap.release_permitted()
+            self._release_permitted()
         else:
             self._note(f"{why}: drop_standby refused: {got.reason}")
+
+    def _release_permitted(self) -> None:
+        assert self.event_tap is not None
+        self.event_tap.release_permitted()
+        if self.disk_tap is not None:
+            self.disk_tap.release_permitted()
 
     # -- the standby ------------------------------------------------------------------
 
@@ -393,6 +399,17 @@ class HaSupervisor:
             withheld=0 if self.event_tap is None else self.event_tap.withheld,
             fenced=self.fenced,
         )
+
+
+class HaDiskPermit:
+    """Shared storage: a disk write reaches the image under rule 2 and, in case (a),
+    only with a valid lease too (the new active starts only after our lease is gone)."""
+
+    def __init__(self, supervisor: HaSupervisor) -> None:
+        self.supervisor = supervisor
+
+    def may_release(self, committed: bool) -> bool:
+        return self.supervisor.may_release(committed) and self.supervisor.arbiter.lease_valid()
 
 
 class HaPermit:
