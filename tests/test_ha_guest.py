@@ -70,7 +70,10 @@ TAKEOVER_TIMEOUT_S = 60.0
 class HaPair:
     """The testbed, the agents (one per host at a time) and the client."""
 
-    def __init__(self, topology: Topology, lab: EtcdLab, workdir: Path) -> None:
+    def __init__(
+        self, topology: Topology, lab: EtcdLab, workdir: Path, storage: StorageMode = STORAGE
+    ) -> None:
+        self.storage = storage
         self.topology = topology
         self.lab = lab
         self.workdir = workdir
@@ -83,8 +86,11 @@ class HaPair:
         self.starts = 0
         self.images = {host: workdir / f"{host}.raw" for host in HOST_IPS}
         create_data_disk(self.images["a"], DISK_MIB)
-        with self.images["b"].open("wb") as handle:  # empty: the initial copy fills it
-            handle.truncate(DISK_MIB << 20)
+        if storage is StorageMode.SHARED:
+            self.images["b"] = self.images["a"]  # one image both hosts see
+        else:
+            with self.images["b"].open("wb") as handle:  # empty: the initial copy fills it
+                handle.truncate(DISK_MIB << 20)
         self.acked_log = workdir / "acked.log"
         self.client: subprocess.Popen[bytes] | None = None
         self._files: list[IO[bytes]] = []
@@ -95,7 +101,7 @@ class HaPair:
         label = f"{host}{self.starts}"
         replica_dir = Path(f"/dev/shm/kemari-ha-{os.getpid()}-{label}")
         args = [
-            *records_agent_args(self.images[host], STORAGE),
+            *records_agent_args(self.images[host], self.storage),
             "--ha", self.lab.uri,
             "--incoming", f"kemari:tcp:{HOST_IPS[host]}:{PORT}",
             "--replica-dir", str(replica_dir),
