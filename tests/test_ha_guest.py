@@ -20,6 +20,8 @@ The tests run in order and continue from each other's end state:
    after SIGCONT the old active fences itself; captures show nothing it sent after.
 5. (scenario 5) every etcd member cut off: the protected pair goes on, status says
    unreachable; the active killed → no takeover while etcd is unreachable.
+6. (scenario 3) the link between the hosts cut, etcd reachable: the standby takes over,
+   the active fences itself, nothing leaves its host after the takeover.
 At the end the acknowledged records must be exactly the first stored ones, in order.
 """
 
@@ -363,6 +365,38 @@ def test_5_etcd_unreachable_the_pair_goes_on_and_a_kill_leads_to_no_takeover(
     wait_for(lambda: status(standby)["state"] == "active", "takeover once etcd is back", 60)
     acked = pair.acked()
     wait_for(lambda: pair.acked() > acked, "the client's ack after the late takeover", 60)
+
+
+def test_3_partition_between_active_and_standby_with_etcd_reachable(pair: HaPair) -> None:
+    """The replication link cut (blackhole routes between the two hosts), both still
+    reaching etcd and the client: the standby takes over (it protects the active in the
+    record); the active, whose commits are no longer acknowledged, holds its outputs,
+    loses drop_standby and fences itself; no guest frame leaves its host once the
+    standby runs the guest."""
+    active = pair.agents["b"]  # active since test 5
+    standby = pair.start_agent("a")
+    standby.wait_monitor()
+    wait_for(lambda: protected_pair(active, standby), "b protected by a", PROTECT_TIMEOUT_S)
+    lan = pair.topology.lan
+    assert lan is not None
+    routes = [("a", HOST_IPS["b"]), ("b", HOST_IPS["a"])]
+    with capture(lan, "to-b", pair.workdir / "partitioned-old.pcap") as old_pcap:
+        for host, peer in routes:
+            pair.hosts[host].run(["ip", "route", "add", "blackhole", f"{peer}/32"])
+        try:
+            wait_for(lambda: status(standby)["state"] == "active", "the standby took over", 60)
+            active_wall = time.time()  # the new guest runs from here (or earlier)
+            wait_for(lambda: status(active)["state"] == "fenced", "the old active fenced", 60)
+            fenced = status(active)
+            acked = pair.acked()
+            wait_for(lambda: pair.acked() > acked + 3, "records from the new active", 60)
+        finally:
+            for host, peer in routes:
+                pair.hosts[host].run(["ip", "route", "del", "blackhole", f"{peer}/32"])
+    print(f"partition: old active {fenced['state_reason']}")
+    late = [frame for at, frame in pcap_records(old_pcap) if at >= active_wall]
+    assert late == [], f"{len(late)} guest frames left the fenced host after the takeover"
+    assert fenced["ha"]["fenced"] is True
 
 
 def test_records_acknowledged_are_stored_in_order(pair: HaPair) -> None:
