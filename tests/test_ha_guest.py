@@ -22,6 +22,7 @@ The tests run in order and continue from each other's end state:
    unreachable; the active killed → no takeover while etcd is unreachable.
 6. (scenario 3) the link between the hosts cut, etcd reachable: the standby takes over,
    the active fences itself, nothing leaves its host after the takeover.
+7. (scenario 4) the protected active cut from etcd only: it goes on, past its lease.
 At the end the acknowledged records must be exactly the first stored ones, in order.
 """
 
@@ -397,6 +398,35 @@ def test_3_partition_between_active_and_standby_with_etcd_reachable(pair: HaPair
     late = [frame for at, frame in pcap_records(old_pcap) if at >= active_wall]
     assert late == [], f"{len(late)} guest frames left the fenced host after the takeover"
     assert fenced["ha"]["fenced"] is True
+
+
+def test_4_a_protected_active_cut_from_etcd_goes_on(pair: HaPair) -> None:
+    """The active's host loses etcd (blackhole routes to every member), the replication
+    link and the standby's etcd stay: the protected active goes on (rule 2 a), says etcd
+    is unreachable; nothing changes in the record; after healing it is reachable again."""
+    active = pair.agents["a"]  # active since test 3
+    pair.agents["b"].stop()  # fenced in test 3
+    standby = pair.start_agent("b")
+    standby.wait_monitor()
+    wait_for(lambda: protected_pair(active, standby), "a protected by b", PROTECT_TIMEOUT_S)
+    term = status(active)["ha"]["term"]
+    members = [member.ip for member in pair.lab.members]
+    for ip in members:
+        pair.hosts["a"].run(["ip", "route", "add", "blackhole", f"{ip}/32"])
+    try:
+        wait_for(lambda: status(active)["ha"]["reachable"] is False, "a sees etcd gone", 30)
+        # Longer than the lease: the protected active must not fence itself.
+        wait_for(lambda: status(active)["ha"]["lease_valid"] is False, "a's lease lapsed", 30)
+        acked = pair.acked()
+        wait_for(lambda: pair.acked() > acked + 5, "records with the active cut from etcd", 60)
+        assert status(active)["state"] == "active" and status(standby)["state"] == "standby"
+        assert status(standby)["ha"]["reachable"] is True
+        assert status(standby)["ha"]["term"] == term
+    finally:
+        for ip in members:
+            pair.hosts["a"].run(["ip", "route", "del", "blackhole", f"{ip}/32"])
+    wait_for(lambda: status(active)["ha"]["reachable"] is True, "a reaches etcd again", 60)
+    assert protected_pair(active, standby) and status(active)["ha"]["term"] == term
 
 
 def test_records_acknowledged_are_stored_in_order(pair: HaPair) -> None:
