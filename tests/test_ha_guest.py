@@ -425,7 +425,7 @@ def test_4_a_protected_active_cut_from_etcd_goes_on(pair: HaPair) -> None:
     finally:
         for ip in members:
             pair.hosts["a"].run(["ip", "route", "del", "blackhole", f"{ip}/32"])
-    wait_for(lambda: status(active)["ha"]["reachable"] is True, "a reaches etcd again", 60)
+    wait_for(lambda: status(active)["ha"]["lease_valid"] is True, "a's lease re-bound", 60)
     assert protected_pair(active, standby) and status(active)["ha"]["term"] == term
 
 

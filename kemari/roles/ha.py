@@ -202,6 +202,8 @@ class HaSupervisor:
                 return "the lease is no longer valid while unprotected"
             self._release_permitted()
         standby = record.standby
+        if record.protected and not self.arbiter.lease_valid():
+            await self._reattach()  # the lease lapsed while etcd was away: bind the new one
         if record.protected:
             if role.protection_state == "unprotected":
                 await self._drop(f"standby {record.protected_by} lost")
@@ -240,6 +242,16 @@ class HaSupervisor:
                 self.record = got.state.record
                 self._protect_failures = 0
                 self._note(f"protected by {standby.agent} (marked in the record)")
+
+    async def _reattach(self) -> None:
+        me = self.me
+        try:
+            got = await self.arbiter.transition(lambda s: ha.reattach(s.record, me))
+        except ArbiterError:
+            return
+        if isinstance(got, Won):
+            self.record = got.state.record
+            self._note("etcd reachable again: lease re-bound (reattach)")
 
     async def _drop(self, why: str) -> None:
         """Win ``drop_standby``; until then every output stays held (rule 3)."""
