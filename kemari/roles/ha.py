@@ -355,7 +355,10 @@ class HaSupervisor:
                 self._note(f"active lost ({lost}) but take_over refused: {got.reason}")
                 return Rejoin(got.reason)
         assert self.record is not None
-        if self.config.storage is StorageMode.SHARED:
+        shared_writer = self.config.storage is StorageMode.SHARED and any(
+            not disk.read_only for disk in self.config.disks
+        )
+        if shared_writer:  # invariant 5: one writer of the shared image
             wait = self.settings.lease_ttl + self.settings.safety_margin + 1
             try:
                 await self.arbiter.wait_gone(old_active, timeout=wait)
