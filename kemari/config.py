@@ -177,6 +177,78 @@ def tls_name_for(vm_name: str) -> str:
     return f"kemari-{vm_name}"
 
 
+# Automatic failover (docs/ha.md).  The lease TTL: a killed etcd leader stalled renewals
+# for up to 2.8 s (docs/ha.md, "Measured"); the holder's lease is valid only until
+# TTL - margin (0.5 s) after its last renewal was sent, so the TTL must exceed 2.8 + 0.5 s
+# for an unprotected active not to fence itself during an election: 5 s leaves room,
+# and costs at most TTL + 0.5 s of extra takeover time in shared storage mode only.
+DEFAULT_HA_LEASE_TTL_S = 5
+# How long the standby waits without any frame from the active before it declares the
+# active lost; the active sends a HEARTBEAT after a quarter of this without sending.
+DEFAULT_HA_DETECT_MS = 500
+MIN_HA_DETECT_MS = 100
+MAX_HA_DETECT_MS = 10_000
+ETCD_DEFAULT_PORT = 2379
+
+
+def parse_etcd_uri(uri: str) -> tuple[str, ...]:
+    """``etcd://HOST[:PORT],HOST[:PORT],...`` → endpoints ``("HOST:PORT", ...)``.
+
+    With more than one endpoint every host must be an IPv4 address (gRPC's ``ipv4:``
+    target); one endpoint may be a host name.  The arbiter's own parser
+    (``kemari.ha.arbiter.parse_arbiter_uri``) is this one.
+    """
+    scheme = "etcd://"
+    if not uri.startswith(scheme) or len(uri) == len(scheme):
+        raise ConfigError(f"arbiter {uri!r}: expected etcd://HOST[:PORT][,HOST[:PORT]...]")
+    endpoints = []
+    for part in uri[len(scheme) :].rstrip("/").split(","):
+        host, sep, port = part.partition(":")
+        if not host or (sep and not port.isdigit()) or (port and not 0 < int(port) < 65536):
+            raise ConfigError(f"arbiter {uri!r}: invalid endpoint {part!r}")
+        endpoints.append(f"{host}:{port or ETCD_DEFAULT_PORT}")
+    if len(endpoints) > 1:
+        for endpoint in endpoints:
+            octets = endpoint.rpartition(":")[0].split(".")
+            if len(octets) != 4 or not all(o.isdigit() and int(o) < 256 for o in octets):
+                raise ConfigError(
+                    f"arbiter {uri!r}: with several endpoints each must be an IPv4 address"
+                )
+    return tuple(endpoints)
+
+
+@dataclasses.dataclass(frozen=True)
+class HaConfig:
+    """``ha = "etcd://..."``: the etcd arbiter decides who is active (docs/ha.md)."""
+
+    uri: str
+    endpoints: tuple[str, ...]
+    lease_ttl_s: int = DEFAULT_HA_LEASE_TTL_S
+    detect_ms: int = DEFAULT_HA_DETECT_MS
+
+    @property
+    def detect_s(self) -> float:
+        return self.detect_ms / 1000
+
+
+def _ha_from(raw: Mapping[str, Any]) -> HaConfig | None:
+    """``ha`` absent or ``"manual"``: None (failover by the operator's command)."""
+    extra = [key for key in ("ha_lease_ttl", "ha_detect_ms") if key in raw]
+    uri = _expect(raw, "ha", str, "") if "ha" in raw else "manual"
+    if uri == "manual":
+        if extra:
+            raise ConfigError(f'{extra[0]}: given without ha = "etcd://..."')
+        return None
+    ttl = _expect(raw, "ha_lease_ttl", int, "") if "ha_lease_ttl" in raw else None
+    detect = _expect(raw, "ha_detect_ms", int, "") if "ha_detect_ms" in raw else None
+    return HaConfig(
+        uri=uri,
+        endpoints=parse_etcd_uri(uri),
+        lease_ttl_s=DEFAULT_HA_LEASE_TTL_S if ttl is None else ttl,
+        detect_ms=DEFAULT_HA_DETECT_MS if detect is None else detect,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class DiskConfig:
     """A raw image file that Kemari serves to the guest over NBD (virtio-blk)."""
@@ -225,6 +297,8 @@ class VMConfig:
     # Replication channel credentials (host-local paths, not in the digest); None means
     # plain TCP, which the agents announce loudly (docs/security.md).
     tls_creds: TlsCreds | None = None
+    # None: manual failover (the operator's `failover`); else the etcd arbiter's settings.
+    ha: HaConfig | None = None
 
     @property
     def held_frames_max_count(self) -> int:
@@ -413,7 +487,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
         "name", "memory", "vcpus", "accel", "kernel", "initrd", "append", "workload",
         "guest_ip", "disk", "nic", "monitor", "serial_log", "runtime_dir", "incoming",
         "replica_dir", "sync", "epoch_ms", "storage", "held_frames_max", "tls_creds",
-        "tls_name",
+        "tls_name", "ha", "ha_lease_ttl", "ha_detect_ms",
     }  # fmt: skip
     _check_keys(raw, allowed, "")
     if "name" not in raw:
@@ -452,6 +526,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
         disks=tuple(_disk_from(d, i) for i, d in enumerate(disks)),
         nics=tuple(_nic_from(n, i, name) for i, n in enumerate(nics)),
         tls_creds=_tls_from(raw, name),
+        ha=_ha_from(raw),
         **optional_paths,
     )
     validate(config)
@@ -511,6 +586,19 @@ def validate(config: VMConfig) -> None:
         raise ConfigError(f"incoming: {config.incoming!r} is not kemari:tcp:HOST:PORT")
     if config.tls_creds is not None:
         config.tls_creds.check()
+    if config.ha is not None:
+        if config.incoming is None:
+            raise ConfigError(
+                'ha: needs incoming = "kemari:tcp:HOST:PORT" (the address this agent '
+                "listens on and publishes when it is the standby)"
+            )
+        if not 2 <= config.ha.lease_ttl_s <= 60:
+            raise ConfigError(f"ha_lease_ttl: {config.ha.lease_ttl_s} s is outside 2..60")
+        if not MIN_HA_DETECT_MS <= config.ha.detect_ms <= MAX_HA_DETECT_MS:
+            raise ConfigError(
+                f"ha_detect_ms: {config.ha.detect_ms} is outside "
+                f"{MIN_HA_DETECT_MS}..{MAX_HA_DETECT_MS}"
+            )
     if config.initrd is not None and config.kernel is None:
         raise ConfigError("initrd: given without a kernel")
     for what, boot_file in (("kernel", config.kernel), ("initrd", config.initrd)):

@@ -11,6 +11,11 @@ LAN; the ``ticks`` guest runs on the primary and is protected by the standby
 are killed with SIGKILL, the standby is told to fail over, and the guest's counter
 carries on from the last committed checkpoint without a reboot.
 
+Act 3, automatic failover (``--ha``): a one-member etcd joins the LAN; two hosts run
+the SAME ``kemari run ... --ha etcd://...`` command; the first claims the VM and boots
+it, the second becomes its standby and the pair protects itself; the active's QEMU and
+agent are killed and the standby takes over by itself, with no command typed.
+
 Everything it creates is removed when it ends, also on Ctrl-C.
 """
 
@@ -29,6 +34,7 @@ from kemari.config import tls_name_for
 from kemari.errors import KemariError
 from kemari.image.builder import build_image
 from kemari.image.disk import create_data_disk
+from kemari.testbed.etcd import EtcdLab
 from kemari.testbed.topology import Namespace, Topology
 from kemari.testbed.vm import AgentProcess
 from kemari.transaction.pki import make_credentials
@@ -89,6 +95,8 @@ def run_demo(records_count: int = 20, keep_running: bool = False) -> int:
             status = agent.stop()
         if status == 0:
             status = _failover_act(lab, workdir)
+        if status == 0:
+            status = _auto_failover_act(lab, workdir)
         print(f"\ndemo finished (exit status {status}); lab removed")
         return status
 
@@ -136,6 +144,56 @@ def _failover_act(lab: Topology, workdir: Path) -> int:
             print(f"    | {line}")
         print("    " + standby.monitor("info", "status").text.replace("\n", "\n    "))
         return standby.stop()
+
+
+def _auto_failover_act(lab: Topology, workdir: Path) -> int:
+    """Act 3: the same --ha command on two hosts; kill the active; nobody types failover."""
+    step("automatic failover: a one-member etcd on the LAN (10.213.0.10)")
+    hosts = {"east": "10.213.0.21", "west": "10.213.0.22"}
+    namespaces = {name: lab.add_host(name, f"{ip}/24") for name, ip in hosts.items()}
+    with EtcdLab(1, subnet="10.213.0", topology=lab) as etcd:
+
+        def agent(name: str) -> AgentProcess:
+            args = [
+                "--workload", "ticks", "--ha", etcd.uri,
+                "--incoming", f"kemari:tcp:{hosts[name]}:{PROTECTION_PORT}",
+                "--replica-dir", str(workdir / f"replica-{name}"),
+            ]  # fmt: skip
+            return AgentProcess("auto", workdir, args, namespaces[name], label=name)
+
+        step(f"both hosts: kemari run --workload ticks --ha {etcd.uri} --incoming <own address>")
+        east = agent("east")
+        with east:
+            east.wait_monitor()
+            east.wait_serial(r"tick 3\b")
+            west = agent("west")
+            with west:
+                west.wait_monitor()
+                deadline = time.monotonic() + 120
+                while east.status()["ha"]["protected_by"] != west.status()["ha"]["agent"]:
+                    if time.monotonic() > deadline:
+                        raise KemariError("the pair did not protect itself within 120 s")
+                    time.sleep(0.2)
+                print("    east claimed the VM and protects itself to west; no command typed:")
+                print("    " + east.monitor("info", "status").text.replace("\n", "\n    "))
+                time.sleep(2)
+                step(f"kill -9 east's QEMU and agent (last tick: {_last_line(east, 'tick ')!r})")
+                killed = time.monotonic()
+                for pid in (east.status()["qemu_pid"], east.process.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                east.process.wait(30)
+                while west.status()["state"] != "active":
+                    if time.monotonic() > killed + 60:
+                        raise KemariError("west did not take over within 60 s")
+                    time.sleep(0.05)
+                print(f"    west is active {time.monotonic() - killed:.2f} s after the kill:")
+                print(f"    {west.status()['ha']['last_change']}")
+                west.wait_serial(r"tick \d+", after=0)
+                time.sleep(2)
+                for line in west.serial_text().splitlines()[:4]:
+                    print(f"    | {line}")
+                return west.stop()
 
 
 def _last_line(agent: AgentProcess, prefix: str) -> str:

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kemari.cli.main import build_parser
+from kemari.cli.run import config_from_args
 from kemari.config import (
     Accel,
     StorageMode,
@@ -158,3 +160,43 @@ def test_the_digest_covers_the_kernel_and_initrd_by_content_not_by_path(tmp_path
 
     assert digest("a/vmlinuz", "a/initrd") == digest("c/bzImage", "c/initramfs")
     assert digest("a/vmlinuz", "a/initrd") != digest("b/vmlinuz", "b/initrd")
+
+
+def test_ha_defaults_to_manual() -> None:
+    assert config_from_mapping({"name": "vm1"}).ha is None
+    assert config_from_mapping({"name": "vm1", "ha": "manual"}).ha is None
+
+
+def test_ha_etcd_uri_is_parsed_once_with_defaults() -> None:
+    config = config_from_mapping(
+        {"name": "vm1", "ha": "etcd://10.0.0.1,10.0.0.2:2380", "incoming": "kemari:tcp:0:7000"}
+    )
+    assert config.ha is not None
+    assert config.ha.endpoints == ("10.0.0.1:2379", "10.0.0.2:2380")
+    assert (config.ha.lease_ttl_s, config.ha.detect_ms) == (5, 500)
+    assert config.ha.detect_s == 0.5
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"ha": "etcd://h1,h2", "incoming": "kemari:tcp:0:1"}, "IPv4"),
+        ({"ha": "zookeeper://x", "incoming": "kemari:tcp:0:1"}, "expected etcd://"),
+        ({"ha": "etcd://10.0.0.1"}, "needs incoming"),
+        ({"ha_lease_ttl": 5}, "without ha"),
+        ({"ha": "etcd://10.0.0.1", "incoming": "kemari:tcp:0:1", "ha_lease_ttl": 1}, "2..60"),
+        ({"ha": "etcd://10.0.0.1", "incoming": "kemari:tcp:0:1", "ha_detect_ms": 50}, "100..10000"),
+    ],
+)
+def test_ha_invalid_settings(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_mapping({"name": "vm1", **raw})
+
+
+def test_ha_flags_match_config() -> None:
+    args = build_parser().parse_args(
+        ["run", "--name", "vm1", "--ha", "etcd://10.0.0.1:2379", "--incoming",
+         "kemari:tcp:0:7000", "--ha-lease-ttl", "7", "--ha-detect-ms", "300"]
+    )  # fmt: skip
+    ha = config_from_args(args).ha
+    assert ha is not None and (ha.lease_ttl_s, ha.detect_ms) == (7, 300)

@@ -622,3 +622,68 @@ def test_disk_tap_releases_committed_epochs_drains_and_fences(tmp_path: Path) ->
         assert path.read_bytes()[:40] == (b"one" * 2000)[:40]
 
     asyncio.run(scenario())
+
+
+class DiskPermit:
+    """A release permit whose answers the test sets: (a) and (b) separately."""
+
+    def __init__(self) -> None:
+        self.committed = True
+        self.unprotected = True
+
+    def may_release(self, committed: bool) -> bool:
+        return self.committed if committed else self.unprotected
+
+
+def test_disk_tap_permit_holds_writes_until_permitted_then_fence_drops_them(
+    tmp_path: Path,
+) -> None:
+    """docs/ha.md rule 2 for shared storage: a committed epoch's writes reach the image
+    only with the permit; after protection ends unpermitted every write is held (in
+    order) until release_permitted(); fence() drops what is held and fails later writes."""
+    path = tmp_path / "permit.raw"
+    random_image(path, 64 * 1024, 4)
+    original = path.read_bytes()
+
+    async def scenario() -> None:
+        base = RawFileBackend.open(path)
+        overlay = OverlayBackend(base)
+        tap = DiskTap([overlay])
+        permit = DiskPermit()
+        tap.set_permit(permit)
+        session = SessionStub()
+        await tap.attach(cast(CheckpointSource, session), cast(CheckpointTrigger, session))
+        session.output_epoch = 1
+        await overlay.write(0, b"one" * 10, fua=False)
+        permit.committed = False  # acknowledged too late: the standby may take over
+        tap.checkpoint_committed(1)
+        await tap._drained()
+        assert path.read_bytes()[:30] == original[:30]
+        permit.unprotected = False  # the record still says protected: no (b) either
+        session.output_epoch = None
+        tap.protection_ended(SourceState.UNPROTECTED)
+        await overlay.write(100, b"after", fua=False)  # held behind the older one
+        await tap._drained()
+        assert path.read_bytes()[:30] == original[:30] and overlay.held_writes == 2
+        assert await overlay.read(100, 5) == b"after"  # reads see held writes at once
+        tap.release_permitted()  # still refused: nothing moves
+        await tap._drained()
+        assert overlay.held_writes == 2
+        permit.unprotected = True  # drop_standby won
+        tap.release_permitted()
+        await tap._drained()
+        assert path.read_bytes()[:30] == b"one" * 10 and path.read_bytes()[100:105] == b"after"
+        assert not overlay.protected and overlay.held_writes == 0
+        await overlay.write(200, b"free", fua=False)  # permitted, unprotected: straight through
+        assert path.read_bytes()[200:204] == b"free"
+        permit.unprotected = False  # the lease ran out: held again
+        await overlay.write(300, b"held", fua=False)
+        assert path.read_bytes()[300:304] == original[300:304]
+        assert tap.fence() == 1
+        with pytest.raises(OSError, match="fenced"):
+            await overlay.write(0, b"late", fua=False)
+        await tap.close()
+        await base.close()
+        assert path.read_bytes()[300:304] == original[300:304]
+
+    asyncio.run(scenario())

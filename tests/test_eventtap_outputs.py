@@ -410,3 +410,81 @@ def test_gate_status_is_plain_data() -> None:
     tap, _ = gate(SyncPolicy.EVENT_PERIODIC)
     status = tap.status()
     assert status["sync"] == "event+periodic" and status["mode"].startswith("pass-through")
+
+
+# -- the release permit (docs/ha.md, rule 2) ---------------------------------------------
+
+
+class Permit:
+    """A release permit whose answers the test sets: (a) and (b) separately."""
+
+    def __init__(self) -> None:
+        self.committed = True  # case (a) or (b) for acknowledged checkpoints
+        self.unprotected = True  # case (b)
+        self.asked: list[bool] = []
+
+    def may_release(self, committed: bool) -> bool:
+        self.asked.append(committed)
+        return self.committed if committed else self.unprotected
+
+
+def permitted_gate() -> tuple[EventTap, DevicePath, Permit]:
+    permit = Permit()
+    tap = EventTap(SyncPolicy.PERIODIC, OutputLog(), permit)
+    path = DevicePath()
+    tap.add_device(OutputKind.NET, 0, path.release, producer=path)
+    return tap, path, permit
+
+
+def test_permit_refusing_a_commit_keeps_outputs_until_a_later_permitted_commit() -> None:
+    tap, path, permit = permitted_gate()
+    source, _ = attach(tap)
+    source.output_epoch = 1
+    assert tap.submit(frame(1))
+    permit.committed = False  # the acknowledgement came too late (standby may take over)
+    tap.checkpoint_committed(1)
+    assert path.sent == [] and tap.withheld == 1
+    source.output_epoch = 2
+    assert tap.submit(frame(2))
+    permit.committed = True  # a commit answered in time covers the older epoch too
+    tap.checkpoint_committed(2)
+    assert [data[0] for data in path.sent] == [1, 2]
+
+
+def test_permit_standby_lost_holds_everything_until_drop_standby_is_won() -> None:
+    tap, path, permit = permitted_gate()
+    source, _ = attach(tap)
+    source.output_epoch = 1
+    assert tap.submit(frame(1))
+    permit.committed = permit.unprotected = False  # record: protected; lease irrelevant
+    tap.protection_ended(SourceState.UNPROTECTED)
+    assert tap.submit(frame(2))  # held even though nothing tags it any more
+    assert path.sent == [] and len(tap.log) == 2
+    assert tap.release_permitted() == 0  # still not permitted: nothing leaves
+    permit.unprotected = True  # drop_standby won: case (b)
+    assert tap.release_permitted() == 2
+    assert [data[0] for data in path.sent] == [1, 2]
+    assert tap.submit(frame(3)) is False  # permitted again: it may leave at once
+
+
+def test_permit_fence_discards_and_nothing_leaves_again() -> None:
+    tap, path, permit = permitted_gate()
+    source, _ = attach(tap)
+    source.output_epoch = 1
+    assert tap.submit(frame(1))
+    permit.committed = permit.unprotected = False
+    tap.protection_ended(SourceState.UNPROTECTED)
+    assert tap.fence() == 1
+    permit.committed = permit.unprotected = True  # even a permit saying yes changes nothing
+    assert tap.submit(frame(2)) is True and tap.release_permitted() == 0
+    assert path.sent == [] and len(tap.log) == 0
+
+
+def test_permit_unprotected_guest_without_a_valid_lease_holds() -> None:
+    tap, path, permit = permitted_gate()
+    permit.unprotected = False  # case (b) fails: the lease ran out by our clock
+    assert tap.submit(frame(1)) is True and path.sent == []
+    assert permit.asked == [False]
+    permit.unprotected = True
+    assert tap.submit(frame(2)) is False  # the held one leaves first
+    assert [data[0] for data in path.sent] == [1]

@@ -69,6 +69,10 @@ class TransactionSender:
         self.outputs_of = outputs_of
         self.last_committed: Committed | None = None
         self.last_commit_rtt_s = 0.0
+        # Monotonic time just before the last COMMIT was sent (no later than the send):
+        # an acknowledgement proves the standby heard from us at or after it
+        # (docs/ha.md, rule 2 a).
+        self.commit_sent_at: float | None = None
         self._block_index: dict[str, int] = {}
         self._block_pages: list[int] = []
         self._epoch = 0
@@ -127,6 +131,7 @@ class TransactionSender:
         if self.outputs_of is not None:
             for frame in output_frames(epoch, self.outputs_of(epoch)):
                 await self.session.send(frame)
+        self.commit_sent_at = time.monotonic()
         committed = await self.session.commit(self.commit_timeout_s)
         if committed.epoch != epoch:
             raise CheckpointError(f"committed epoch {committed.epoch}, expected {epoch}")

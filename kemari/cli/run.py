@@ -44,6 +44,9 @@ _SCALAR_FLAGS = {
     "held_frames_max": "held_frames_max",
     "tls_creds": "tls_creds",
     "tls_name": "tls_name",
+    "ha": "ha",
+    "ha_lease_ttl": "ha_lease_ttl",
+    "ha_detect_ms": "ha_detect_ms",
 }
 
 
@@ -115,6 +118,27 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--tls-name",
         metavar="NAME",
         help="the name both certificates of this pair carry (default kemari-<vm name>)",
+    )
+    parser.add_argument(
+        "--ha",
+        metavar="URI",
+        help="automatic failover: manual (default: failover is the operator's command) or "
+        "etcd://IP:PORT[,IP:PORT...] (the agents claim the VM in etcd; --incoming is the "
+        "address this agent listens on and publishes as a standby; docs/ha.md)",
+    )
+    parser.add_argument(
+        "--ha-lease-ttl",
+        type=int,
+        metavar="S",
+        help="--ha: the agent's etcd lease TTL in whole seconds (default 5: above the "
+        "2.8 s renewal stall of an etcd leader election plus the 0.5 s margin)",
+    )
+    parser.add_argument(
+        "--ha-detect-ms",
+        type=int,
+        metavar="MS",
+        help="--ha: the standby declares the active lost after this long without a frame "
+        "(default 500; the active sends a heartbeat after a quarter of it)",
     )
     parser.add_argument(
         "--console", action="store_true", help="also copy the guest serial console to stdout"

@@ -115,6 +115,9 @@ class OverlayBackend:
         # before older held writes reached the base would be overwritten by them.
         self._holding = False
         # After discard(): this host must never write the image again (docs/storage.md).
+        # Automatic failover: True while a write that would reach the base must be held
+        # instead (the release permit refuses); held writes leave at unprotect().
+        self.withhold: Callable[[], bool] = lambda: False
         self._fenced = False
         self._starts: list[int] = []  # extent starts, sorted (parallel to _extents)
         self._extents: list[_Extent] = []
@@ -349,10 +352,12 @@ class OverlayBackend:
         and no checkpoint covers outputs yet (held writes keep every later one behind)."""
         if self._fenced:
             raise OSError(errno.EIO, "the disk was fenced: the guest died uncommitted")
-        if not self._holding:
-            return True
         if self._log:
             return False
+        if self.withhold():
+            return False  # the release permit says no (docs/ha.md rule 2): hold it
+        if not self._holding:
+            return True
         return self._epoch_of_write is None or self._epoch_of_write() is None
 
     def _tag(self) -> int | None:

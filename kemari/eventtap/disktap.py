@@ -31,6 +31,7 @@ from kemari.checkpoint.source import CheckpointSource, SourceState
 from kemari.checkpoint.trigger import CheckpointTrigger
 from kemari.errors import EventTapError
 from kemari.eventtap.disk import OverlayBackend, hold_in
+from kemari.eventtap.gate import ReleasePermit
 from kemari.eventtap.outputs import OutputLog
 from kemari.outputs import Output
 
@@ -48,6 +49,9 @@ class DiskTap:
         self.overlays = tuple(overlays)
         self.log = OutputLog() if output_log is None else output_log
         self.last_error = ""
+        self.permit: ReleasePermit | None = None  # set_permit()
+        self.fenced = False
+        self._unprotect_pending = False  # protection ended while the permit refused
         self._source: CheckpointSource | None = None
         self._work: asyncio.Queue[Callable[[], Awaitable[object]] | None] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
@@ -77,6 +81,8 @@ class DiskTap:
     def checkpoint_committed(self, epoch: int) -> None:
         """SourceListener: the standby holds ``epoch``: its writes may reach the images."""
         self.log.release(epoch)
+        if not self._permitted(committed=True):
+            return  # held in the overlays: a later permitted commit releases them too
         for overlay in self.overlays:
             self._work.put_nowait(functools.partial(overlay.release, epoch))
 
@@ -85,12 +91,42 @@ class DiskTap:
         self._source = None
         if state is SourceState.UNPROTECTED:
             self.log.release_all()
+            if not self._permitted(committed=False):
+                self._unprotect_pending = True  # release_permitted() or fence() decides
+                return
             for overlay in self.overlays:
                 self._work.put_nowait(overlay.unprotect)
         else:
             self.log.discard_all()
             for overlay in self.overlays:
                 overlay.discard()
+
+    # -- release permit (docs/ha.md rule 2) --------------------------------------------
+
+    def set_permit(self, permit: ReleasePermit) -> None:
+        """Ask ``permit`` before any write reaches an image (shared storage with --ha)."""
+        self.permit = permit
+        for overlay in self.overlays:
+            overlay.withhold = lambda: not self._permitted(committed=False)
+
+    def _permitted(self, committed: bool) -> bool:
+        if self.fenced:
+            return False
+        return self.permit is None or self.permit.may_release(committed)
+
+    def release_permitted(self) -> None:
+        """The permit allows case (b) again: what the overlays hold reaches the images."""
+        if self._source is not None or not self._permitted(committed=False):
+            return
+        pending, self._unprotect_pending = self._unprotect_pending, False
+        for overlay in self.overlays:
+            if pending or overlay.held_writes:
+                self._work.put_nowait(overlay.unprotect)
+
+    def fence(self) -> int:
+        """Another agent is active: drop every held write and fence the disks (EIO)."""
+        self.fenced = True
+        return sum(overlay.discard() for overlay in self.overlays)
 
     async def _drained(self) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -17,6 +17,11 @@ Rules (docs/protocol.md, "Event-tap"):
 * Protection ends UNPROTECTED (standby lost, stopped): the guest runs on alone, so all
   held outputs are released.  It ends FAILED (QEMU gone): the held outputs' checkpoint
   never committed, a standby would resume from before them, so they are discarded.
+* Release permit (automatic failover, docs/ha.md rule 2): with a
+  :class:`ReleasePermit`, every release asks it first; what it refuses stays held (in
+  order) until :meth:`EventTap.release_permitted` (the arbiter confirmed this agent) or
+  :meth:`EventTap.fence` (another agent is active: discarded, nothing leaves again).
+  Without a permit (manual failover) the rules above are the whole story.
 * Memory is bounded by the log's bounds: when full, every device that can pause
   stops producing (the network path stops reading QEMU), and resumes when the log has
   drained to half.  Nothing is dropped to make room.  Except from a checkpoint's
@@ -41,6 +46,19 @@ from kemari.eventtap.outputs import OutputLog
 from kemari.outputs import Output, OutputKind
 
 Release = Callable[[Output], None]
+# The tag of outputs held while no protection session tags them (the permit refused
+# pass-through): above every real epoch, so only release_all() or discard_all() ends them.
+WITHHELD_EPOCH = 2**62
+
+
+class ReleasePermit(Protocol):
+    """Asked before any held or new output leaves (docs/ha.md, rule 2)."""
+
+    def may_release(self, committed: bool) -> bool:
+        """``committed``: outputs whose checkpoint the standby just acknowledged (case a
+        or b); otherwise outputs of an unprotected guest (case b only)."""
+
+
 # crashpoint (KEMARI_REPLICA_TEST_CRASH=output-release=N): SIGKILL at the N-th commit
 # that has outputs to release, after COMMIT_ACK and before any of them left.
 CRASH_BEFORE_RELEASE = "output-release"
@@ -72,8 +90,13 @@ class TapCounters:
 class EventTap:
     """Holds one VM's outputs until their checkpoint commits (see the module docstring)."""
 
-    def __init__(self, policy: SyncPolicy, log: OutputLog | None = None) -> None:
+    def __init__(
+        self, policy: SyncPolicy, log: OutputLog | None = None, permit: ReleasePermit | None = None
+    ) -> None:
         self.policy = policy
+        self.permit = permit
+        self.fenced = False  # fence(): nothing leaves any more
+        self.withheld = 0  # releases the permit refused
         self.log = OutputLog() if log is None else log
         self.counters = TapCounters()
         self._releases: dict[tuple[OutputKind, int], Release] = {}
@@ -126,6 +149,10 @@ class EventTap:
 
     def checkpoint_committed(self, epoch: int) -> None:
         """SourceListener: the standby holds ``epoch``; its outputs and older ones leave."""
+        if not self._permitted(committed=True):
+            self._checkpointing = False
+            self._pause_if_full()
+            return  # they stay held: a later permitted commit or release_permitted() frees them
         outputs = self.log.release(epoch)
         if outputs:
             self._commits_with_outputs += 1
@@ -150,7 +177,8 @@ class EventTap:
         self._source = self._trigger = None
         self._checkpointing = False
         if state is SourceState.UNPROTECTED:
-            self._send(self.log.release_all())
+            if self._permitted(committed=False):
+                self._send(self.log.release_all())
         else:
             self.log.discard_all()
             self._resume_if_drained()
@@ -166,6 +194,12 @@ class EventTap:
         source = self._source
         epoch = None if source is None else source.output_epoch
         if source is None or epoch is None:
+            if self.fenced:
+                return True  # swallowed: a fenced agent releases nothing
+            if not self._permitted(committed=False):
+                self.log.hold(output, WITHHELD_EPOCH)
+                self._pause_if_full()
+                return True
             if len(self.log):
                 # Ordering: what is still held leaves before this newer output.
                 self._send(self.log.release_all())
@@ -180,6 +214,33 @@ class EventTap:
             self.counters.checkpoint_requests += 1
         self._pause_if_full()
         return True
+
+    # -- release permit ----------------------------------------------------------
+
+    def _permitted(self, committed: bool) -> bool:
+        if self.fenced:
+            return False
+        if self.permit is None or self.permit.may_release(committed):
+            return True
+        self.withheld += 1
+        return False
+
+    def release_permitted(self) -> int:
+        """The permit now allows case (b) (e.g. ``drop_standby`` won): what is held and
+        not under a session's tags leaves, in order.  Returns how many left."""
+        if self._source is not None or not self._permitted(committed=False):
+            return 0
+        outputs = self.log.release_all()
+        self._send(outputs)
+        return len(outputs)
+
+    def fence(self) -> int:
+        """Another agent is active: discard everything held, release nothing ever again.
+        Returns how many outputs were discarded."""
+        self.fenced = True
+        discarded = self.log.discard_all()
+        self._resume_if_drained()
+        return discarded
 
     def _pause_if_full(self) -> None:
         if self.log.full and not self._paused and not self._checkpointing:

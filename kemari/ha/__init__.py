@@ -4,7 +4,16 @@
 a real etcd v3 cluster.  docs/ha.md states the safety rules and their argument.
 """
 
+import os
+
 from kemari.errors import KemariError
+
+# Before gRPC is imported (by aetcd): no fork handlers.  The agent forks QEMU (with a
+# pre-exec hook, so a real fork) while the arbiter's gRPC threads run; gRPC's fork
+# handlers then ran in the child ("Other threads are currently calling into gRPC,
+# skipping fork() handlers") and a failover QEMU started right after an etcd outage
+# died of SIGSEGV before it ran.  The child only execs: it needs no gRPC.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 class ArbiterError(KemariError):

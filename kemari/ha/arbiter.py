@@ -37,6 +37,8 @@ import aetcd.exceptions
 import aetcd.utils
 from aetcd import transactions as tx
 
+from kemari.config import ETCD_DEFAULT_PORT, parse_etcd_uri
+from kemari.errors import ConfigError
 from kemari.ha import ArbiterError, ArbiterUnreachable
 from kemari.ha.record import (
     KEY_ROOT,
@@ -54,32 +56,21 @@ from kemari.ha.record import (
 
 T = TypeVar("T")
 
-DEFAULT_PORT = 2379
+DEFAULT_PORT = ETCD_DEFAULT_PORT
 
 
 def parse_arbiter_uri(uri: str) -> tuple[str, ...]:
     """``etcd://HOST[:PORT],HOST[:PORT],...`` → endpoints ``("HOST:PORT", ...)``.
 
     With more than one endpoint every host must be an IPv4 address (gRPC's ``ipv4:``
-    target); one endpoint may be a host name.
+    target); one endpoint may be a host name.  The parser is the config's
+    (:func:`kemari.config.parse_etcd_uri`, so ``ha =`` is checked once at load); here
+    its error is an :class:`ArbiterError`.
     """
-    scheme = "etcd://"
-    if not uri.startswith(scheme) or len(uri) == len(scheme):
-        raise ArbiterError(f"arbiter {uri!r}: expected etcd://HOST[:PORT][,HOST[:PORT]...]")
-    endpoints = []
-    for part in uri[len(scheme) :].rstrip("/").split(","):
-        host, sep, port = part.partition(":")
-        if not host or (sep and not port.isdigit()) or (port and not 0 < int(port) < 65536):
-            raise ArbiterError(f"arbiter {uri!r}: invalid endpoint {part!r}")
-        endpoints.append(f"{host}:{port or DEFAULT_PORT}")
-    if len(endpoints) > 1:
-        for endpoint in endpoints:
-            octets = endpoint.rpartition(":")[0].split(".")
-            if len(octets) != 4 or not all(o.isdigit() and int(o) < 256 for o in octets):
-                raise ArbiterError(
-                    f"arbiter {uri!r}: with several endpoints each must be an IPv4 address"
-                )
-    return tuple(endpoints)
+    try:
+        return parse_etcd_uri(uri)
+    except ConfigError as exc:
+        raise ArbiterError(str(exc)) from None
 
 
 @dataclass(frozen=True)

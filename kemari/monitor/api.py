@@ -358,6 +358,33 @@ class FailoverInfo:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class HaStatus:
+    """Automatic failover (docs/ha.md): the arbiter as this agent sees it."""
+
+    mode: str  # "manual" (failover is the operator's command) or "etcd"
+    agent: str | None  # this agent's identity in the record
+    endpoints: list[str]
+    term: int | None  # the record's, as last read or written
+    active: str | None  # the agent the record names active
+    protected_by: str | None
+    standby: str | None  # the published standby's agent
+    reachable: bool | None  # the last etcd call succeeded
+    lease_valid: bool | None  # by this agent's own clock, bound to its alive key
+    lease_remaining_s: float | None
+    last_heartbeat_age_s: float | None  # standby: since the active's last frame;
+    # active: since the last acknowledged COMMIT was sent
+    last_change: str  # why the last role change (or refusal to change) happened
+    last_error: str | None
+    withheld: int  # releases the permit refused (docs/ha.md rule 2)
+    fenced: bool
+
+
+MANUAL_HA = HaStatus(
+    "manual", None, [], None, None, None, None, None, None, None, None, "", None, 0, False
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Status:
     """Everything ``query-status`` reports (docs/status.md)."""
 
@@ -386,6 +413,7 @@ class Status:
     storage: str
     disk_copy: list[DiskCopyStatus]
     serial_log: str
+    ha: HaStatus = MANUAL_HA
 
 
 Reply = (

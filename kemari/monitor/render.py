@@ -71,7 +71,29 @@ def status_lines(status: api.Status) -> list[str]:
             f"failed over: resumed from epoch {status.failover.epoch} in "
             f"{status.failover.total_ms} ms"
         )
+    lines += _ha_lines(status.ha)
     return lines
+
+
+def _ha_lines(ha: api.HaStatus) -> list[str]:
+    """Automatic failover: the arbiter's record and lease as this agent sees them."""
+    if ha.mode == "manual":
+        return ["ha: manual (failover is the operator's command)"]
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f} s"
+
+    reach = "reachable" if ha.reachable else f"UNREACHABLE ({ha.last_error})"
+    return [
+        f"ha: etcd {','.join(ha.endpoints)}, {reach}; agent {ha.agent}"
+        + ("; FENCED" if ha.fenced else ""),
+        f"  record: term {ha.term}, active {ha.active}, protected by {ha.protected_by}, "
+        f"standby {ha.standby}",
+        f"  lease {'valid' if ha.lease_valid else 'NOT valid'}, remaining "
+        f"{seconds(ha.lease_remaining_s)}; last heartbeat {seconds(ha.last_heartbeat_age_s)} "
+        f"ago; releases withheld {ha.withheld}",
+        f"  last change: {ha.last_change}",
+    ]
 
 
 _PLAIN_TCP_WARNING = (

@@ -114,6 +114,11 @@ class StandbyReceiver:
         # Whether this standby can still keep its replica (kemari.replica.health).
         self.health = StandbyHealth()
 
+    @property
+    def connected(self) -> bool:
+        """A primary's session is open (handshake done, not ended)."""
+        return self._session is not None
+
     def committed_outputs(self) -> tuple[Output, ...]:
         """The guest outputs of the replica's committed epoch (for failover to release)."""
         epoch = self.applier.committed_epoch

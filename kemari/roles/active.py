@@ -34,7 +34,7 @@ from kemari.qemu.binary import QemuBinary
 from kemari.qemu.cmdline import MachineSpec, StreamNic
 from kemari.qemu.machine import QemuMachine
 from kemari.roles.protection import Protection
-from kemari.transaction.session import Identity, RunState
+from kemari.transaction.session import KEEPALIVE_S, Identity, RunState
 
 
 @contextlib.asynccontextmanager
@@ -59,6 +59,12 @@ async def guest_links(
     finally:
         for end in qemu_ends:
             end.close()
+
+
+def keepalive_interval(config: VMConfig) -> float:
+    """Seconds without a frame after which the active sends a HEARTBEAT: with --ha a
+    quarter of the standby's failure-detection timeout, else the session's default."""
+    return KEEPALIVE_S if config.ha is None else config.ha.detect_s / 4
 
 
 class ActiveRole:
@@ -164,6 +170,7 @@ class ActiveRole:
             disk_tap=self.disk_tap,
             tls=self.config.tls_creds,
             run=self.run,
+            keepalive_s=keepalive_interval(self.config),
         )
         if self.config.storage is StorageMode.REPLICATED:
             self._start_disk_copies(self.protection)

@@ -37,8 +37,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from kemari.config import VMConfig
-from kemari.errors import ConfigError, NetError, StateError
+from kemari.config import StorageMode, VMConfig
+from kemari.errors import ConfigError, KemariError, NetError, StateError
 from kemari.eventtap.gate import EventTap
 from kemari.eventtap.net import NetOutputs
 from kemari.eventtap.outputs import OutputLog
@@ -52,6 +52,7 @@ from kemari.qemu.cmdline import MachineSpec, NbdDisk
 from kemari.roles.active import ActiveRole
 from kemari.roles.failover import Host, Promoted, promote, refuse_without_replica
 from kemari.roles.guestdisks import NBD_EXPORT, GuestDisks, disk_socket
+from kemari.roles.ha import HaDiskPermit, HaPermit, HaSupervisor, Rejoin, TakeOver
 from kemari.roles.standby import StandbyRole
 from kemari.roles.state import RoleState, State
 from kemari.sockets import make_private_dir
@@ -69,10 +70,16 @@ class Agent:
         self.runtime_dir = config.resolved_runtime_dir()
         self.monitor = MonitorServer(config.resolved_monitor())
         self.bridges: list[NetBridge] = []
+        # --ha: the etcd arbiter decides who is active, and permits every release.
+        self.ha = HaSupervisor(config) if config.ha is not None else None
         # Every guest frame passes the event-tap; it holds them while protected.
         self.event_tap = EventTap(
-            config.sync, OutputLog(config.held_frames_max_bytes, config.held_frames_max_count)
+            config.sync,
+            OutputLog(config.held_frames_max_bytes, config.held_frames_max_count),
+            None if self.ha is None else HaPermit(self.ha),
         )
+        if self.ha is not None:
+            self.ha.event_tap = self.event_tap
         self.role: Role | None = None
         self.disks: GuestDisks | None = None  # opened when this host runs the guest
         self.accel_reason = ""
@@ -114,10 +121,18 @@ class Agent:
         await self.monitor.start()
         stack.push_async_callback(self.monitor.close)
         stack.enter_context(self._signal_handlers())
+        claimed: bool | None = None
+        if self.ha is not None:
+            # The lease is revoked last, once QEMU is gone (the stack runs in reverse).
+            stack.push_async_callback(self.ha.close)
+            await self.ha.start(self._stop_requested)
+            claimed = await self.ha.boot(self._stop_requested)
+            if claimed is None:
+                return 0  # stopped before etcd answered
         # The disks close after the role (QEMU first, then the servers it talks to).
         stack.push_async_callback(self._close_disks)
         stack.push_async_callback(self._close_role)
-        if self.config.incoming is not None:
+        if self.config.incoming is not None and not claimed:
             active = await self._serve_as_standby(self.config.incoming)
             if active is None:
                 return 0  # told to stop before any failover
@@ -143,7 +158,42 @@ class Agent:
             f"VM {self.config.name} running (QEMU pid {active.machine.pid}, "
             f"accel {spec.accel}: {self.accel_reason}); monitor at {self.monitor.path}"
         )
+        if self.ha is not None:
+            return await self._run_active_ha(self.ha, active)
         return await active.wait_for_end(self._stop_requested, self.bridges)
+
+    async def _run_active_ha(self, ha: HaSupervisor, active: ActiveRole) -> int:
+        """The active with --ha: the guest runs until it ends, or the arbiter says this
+        agent must fence itself (docs/ha.md rule 5): then the agent stays ``fenced``."""
+        guard = asyncio.create_task(ha.guard_active(active), name="ha-guard-active")
+        end = asyncio.create_task(active.wait_for_end(self._stop_requested, self.bridges))
+        try:
+            await asyncio.wait({guard, end}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            guard.cancel()
+        if end.done():
+            return end.result()
+        end.cancel()
+        with contextlib.suppress(asyncio.CancelledError, KemariError):
+            await end
+        await self._fence(ha, active, guard.result())
+        await self._stop_requested.wait()
+        return 0
+
+    async def _fence(self, ha: HaSupervisor, active: ActiveRole, reason: str) -> None:
+        """Rule 5: release nothing more, pause the guest, stop QEMU; never resume."""
+        ha.fenced = True
+        discarded = self.event_tap.fence()
+        if self.disks is not None:
+            discarded += self.disks.tap.fence()
+        with contextlib.suppress(KemariError, OSError):
+            await active.machine.execute("stop")
+        await self._close_role()
+        await ha.arbiter.stop_renewing()
+        why = f"fenced: {reason} ({discarded} held outputs discarded)"
+        ha.last_change = why
+        self._to(State.FENCED, why)
+        self._say(f"VM {self.config.name} {why}; QEMU stopped; restart the agent to rejoin")
 
     async def _serve_as_standby(self, uri: str) -> ActiveRole | None:
         """Keep the replica until a failover succeeds (the new active role) or a stop (None).
@@ -154,6 +204,7 @@ class Agent:
         """
         standby = await StandbyRole.start(self.config, uri)
         self.role = standby
+        auto: asyncio.Task[TakeOver | Rejoin] | None = None
         replica_dir = self.config.resolved_replica_dir()
         self._to(State.STANDBY, f"listening on {standby.listening}")
         self._say(
@@ -161,16 +212,36 @@ class Agent:
             f"replica in {replica_dir}; monitor at {self.monitor.path}"
         )
         while True:
+            if self.ha is not None and auto is None:
+                auto = asyncio.create_task(self.ha.guard_standby(standby), name="ha-guard")
             stop = asyncio.create_task(self._stop_requested.wait())
             asked = asyncio.create_task(self._promotion_requested.wait())
+            waits: set[asyncio.Future[object]] = {stop, asked}  # type: ignore[arg-type]
+            if auto is not None:
+                waits.add(auto)  # type: ignore[arg-type]
             try:
-                await asyncio.wait({stop, asked}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stop.cancel()
                 asked.cancel()
+                if auto is not None and not auto.done():
+                    auto.cancel()
             if self._stop_requested.is_set():
                 return None
-            self._promotion_requested.clear()
+            if auto is not None and auto.done() and not auto.cancelled():
+                outcome = auto.result()
+                auto = None
+                if isinstance(outcome, Rejoin):
+                    # The receiver was closed for a takeover that the record refused.
+                    await self._close_role()
+                    standby = await StandbyRole.start(self.config, uri)
+                    self.role = standby
+                    continue
+                self._to(State.PROMOTING, f"automatic failover: {outcome.reason}")
+                self._promotion = asyncio.get_running_loop().create_future()
+            else:
+                auto = None
+                self._promotion_requested.clear()
             promotion = self._promotion
             assert promotion is not None
             try:
@@ -186,6 +257,8 @@ class Agent:
                 raise
             self.role = promoted.role
             self._to(State.ACTIVE, f"failed over: resumed from epoch {promoted.reply.epoch}")
+            if self.ha is not None:
+                self.ha.promoted(promoted.role)
             promotion.set_result(promoted)
             return promoted.role
 
@@ -204,6 +277,10 @@ class Agent:
         if self.disks is not None:
             raise StateError(f"the disks of VM {self.config.name} are open already")
         self.disks = await GuestDisks.open(self.config, self.runtime_dir)
+        if self.ha is not None and self.config.storage is StorageMode.SHARED:
+            # One disk writer (docs/ha.md invariant 5): writes ask the arbiter too.
+            self.disks.tap.set_permit(HaDiskPermit(self.ha))
+            self.ha.disk_tap = self.disks.tap
         return self.disks
 
     async def _close_disks(self) -> None:
@@ -317,6 +394,12 @@ class Agent:
         """``failover``: ask the agent's task to promote this standby; wait for the outcome."""
         if not isinstance(self.role, StandbyRole) or self.state.state is not State.STANDBY:
             raise ConfigError(f"VM {self.config.name} is not a standby ({self.state.state.value})")
+        if self.ha is not None:
+            # Only a won take_over may start the guest here (docs/ha.md rule 4).
+            raise ConfigError(
+                f"VM {self.config.name} runs with --ha: the standby takes over by itself "
+                "when it has lost the active and the arbiter agrees"
+            )
         refuse_without_replica(self.role)  # refused before anything changes: still a standby
         self._to(State.PROMOTING, "monitor: failover")
         promotion: asyncio.Future[Promoted] = asyncio.get_running_loop().create_future()
@@ -373,6 +456,7 @@ class Agent:
             storage=self.config.storage.value,
             disk_copy=[] if active is None else active.disk_copy_status(),
             serial_log=str(self.config.resolved_serial_log()),
+            ha=api.MANUAL_HA if self.ha is None else self.ha.status(),
         )
 
 

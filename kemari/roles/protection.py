@@ -35,7 +35,7 @@ from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.gate import EventTap
 from kemari.outputs import Output
 from kemari.qemu.machine import QemuMachine
-from kemari.transaction.session import Identity, PrimarySession, RunState
+from kemari.transaction.session import KEEPALIVE_S, Identity, PrimarySession, RunState
 from kemari.transaction.transport import connect
 
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -81,6 +81,7 @@ class Protection:
         disk_tap: DiskTap | None = None,
         tls: TlsCreds | None = None,
         run: RunState | None = None,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> Protection:
         """Connect to the standby at ``uri`` and start the initial sync in the background.
 
@@ -104,7 +105,9 @@ class Protection:
         except BaseException:
             await transport.close()
             raise
-        session.start_keepalive()
+        # A HEARTBEAT whenever nothing was sent for keepalive_s (with --ha a quarter of
+        # the standby's failure-detection timeout, so an idle guest never looks lost).
+        session.start_keepalive(keepalive_s)
         outputs_of = _outputs_of(event_tap, disk_tap)
         sender = TransactionSender(session, outputs_of=outputs_of)
         source = CheckpointSource(machine, sender, epoch_ms=epoch_ms)

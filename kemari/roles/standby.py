@@ -65,6 +65,8 @@ class StandbyRole:
                 disks,
                 tls=config.tls_creds,
                 max_ram_bytes=config.memory_mib << 20,
+                # --ha: a primary silent for the failure-detection timeout is lost.
+                **({} if config.ha is None else {"idle_timeout": config.ha.detect_s}),
             )
             await receiver.start()
             role = cls(config, receiver, disks, stack.pop_all())

@@ -1,0 +1,442 @@
+"""Automatic failover with real guests, a real three-member etcd and real kills (issue 9).
+
+One testbed for the module: two host namespaces ``a`` and ``b``, a client namespace and
+three etcd members on one LAN (kemari.testbed.topology, kemari.testbed.etcd).  Both
+agents run the SAME command: ``kemari run ... --ha etcd://... --incoming
+kemari:tcp:<own address>``; the record decides who boots the guest and who is the
+standby; no ``migrate`` or ``failover`` is ever typed.  A client stores records back
+to back on ONE TCP connection for the whole module and logs every acknowledged one.
+
+The tests run in order and continue from each other's end state:
+
+1. (issue scenario 1) kill -9 of the active's QEMU and agent → the standby takes over
+   by itself; the client's connection carries on; the split of the takeover time is
+   printed.
+2. (scenario 6) the killed host's agent is started again with the same command → it
+   joins as the standby and the pair is protected again (replicated storage: a fresh
+   disk copy), with no command typed.
+3. (scenario 8) one etcd member of three killed during protection → nothing changes.
+4. (scenario 2) SIGSTOP of the active agent beyond the detection timeout → takeover;
+   after SIGCONT the old active fences itself; captures show nothing it sent after.
+5. (scenario 5) every etcd member cut off: the protected pair goes on, status says
+   unreachable; the active killed → no takeover while etcd is unreachable.
+6. (scenario 3) the link between the hosts cut, etcd reachable: the standby takes over,
+   the active fences itself, nothing leaves its host after the takeover.
+7. (scenario 4) the protected active cut from etcd only: it goes on, past its lease.
+At the end the acknowledged records must be exactly the first stored ones, in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+from support.soak import GUEST_IP, GUEST_MAC, records_agent_args
+
+from kemari.config import StorageMode
+from kemari.errors import KemariError
+from kemari.image.disk import create_data_disk
+from kemari.testbed.etcd import EtcdLab
+from kemari.testbed.topology import Namespace, Topology
+from kemari.testbed.vm import AgentProcess
+from kemari.testbed.wait import wait_for
+
+pytestmark = [
+    pytest.mark.guest,
+    pytest.mark.root,
+    pytest.mark.usefixtures("image_and_patched_qemu"),
+]
+
+# The records guest of tests/support/soak.py (its address is in the shared arguments).
+SUBNET = GUEST_IP.rpartition(".")[0]
+HOST_IPS = {"a": f"{SUBNET}.21", "b": f"{SUBNET}.22"}
+CLIENT_IP = f"{SUBNET}.100"
+PORT = 7300
+VM = "hapair"
+DISK_MIB = 64
+STORAGE = StorageMode.REPLICATED
+PROTECT_TIMEOUT_S = 240.0
+TAKEOVER_TIMEOUT_S = 60.0
+
+
+class HaPair:
+    """The testbed, the agents (one per host at a time) and the client."""
+
+    def __init__(
+        self, topology: Topology, lab: EtcdLab, workdir: Path, storage: StorageMode = STORAGE
+    ) -> None:
+        self.storage = storage
+        self.topology = topology
+        self.lab = lab
+        self.workdir = workdir
+        self.hosts: dict[str, Namespace] = {
+            host: topology.add_host(host, f"{ip}/24") for host, ip in HOST_IPS.items()
+        }
+        self.client_ns = topology.add_client("client", f"{CLIENT_IP}/24")
+        self.agents: dict[str, AgentProcess] = {}
+        self.all_agents: list[AgentProcess] = []
+        self.starts = 0
+        self.images = {host: workdir / f"{host}.raw" for host in HOST_IPS}
+        create_data_disk(self.images["a"], DISK_MIB)
+        if storage is StorageMode.SHARED:
+            self.images["b"] = self.images["a"]  # one image both hosts see
+        else:
+            with self.images["b"].open("wb") as handle:  # empty: the initial copy fills it
+                handle.truncate(DISK_MIB << 20)
+        self.acked_log = workdir / "acked.log"
+        self.client: subprocess.Popen[bytes] | None = None
+        self._files: list[IO[bytes]] = []
+
+    def start_agent(self, host: str) -> AgentProcess:
+        """The same command on every host: only the address differs."""
+        self.starts += 1
+        label = f"{host}{self.starts}"
+        replica_dir = Path(f"/dev/shm/kemari-ha-{os.getpid()}-{label}")
+        args = [
+            *records_agent_args(self.images[host], self.storage),
+            "--ha", self.lab.uri,
+            "--incoming", f"kemari:tcp:{HOST_IPS[host]}:{PORT}",
+            "--replica-dir", str(replica_dir),
+        ]  # fmt: skip
+        agent = AgentProcess(VM, self.workdir, args, self.hosts[host], label)
+        self.agents[host] = agent
+        self.all_agents.append(agent)
+        return agent
+
+    def start_client(self) -> None:
+        acked = self.acked_log.open("wb")
+        errors = (self.workdir / "client.log").open("wb")
+        self._files = [acked, errors]
+        self.client = self.client_ns.popen(
+            [sys.executable, "-m", "kemari.testbed.records", GUEST_IP, "loop", "--prefix", "ha"],
+            stdin=subprocess.PIPE, stdout=acked, stderr=errors,
+        )  # fmt: skip
+
+    def acked(self) -> int:
+        assert self.client is not None
+        if self.client.poll() is not None:
+            errors = (self.workdir / "client.log").read_text(errors="replace")[-800:]
+            raise KemariError(f"the client exited {self.client.returncode}: {errors}")
+        return self.acked_log.read_bytes().count(b"\n")
+
+    def close(self) -> None:
+        if self.client is not None and self.client.poll() is None:
+            self.client.kill()
+            self.client.wait()
+        for handle in self._files:
+            handle.close()
+        # Standbys first: a stopped active's standby would otherwise take over.
+        for agent in sorted(self.all_agents, key=_is_active):
+            agent.stop()
+        for path in Path("/dev/shm").glob(f"kemari-ha-{os.getpid()}-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_active(agent: AgentProcess) -> bool:
+    if agent.process.poll() is not None:
+        return False
+    try:
+        return bool(agent.status()["role"] == "active")
+    except KemariError:
+        return False
+
+
+def status(agent: AgentProcess) -> dict[str, Any]:
+    return agent.status()
+
+
+def protected_pair(active: AgentProcess, standby: AgentProcess) -> bool:
+    """The record says ``active`` is protected by ``standby`` (as the active read it)."""
+    ha_active = status(active)["ha"]
+    ha_standby = status(standby)["ha"]
+    return (
+        ha_active["active"] == ha_active["agent"]
+        and ha_active["protected_by"] == ha_standby["agent"]
+        and status(active)["protection"] == "protected"
+    )
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HaPair]:
+    workdir = tmp_path_factory.mktemp("ha")
+    with Topology() as topology, EtcdLab(3, subnet=SUBNET, topology=topology) as lab:
+        ha_pair = HaPair(topology, lab, workdir)
+        try:
+            yield ha_pair
+        finally:
+            ha_pair.close()
+
+
+def test_1_kill_of_the_active_the_standby_takes_over_by_itself(pair: HaPair) -> None:
+    a = pair.start_agent("a")
+    a.wait_serial(r"workload records ready")
+    a.wait_monitor()
+    assert status(a)["ha"]["active"] == status(a)["ha"]["agent"]  # it claimed the record
+    pair.start_client()
+    b = pair.start_agent("b")
+    b.wait_monitor()
+    assert status(b)["state"] == "standby"
+    started = time.monotonic()
+    wait_for(lambda: protected_pair(a, b), "a protected by b in the record", PROTECT_TIMEOUT_S)
+    print(f"protected with no command in {time.monotonic() - started:.1f} s")
+    wait_for(lambda: pair.acked() > 5, "records acknowledged while protected", 60)
+
+    acked_at_kill = pair.acked()
+    qemu_pid = status(a)["qemu_pid"]
+    killed_at = time.monotonic()
+    os.kill(qemu_pid, signal.SIGKILL)
+    os.kill(a.process.pid, signal.SIGKILL)
+    a.process.wait(30)
+
+    wait_for(lambda: status(b)["state"] == "active", "b active by itself", TAKEOVER_TIMEOUT_S)
+    active_at = time.monotonic()
+    wait_for(lambda: pair.acked() > acked_at_kill, "the client's next ack", TAKEOVER_TIMEOUT_S)
+    resumed_at = time.monotonic()
+    after = status(b)
+    assert after["ha"]["active"] == after["ha"]["agent"]
+    assert after["ha"]["term"] == 2
+    assert "took over" in after["ha"]["last_change"]
+    print(
+        f"takeover: kill → b active {(active_at - killed_at) * 1000:.0f} ms "
+        f"(QEMU from replica {after['failover']['total_ms']:.0f} ms), kill → client's next "
+        f"ack {(resumed_at - killed_at):.2f} s; {after['ha']['last_change']}"
+    )
+
+
+def test_6_the_killed_host_restarts_with_the_same_command_and_is_protected_again(
+    pair: HaPair,
+) -> None:
+    b = pair.agents["b"]
+    assert status(b)["state"] == "active"
+    a = pair.start_agent("a")  # the same command as at the start
+    a.wait_monitor()
+    wait_for(lambda: status(a)["state"] == "standby", "a joined as standby", 60)
+    started = time.monotonic()
+    wait_for(lambda: protected_pair(b, a), "b protected by a again", PROTECT_TIMEOUT_S)
+    print(f"re-protected (fresh disk copy) with no command in {time.monotonic() - started:.1f} s")
+    acked = pair.acked()
+    wait_for(lambda: pair.acked() > acked + 3, "records acknowledged after rejoin", 60)
+
+
+def test_8_one_etcd_member_of_three_killed_during_protection_changes_nothing(
+    pair: HaPair,
+) -> None:
+    active, standby = pair.agents["b"], pair.agents["a"]
+    assert protected_pair(active, standby)
+    term = status(active)["ha"]["term"]
+    victim = pair.lab.leader()
+    pair.lab.kill(victim.name)
+    try:
+        acked = pair.acked()
+        wait_for(lambda: pair.acked() > acked + 5, "records acknowledged, member down", 60)
+        assert protected_pair(active, standby)
+        assert status(active)["state"] == "active" and status(standby)["state"] == "standby"
+        assert status(active)["ha"]["term"] == term
+        assert status(active)["ha"]["withheld"] == 0 or status(active)["ha"]["fenced"] is False
+    finally:
+        pair.lab.restart(victim.name)
+
+
+def pcap_records(path: Path) -> list[tuple[float, bytes]]:
+    """(wall-clock time, frame) of each frame in a classic pcap file."""
+    data = path.read_bytes()
+    if len(data) < 24:
+        return []
+    assert struct.unpack_from("<I", data)[0] == 0xA1B2C3D4
+    frames = []
+    position = 24
+    while position + 16 <= len(data):
+        seconds, micros, captured, _ = struct.unpack_from("<IIII", data, position)
+        frames.append((seconds + micros / 1e6, data[position + 16 : position + 16 + captured]))
+        position += 16 + captured
+    return frames
+
+
+@contextlib.contextmanager
+def capture(namespace: Namespace, interface: str, path: Path) -> Iterator[Path]:
+    """tcpdump --immediate-mode of every frame from the guest's MAC arriving on
+    ``interface`` (``-Q in``: on a LAN port, what that host sent, not the floods to it)."""
+    process = namespace.popen(
+        ["tcpdump", "--immediate-mode", "-Q", "in", "-i", interface, "-U", "-w", str(path),
+         "ether", "src", GUEST_MAC],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    process.stderr.readline()  # "listening on ...": the capture is armed
+    try:
+        yield path
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_2_a_frozen_active_is_replaced_and_fences_itself_after_sigcont(pair: HaPair) -> None:
+    """SIGSTOP of the active agent beyond the detection timeout → takeover; after SIGCONT
+    the old active fences itself, and nothing it sends reaches the network: every guest
+    frame the client captures after the SIGCONT also left the new active's host."""
+    old, new = pair.agents["b"], pair.agents["a"]
+    assert protected_pair(old, new)
+    lan = pair.topology.lan
+    assert lan is not None
+    workdir = pair.workdir
+    with (
+        capture(pair.client_ns, "eth0", workdir / "client.pcap") as client_pcap,
+        capture(lan, "to-b", workdir / "old-host.pcap") as old_pcap,
+        capture(lan, "to-a", workdir / "new-host.pcap") as new_pcap,
+    ):
+        stopped_at = time.monotonic()
+        os.kill(old.process.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: status(new)["state"] == "active", "the standby took over", 60)
+            active_after = time.monotonic() - stopped_at
+            acked = pair.acked()
+            wait_for(lambda: pair.acked() > acked, "the client's ack from the new active", 60)
+        finally:
+            cont_wall = time.time()
+            os.kill(old.process.pid, signal.SIGCONT)
+        wait_for(lambda: status(old)["state"] == "fenced", "the old active fenced itself", 60)
+        fenced = status(old)
+        acked = pair.acked()
+        wait_for(lambda: pair.acked() > acked + 3, "records acknowledged after the fence", 60)
+        end_wall = time.time()  # the captures stop after this, the new host's first
+    print(
+        f"SIGSTOP → standby active in {active_after * 1000:.0f} ms; old active: "
+        f"{fenced['state_reason']}"
+    )
+    assert fenced["ha"]["fenced"] is True and fenced["qemu_pid"] is None
+    late_old = [frame for at, frame in pcap_records(old_pcap) if at >= cont_wall]
+    assert late_old == [], f"{len(late_old)} frames left the fenced host after SIGCONT"
+    new_frames = {frame for _, frame in pcap_records(new_pcap)}
+    late_client = [frame for at, frame in pcap_records(client_pcap) if cont_wall <= at <= end_wall]
+    assert late_client, "the client saw no guest frame after the SIGCONT"
+    strangers = [frame for frame in late_client if frame not in new_frames]
+    assert strangers == [], f"{len(strangers)} of {len(late_client)} not from the new host"
+
+
+def test_5_etcd_unreachable_the_pair_goes_on_and_a_kill_leads_to_no_takeover(
+    pair: HaPair,
+) -> None:
+    """Replicated storage, every etcd member cut off: the protected pair keeps serving
+    (rule 2 a) and says etcd is unreachable; the active killed → the standby does NOT
+    take over while etcd is unreachable, and says why; healed → it takes over."""
+    pair.agents["b"].stop()  # the fenced agent from test 2
+    active = pair.agents["a"]
+    standby = pair.start_agent("b")
+    standby.wait_monitor()
+    wait_for(lambda: protected_pair(active, standby), "a protected by b", PROTECT_TIMEOUT_S)
+    members = [member.name for member in pair.lab.members]
+    for name in members:
+        pair.lab.cut(name)
+    try:
+        wait_for(
+            lambda: (
+                status(active)["ha"]["reachable"] is False
+                and status(standby)["ha"]["reachable"] is False
+            ),
+            "both agents see etcd unreachable",
+            30,
+        )
+        acked = pair.acked()
+        wait_for(lambda: pair.acked() > acked + 5, "records acknowledged without etcd", 60)
+        assert status(active)["state"] == "active" and protected_pair(active, standby)
+        os.kill(status(active)["qemu_pid"], signal.SIGKILL)
+        os.kill(active.process.pid, signal.SIGKILL)
+        active.process.wait(30)
+        wait_for(
+            lambda: "cannot take over" in status(standby)["ha"]["last_change"],
+            "the standby saying why it does not take over",
+            30,
+        )
+        assert status(standby)["state"] == "standby"
+        print(f"etcd unreachable, active killed: {status(standby)['ha']['last_change']}")
+    finally:
+        for name in members:
+            pair.lab.heal(name)
+    wait_for(lambda: status(standby)["state"] == "active", "takeover once etcd is back", 60)
+    acked = pair.acked()
+    wait_for(lambda: pair.acked() > acked, "the client's ack after the late takeover", 60)
+
+
+def test_3_partition_between_active_and_standby_with_etcd_reachable(pair: HaPair) -> None:
+    """The replication link cut (blackhole routes between the two hosts), both still
+    reaching etcd and the client: the standby takes over (it protects the active in the
+    record); the active, whose commits are no longer acknowledged, holds its outputs,
+    loses drop_standby and fences itself; no guest frame leaves its host once the
+    standby runs the guest."""
+    active = pair.agents["b"]  # active since test 5
+    standby = pair.start_agent("a")
+    standby.wait_monitor()
+    wait_for(lambda: protected_pair(active, standby), "b protected by a", PROTECT_TIMEOUT_S)
+    lan = pair.topology.lan
+    assert lan is not None
+    routes = [("a", HOST_IPS["b"]), ("b", HOST_IPS["a"])]
+    with capture(lan, "to-b", pair.workdir / "partitioned-old.pcap") as old_pcap:
+        for host, peer in routes:
+            pair.hosts[host].run(["ip", "route", "add", "blackhole", f"{peer}/32"])
+        try:
+            wait_for(lambda: status(standby)["state"] == "active", "the standby took over", 60)
+            active_wall = time.time()  # the new guest runs from here (or earlier)
+            wait_for(lambda: status(active)["state"] == "fenced", "the old active fenced", 60)
+            fenced = status(active)
+            acked = pair.acked()
+            wait_for(lambda: pair.acked() > acked + 3, "records from the new active", 60)
+        finally:
+            for host, peer in routes:
+                pair.hosts[host].run(["ip", "route", "del", "blackhole", f"{peer}/32"])
+    print(f"partition: old active {fenced['state_reason']}")
+    late = [frame for at, frame in pcap_records(old_pcap) if at >= active_wall]
+    assert late == [], f"{len(late)} guest frames left the fenced host after the takeover"
+    assert fenced["ha"]["fenced"] is True
+
+
+def test_4_a_protected_active_cut_from_etcd_goes_on(pair: HaPair) -> None:
+    """The active's host loses etcd (blackhole routes to every member), the replication
+    link and the standby's etcd stay: the protected active goes on (rule 2 a), says etcd
+    is unreachable; nothing changes in the record; after healing it is reachable again."""
+    active = pair.agents["a"]  # active since test 3
+    pair.agents["b"].stop()  # fenced in test 3
+    standby = pair.start_agent("b")
+    standby.wait_monitor()
+    wait_for(lambda: protected_pair(active, standby), "a protected by b", PROTECT_TIMEOUT_S)
+    term = status(active)["ha"]["term"]
+    members = [member.ip for member in pair.lab.members]
+    for ip in members:
+        pair.hosts["a"].run(["ip", "route", "add", "blackhole", f"{ip}/32"])
+    try:
+        wait_for(lambda: status(active)["ha"]["reachable"] is False, "a sees etcd gone", 30)
+        # Longer than the lease: the protected active must not fence itself.
+        wait_for(lambda: status(active)["ha"]["lease_valid"] is False, "a's lease lapsed", 30)
+        acked = pair.acked()
+        wait_for(lambda: pair.acked() > acked + 5, "records with the active cut from etcd", 60)
+        assert status(active)["state"] == "active" and status(standby)["state"] == "standby"
+        assert status(standby)["ha"]["reachable"] is True
+        assert status(standby)["ha"]["term"] == term
+    finally:
+        for ip in members:
+            pair.hosts["a"].run(["ip", "route", "del", "blackhole", f"{ip}/32"])
+    wait_for(lambda: status(active)["ha"]["lease_valid"] is True, "a's lease re-bound", 60)
+    assert protected_pair(active, standby) and status(active)["ha"]["term"] == term
+
+
+def test_records_acknowledged_are_stored_in_order(pair: HaPair) -> None:
+    assert pair.client is not None and pair.client.stdin is not None
+    pair.client.stdin.close()
+    assert pair.client.wait(180) == 0, "the client's single connection did not survive"
+    acked = pair.acked_log.read_text().split()
+    listing = pair.client_ns.run(
+        [sys.executable, "-m", "kemari.testbed.records", GUEST_IP, "get"], timeout=120
+    )
+    stored = [p for p in json.loads(listing.stdout) if p.startswith("ha-")]
+    assert stored[: len(acked)] == acked and len(stored) <= len(acked) + 1
+    print(f"{len(acked)} records acknowledged, {len(stored)} stored")
