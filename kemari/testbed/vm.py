@@ -103,23 +103,28 @@ class AgentProcess:
         )
 
     def wait_monitor(self, timeout: float = 60.0) -> None:
-        """Wait until the agent's monitor answers."""
+        """Wait until the agent's monitor answers and the agent has taken its first role.
+
+        The monitor answers from early in the start-up, before a standby's receiver
+        listens or an active's QEMU runs: a test that went on then would race them.
+        """
         last_error = ""
 
         def answers() -> bool:
             nonlocal last_error
             try:
-                self.monitor("info", "status")
+                state = str(self.status()["state"])
             except KemariError as exc:
                 if self.process.poll() is not None:
                     raise
                 last_error = str(exc)
                 return False
-            return True
+            last_error = f"state {state}"
+            return state != "starting"
 
         wait_for(
             answers,
-            f"{self.label}'s monitor to answer",
+            f"{self.label}'s monitor to answer with a role taken",
             timeout,
             interval=0.1,
             detail=lambda: f"last error: {last_error}",
