@@ -37,6 +37,7 @@ from kemari.image.disk import create_data_disk
 from kemari.testbed.etcd import EtcdLab
 from kemari.testbed.topology import Namespace, Topology
 from kemari.testbed.vm import AgentProcess
+from kemari.testbed.wait import wait_for
 from kemari.transaction.pki import make_credentials
 
 GUEST_IP = "10.213.0.2"
@@ -151,22 +152,30 @@ def _auto_failover_act(lab: Topology, workdir: Path) -> int:
     step("automatic failover: a one-member etcd on the LAN (10.213.0.10)")
     hosts = {"east": "10.213.0.21", "west": "10.213.0.22"}
     namespaces = {name: lab.add_host(name, f"{ip}/24") for name, ip in hosts.items()}
+    creds = workdir / "pki-auto"
+    make_credentials(creds, tls_name_for("auto"))
     with EtcdLab(1, subnet="10.213.0", topology=lab) as etcd:
 
-        def agent(name: str) -> AgentProcess:
+        def agent(name: str, label: str) -> AgentProcess:
             args = [
-                "--workload", "ticks", "--ha", etcd.uri,
+                "--workload", "ticks", "--ha", etcd.uri, "--tls-creds", str(creds),
                 "--incoming", f"kemari:tcp:{hosts[name]}:{PROTECTION_PORT}",
-                "--replica-dir", str(workdir / f"replica-{name}"),
+                "--replica-dir", str(workdir / f"replica-{label}"),
             ]  # fmt: skip
-            return AgentProcess("auto", workdir, args, namespaces[name], label=name)
+            return AgentProcess("auto", workdir, args, namespaces[name], label=label)
 
-        step(f"both hosts: kemari run --workload ticks --ha {etcd.uri} --incoming <own address>")
-        east = agent("east")
+        def protected_by(active: AgentProcess, standby: AgentProcess) -> bool:
+            return bool(active.status()["ha"]["protected_by"] == standby.status()["ha"]["agent"])
+
+        step(
+            f"both hosts: kemari run --workload ticks --ha {etcd.uri} --tls-creds DIR "
+            "--incoming <own address>"
+        )
+        east = agent("east", "east")
         with east:
             east.wait_monitor()
             east.wait_serial(r"tick 3\b")
-            west = agent("west")
+            west = agent("west", "west")
             with west:
                 west.wait_monitor()
                 deadline = time.monotonic() + 120
@@ -193,6 +202,18 @@ def _auto_failover_act(lab: Topology, workdir: Path) -> int:
                 time.sleep(2)
                 for line in west.serial_text().splitlines()[:4]:
                     print(f"    | {line}")
+                step("east's host comes back and runs the same command: it joins as the standby")
+                restarted = time.monotonic()
+                with agent("east", "east-again") as east_again:
+                    east_again.wait_monitor()
+                    wait_for(lambda: protected_by(west, east_again), "re-protection", 120)
+                    print(
+                        f"    west is protected by east again {time.monotonic() - restarted:.1f} s "
+                        "after the restart; no command typed:"
+                    )
+                    ha_lines = west.monitor("info", "status").text.split("\nha: ", 1)[1]
+                    print("    ha: " + ha_lines.replace("\n", "\n    "))
+                    east_again.stop()  # the standby first: a stopped active would be taken over
                 return west.stop()
 
 
