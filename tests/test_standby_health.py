@@ -51,6 +51,17 @@ def lines(agent: AgentProcess, marker: str) -> list[str]:
     return [line for line in agent.agent_output().splitlines() if marker in line]
 
 
+def assert_one_line_each(active: AgentProcess, standby: AgentProcess) -> None:
+    """One line on each side says why protection ended.
+
+    The status says ``unprotected`` from the moment the source starts releasing the
+    guest; the primary's line follows once QEMU has resumed it, so it is waited for.
+    """
+    for agent, marker in ((active, "protection lost:"), (standby, "cannot keep its replica")):
+        wait_for(lambda a=agent, m=marker: lines(a, m), f"{agent.label}'s {marker!r} line", 30)
+        assert len(lines(agent, marker)) == 1, agent.agent_output()
+
+
 def unprotected(active: AgentProcess) -> bool:
     return bool(active.status()["protection"] == "unprotected")
 
@@ -100,8 +111,7 @@ def test_a_deleted_standby_image_ends_protection_and_a_new_sync_resets_it(
         assert "was deleted" in health["health_reason"], health
         reason = active.status()["replication"]["reason"]
         assert "cannot keep its replica" in reason and "deleted" in reason, reason
-        assert len(lines(active, "protection lost:")) == 1, active.agent_output()
-        assert len(lines(standby, "cannot keep its replica")) == 1, standby.agent_output()
+        assert_one_line_each(active, standby)
         assert "HEALTH failed" in standby.monitor("info", "status").text
         # Refused before anything changes: still a standby.
         with pytest.raises(KemariError, match="was deleted"):
@@ -174,8 +184,7 @@ def test_a_full_replica_file_system_keeps_the_last_replica_for_failover(
         assert "space" in status["health_reason"], status
         kept = status["epoch"]
         assert kept is not None and kept >= 1, status
-        assert len(lines(active, "protection lost:")) == 1, active.agent_output()
-        assert len(lines(standby, "cannot keep its replica")) == 1, standby.agent_output()
+        assert_one_line_each(active, standby)
         # A new session while the file system is still full: its sync fails cleanly and
         # the last good replica stays (it is replaced only once a new one commits).
         active.monitor("migrate", "-d", uri)
