@@ -174,12 +174,15 @@ def test_a_full_log_pauses_the_guest_nic_drops_nothing_and_resumes(
     with bounded_pair(lab, tmp_path) as (primary, standby, client_ns, stored):
         burst = start_burst(client_ns)
         protect(primary)
+
         # A frame the guest sent just now (an ARP answer, say) waits for the next
-        # periodic checkpoint: start from a settled log, not from whatever is in flight.
-        tap = wait_for(
-            lambda: (tap := primary.status()["eventtap"])["held"] == 0 and tap,
-            "the event-tap to hold nothing after the initial sync",
-        )
+        # checkpoint (epoch_ms is 10 minutes here): start from a settled log.
+        def settled() -> dict[str, Any] | None:
+            primary.monitor("checkpoint")
+            tap: dict[str, Any] = primary.status()["eventtap"]
+            return tap if tap["held"] == 0 else None
+
+        tap = wait_for(settled, "the event-tap to hold nothing after the initial sync", 30)
         assert tap["max_bytes"] == HELD_MAX and tap["pauses"] == 0, tap
         released = tap["released"]
 
