@@ -8,6 +8,7 @@ Certificates come from ``kemari pki`` (kemari/transaction/pki.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -18,7 +19,7 @@ import textwrap
 import time
 import tracemalloc
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,13 @@ from kemari.transaction.session import (
     SendTimeout,
     StandbySession,
 )
-from kemari.transaction.transport import Listener, Transport, TransportClosed, connect
+from kemari.transaction.transport import (
+    PRE_HANDSHAKE_BYTES,
+    Listener,
+    Transport,
+    TransportClosed,
+    connect,
+)
 from kemari.transaction.wire import (
     HEADER,
     MAGIC,
@@ -100,6 +107,28 @@ async def _with_receiver(
         applier.close()
 
 
+@contextlib.asynccontextmanager
+async def _loopback_listener(
+    tls: TlsCreds | None = None, *, pre_handshake_bytes: int | None = PRE_HANDSHAKE_BYTES
+) -> AsyncIterator[Listener]:
+    """A standby's listener on a free loopback port, closed on exit."""
+    listener = Listener("kemari:tcp:127.0.0.1:0", tls=tls, pre_handshake_bytes=pre_handshake_bytes)
+    await listener.start()
+    try:
+        yield listener
+    finally:
+        await listener.close()
+
+
+async def _connected(
+    listener: Listener, tls: TlsCreds | None = None
+) -> tuple[Transport, Transport]:
+    """A client connection to ``listener`` and its accepted end: (client, server)."""
+    accepted: asyncio.Task[Transport] = asyncio.create_task(listener.accept())
+    client = await connect(str(listener.bound), 5, tls=tls)
+    return client, await accepted
+
+
 async def _sync(session: PrimarySession, checkpoints: int, blocks=(BLOCK,)) -> None:
     """An initial sync (epoch 0) and ``checkpoints`` checkpoints, each page tagged."""
     await session.send(Begin(0))
@@ -149,12 +178,8 @@ def _run_process(code: str, *args: str, timeout: float = 30) -> subprocess.Compl
 
 def test_tls_session_is_mutually_authenticated_tls13(pki: Path) -> None:
     async def scenario() -> tuple[str, str, bool, bool]:
-        listener = Listener("kemari:tcp:127.0.0.1:0", tls=creds(pki))
-        await listener.start()
-        try:
-            accepted: asyncio.Task[Transport] = asyncio.create_task(listener.accept())
-            client = await connect(str(listener.bound), 5, tls=creds(pki))
-            server = await accepted
+        async with _loopback_listener(creds(pki)) as listener:
+            client, server = await _connected(listener, creds(pki))
             standby = asyncio.create_task(StandbySession.handshake(server, IDENTITY, 5))
             primary = await PrimarySession.handshake(client, IDENTITY, 5)
             await standby
@@ -164,8 +189,6 @@ def test_tls_session_is_mutually_authenticated_tls13(pki: Path) -> None:
             await primary.close()
             await server.close()
             return (*versions, client.tls, server.tls)
-        finally:
-            await listener.close()
 
     assert asyncio.run(scenario()) == ("TLSv1.3", "TLSv1.3", True, True)
 
@@ -251,14 +274,11 @@ def test_primary_refuses_a_standby_certificate_of_another_ca_or_pair(
     pki: Path, server_creds: tuple[str, str], expected: str
 ) -> None:
     async def scenario() -> BaseException | None:
-        listener = Listener("kemari:tcp:127.0.0.1:0", tls=creds(pki, *server_creds))
-        await listener.start()
-        try:
-            await connect(str(listener.bound), 5, tls=creds(pki))
-        except TransactionError as exc:
-            return exc
-        finally:
-            await listener.close()
+        async with _loopback_listener(creds(pki, *server_creds)) as listener:
+            try:
+                await connect(str(listener.bound), 5, tls=creds(pki))
+            except TransactionError as exc:
+                return exc
         return None
 
     error = asyncio.run(scenario())
@@ -280,9 +300,7 @@ def test_standby_refuses_a_primary_certificate_of_another_pair_or_ca(
     pki: Path, client_creds: tuple[str, str], expected: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario() -> int:
-        listener = Listener("kemari:tcp:127.0.0.1:0", tls=creds(pki))
-        await listener.start()
-        try:
+        async with _loopback_listener(creds(pki)) as listener:
             # The other pair's client certificate verifies against our CA, so the
             # client's view of the handshake succeeds; the listener drops it after.
             with caplog.at_level(logging.WARNING):
@@ -293,8 +311,6 @@ def test_standby_refuses_a_primary_certificate_of_another_pair_or_ca(
                     pass
                 await _until(lambda: listener.refused == 1)
             return listener._queue.qsize()
-        finally:
-            await listener.close()
 
     assert asyncio.run(scenario()) == 0
     assert expected in caplog.text
@@ -408,12 +424,8 @@ def test_recorded_confirm_does_not_bind_another_session() -> None:
     the run check cannot help): the CONFIRM binds the old nonce and is refused."""
 
     async def scenario() -> str:
-        listener = Listener("kemari:tcp:127.0.0.1:0")
-        await listener.start()
-        try:
-            accepted = asyncio.create_task(listener.accept())
-            client = await connect(str(listener.bound), 5)
-            server = await accepted
+        async with _loopback_listener() as listener:
+            client, server = await _connected(listener)
             standby = asyncio.create_task(StandbySession.handshake(server, IDENTITY, 5))
             writer, reader = FrameWriter(client), FrameReader(client)
             hello = Hello(Role.PRIMARY, VM, DIGEST, nonce=os.urandom(32), run_id=os.urandom(16))
@@ -428,8 +440,6 @@ def test_recorded_confirm_does_not_bind_another_session() -> None:
                 await client.close()
                 await server.close()
             return "accepted"
-        finally:
-            await listener.close()
 
     assert "CONFIRM for another session" in asyncio.run(scenario())
 
@@ -568,18 +578,14 @@ def test_payload_buffers_grow_only_as_bytes_arrive() -> None:
     """Issue 10.3: after the handshake, a 64 MiB frame header alone allocates nothing big."""
 
     async def scenario() -> int:
-        listener = Listener("kemari:tcp:127.0.0.1:0")
-        await listener.start()
-        try:
-            accepted = asyncio.create_task(listener.accept())
-            client = await connect(str(listener.bound), 5)
-            server = await accepted
+        async with _loopback_listener() as listener:
+            client, server = await _connected(listener)
             server.established()
             tracemalloc.start()
             try:
                 read = asyncio.create_task(server.read_exactly(64 << 20))
                 client.write(b"x" * 100_000)
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.5)  # a "must not happen" window: no big allocation
                 _, peak = tracemalloc.get_traced_memory()
             finally:
                 tracemalloc.stop()
@@ -587,8 +593,6 @@ def test_payload_buffers_grow_only_as_bytes_arrive() -> None:
             await client.close()
             await server.close()
             return peak
-        finally:
-            await listener.close()
 
     assert asyncio.run(scenario()) < 4 << 20
 
@@ -653,12 +657,8 @@ def test_writes_after_a_reset_raise_once_instead_of_flooding_the_log(
     """Issue 10.6: a reset connection made asyncio log 445 'socket.send() raised exception.'"""
 
     async def scenario() -> int:
-        listener = Listener("kemari:tcp:127.0.0.1:0", pre_handshake_bytes=None)
-        await listener.start()
-        try:
-            accepted = asyncio.create_task(listener.accept())
-            client = await connect(str(listener.bound), 5)
-            server = await accepted
+        async with _loopback_listener(pre_handshake_bytes=None) as listener:
+            client, server = await _connected(listener)
             server.abort()  # type: ignore[attr-defined]  # RST to the client
             await asyncio.sleep(0.2)
             failures = 0
@@ -671,8 +671,6 @@ def test_writes_after_a_reset_raise_once_instead_of_flooding_the_log(
                 await asyncio.sleep(0)
             await client.close()
             return failures
-        finally:
-            await listener.close()
 
     with caplog.at_level(logging.WARNING, logger="asyncio"):
         failures = asyncio.run(scenario())
@@ -682,12 +680,8 @@ def test_writes_after_a_reset_raise_once_instead_of_flooding_the_log(
 
 def test_commit_ack_of_another_epoch_names_both() -> None:
     async def scenario() -> str:
-        listener = Listener("kemari:tcp:127.0.0.1:0")
-        await listener.start()
-        try:
-            accepted = asyncio.create_task(listener.accept())
-            client = await connect(str(listener.bound), 5)
-            server = await accepted
+        async with _loopback_listener() as listener:
+            client, server = await _connected(listener)
             standby_task = asyncio.create_task(StandbySession.handshake(server, IDENTITY, 5))
             primary = await PrimarySession.handshake(client, IDENTITY, 5)
             standby = await standby_task
@@ -709,7 +703,5 @@ def test_commit_ack_of_another_epoch_names_both() -> None:
                 await client.close()
                 await server.close()
             return "acknowledged"
-        finally:
-            await listener.close()
 
     assert asyncio.run(scenario()) == "expected COMMIT_ACK of epoch 0, got COMMIT_ACK of epoch 5"
