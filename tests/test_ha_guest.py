@@ -23,6 +23,7 @@ The tests run in order and continue from each other's end state:
 6. (scenario 3) the link between the hosts cut, etcd reachable: the standby takes over,
    the active fences itself, nothing leaves its host after the takeover.
 7. (scenario 4) the protected active cut from etcd only: it goes on, past its lease.
+8. ``quit`` of the protected active: the standby takes over at once.
 At the end the acknowledged records must be exactly the first stored ones, in order.
 """
 
@@ -43,6 +44,7 @@ from support.ha_pair import (
     capture,
     pcap_records,
     protected_pair,
+    quit_and_hand_over,
     status,
 )
 
@@ -281,6 +283,21 @@ def test_4_a_protected_active_cut_from_etcd_goes_on(pair: HaPair) -> None:
             pair.hosts["a"].run(["ip", "route", "del", "blackhole", f"{ip}/32"])
     wait_for(lambda: status(active)["ha"]["lease_valid"] is True, "a's lease re-bound", 60)
     assert protected_pair(active, standby) and status(active)["ha"]["term"] == term
+
+
+def test_9_quit_of_the_protected_active_hands_over_to_the_standby(pair: HaPair) -> None:
+    """A graceful ``quit`` of the protected active (a since test 3): the replication
+    connection ends, so the standby notices at once and wins ``take_over``; the quitting
+    agent released nothing its standby lacks and exits 0; the client carries on."""
+    term = status(pair.agents["a"])["ha"]["term"]
+    handed = quit_and_hand_over(pair, "a", "b")
+    print(
+        f"quit → b active {handed.active_ms:.0f} ms, → client's next ack "
+        f"{handed.ack_s:.2f} s; {handed.last_change}"
+    )
+    assert handed.exit_status == 0
+    assert status(pair.agents["b"])["ha"]["term"] == term + 1
+    assert "took over" in handed.last_change
 
 
 def test_records_acknowledged_are_stored_in_order(pair: HaPair) -> None:

@@ -11,6 +11,8 @@ The session's lab (``ha_lab``, tests/support/ha_pair.py), this module's VM
    reaches the shared image (its bytes do not change, and no record acknowledged during
    the cut is in it) while the standby keeps committing them; etcd back → the lease is
    re-bound and the held writes land, every acknowledged record with them.
+3. ``quit`` of the protected active: the standby takes over without waiting out a
+   lease TTL (the quitting agent revokes its lease once its last write landed).
 At the end every acknowledged record is stored, in order.
 """
 
@@ -22,7 +24,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.ha_pair import HaLab, HaPair, kill_agent_and_qemu, protected_pair, status
+from support.ha_pair import (
+    HaLab,
+    HaPair,
+    kill_agent_and_qemu,
+    protected_pair,
+    quit_and_hand_over,
+    status,
+)
 
 from kemari.config import StorageMode
 from kemari.testbed.wait import wait_for
@@ -104,6 +113,22 @@ def test_etcd_unreachable_disk_writes_hold_until_it_returns(pair: HaPair) -> Non
     wait_for(lambda: _in_image(image, during[-1]), "the held writes in the image", 60)
     assert all(_in_image(image, record) for record in during)
     assert protected_pair(active, standby)
+    pair.check_acked_stored()
+
+
+def test_quit_of_the_protected_active_hands_over_without_waiting_a_lease(pair: HaPair) -> None:
+    """``quit`` of the protected active (b): it stops its QEMU, closes its disks and only
+    then revokes its lease, so the standby, which took over as soon as the replication
+    connection ended, starts the guest once the last write has landed, not a TTL later."""
+    handed = quit_and_hand_over(pair, "b", "a")
+    print(
+        f"shared quit → a active {handed.active_ms:.0f} ms, → client's next ack "
+        f"{handed.ack_s:.2f} s; {handed.last_change}"
+    )
+    assert handed.exit_status == 0
+    assert "took over" in handed.last_change
+    # Revoked, not lapsed: a lapse would take at least TTL - margin (4.5 s by default).
+    assert handed.active_ms < 4500
     pair.check_acked_stored()
 
 

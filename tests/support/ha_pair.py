@@ -291,6 +291,32 @@ def kill_and_take_over(pair: HaPair, active_host: str, standby_host: str) -> Tak
     )
 
 
+@dataclass(frozen=True)
+class HandOver:
+    """A graceful ``quit`` of the protected active, and the standby's takeover."""
+
+    active_ms: float  # quit → the standby says active
+    ack_s: float  # quit → the client's next acknowledgement
+    exit_status: int  # the quitting agent's
+    last_change: str  # the new active's account of it
+
+
+def quit_and_hand_over(pair: HaPair, active_host: str, standby_host: str) -> HandOver:
+    """``quit`` on the protected active's monitor: its standby takes over by itself."""
+    active, standby = pair.agents[active_host], pair.agents[standby_host]
+    wait_for(lambda: protected_pair(active, standby), "protection", PROTECT_TIMEOUT_S)
+    pair.wait_acked(3, "records acknowledged while protected")
+    acked = pair.acked()
+    asked = time.monotonic()
+    active.monitor("quit")
+    wait_for(lambda: status(standby)["state"] == "active", "takeover", TAKEOVER_TIMEOUT_S)
+    active_ms = (time.monotonic() - asked) * 1000
+    wait_for(lambda: pair.acked() > acked, "the client's next ack", TAKEOVER_TIMEOUT_S)
+    ack_s = time.monotonic() - asked
+    exit_status = active.process.wait(TAKEOVER_TIMEOUT_S)
+    return HandOver(active_ms, ack_s, exit_status, str(status(standby)["ha"]["last_change"]))
+
+
 def pcap_records(path: Path) -> list[tuple[float, bytes]]:
     """(wall-clock time, frame) of each frame in a classic pcap file."""
     data = path.read_bytes()
