@@ -1,117 +1,119 @@
 """Automatic failover (``--ha``): chained kill -9 / takeover / rejoin rounds, timed.
 
-The testbed of tests/test_ha_guest.py: two host namespaces, a client and three etcd
-members on one LAN; both agents run the same ``kemari run ... --ha etcd://...``
-command.  Each round: wait until the record says the active is protected; SIGKILL the
-active's QEMU and agent; time until the standby is active by itself and until the
-client (one TCP connection for the whole run) gets its next acknowledgement; start the
-killed host's agent again with the same command (it rejoins as the standby).  Printed
-per round and as p50/max: detection (the active's last frame → the loss noticed),
-arbitration (→ ``take_over`` won; shared storage: and the old lease gone), resume
-(QEMU from the replica), kill → standby active, kill → client's next ack, and the
-re-protection time.  At the end every acknowledged record must be stored in order.
+The lab of the HA guest tests (tests/support/ha_pair.py): two host namespaces, a
+client and three etcd members on one LAN; both agents run the same ``kemari run ...
+--ha etcd://...`` command.  Per storage mode, one VM and one client connection for all
+its rounds.  Each round: wait until the record says the active is protected; SIGKILL
+the active's QEMU and agent; time until the standby is active by itself and until the
+client gets its next acknowledgement; check every acknowledged record is stored in
+order; start the killed host's agent again with the same command (it rejoins as the
+standby), so the rounds go back and forth.  Printed per round and as p50/max per mode:
+detection (the active's last frame → the loss noticed), arbitration (→ ``take_over``
+won; shared storage: and the old lease gone), resume (QEMU from the replica), kill →
+standby active, kill → client's next ack, and the re-protection time.  At the end of a
+mode the client's connection must have survived, every acknowledged record be stored
+in order, and every image pass a journal replay and ``e2fsck -fn``.
 
 Needs root, the guest image and the patched QEMU.  Usage::
 
-    .venv/bin/python benchmarks/auto_failover.py [--rounds 5] [--storage replicated]
+    .venv/bin/python benchmarks/auto_failover.py [--rounds 20] [--storage both]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import signal
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_ha_guest import GUEST_IP, SUBNET, HaPair, protected_pair, status
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/support
+from support.fsck import check_crashed_disk
+from support.ha_pair import HaLab, HaPair, Takeover, kill_and_take_over
 
 from kemari.config import StorageMode
-from kemari.testbed.etcd import EtcdLab
-from kemari.testbed.topology import Topology
-from kemari.testbed.wait import wait_for
+from kemari.errors import KemariError
 
-_SPLIT = re.compile(r"detection (\d+) ms, arbitration (\d+) ms")
+_COLUMNS = {
+    "detect_ms": "detection ms",
+    "arbitrate_ms": "arbitration ms",
+    "resume_ms": "resume ms",
+    "active_ms": "kill → standby active ms",
+    "ack_s": "kill → client's next ack s",
+    "protect_s": "re-protection s (rounds 2 on)",
+}
+
+
+def _rounds(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of rounds ≥ 1")
+    return int(text)
+
+
+def run_mode(lab: HaLab, storage: StorageMode, rounds: int) -> list[Takeover]:
+    """``rounds`` takeovers back and forth on one VM; the checks of the module docstring."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"kemari-auto-failover-{storage.value}-"))
+    pair = HaPair(lab, workdir, storage, f"bench-{storage.value}")
+    results: list[Takeover] = []
+    try:
+        pair.boot()
+        active_host, standby_host = "a", "b"
+        for number in range(1, rounds + 1):
+            took = kill_and_take_over(pair, active_host, standby_host)
+            checked = pair.check_acked_stored()
+            results.append(took)
+            print(
+                f"round {number}/{rounds} [{storage.value}] {active_host} → {standby_host}: "
+                f"protected in {took.protect_s:.1f} s; detection {took.detect_ms:.0f} ms, "
+                f"arbitration {took.arbitrate_ms:.0f} ms, resume {took.resume_ms:.0f} ms; "
+                f"kill → active {took.active_ms:.0f} ms, → client's next ack "
+                f"{took.ack_s:.2f} s; {checked} records stored in order",
+                flush=True,
+            )
+            pair.start_agent(active_host).wait_monitor()  # the same command again
+            active_host, standby_host = standby_host, active_host
+        acked = pair.finish_client()
+        pair.agents[standby_host].stop()
+        pair.agents[active_host].stop()
+    finally:
+        pair.close()
+    scratch = workdir / "fsck"
+    scratch.mkdir()
+    for image in sorted(set(pair.images.values())):
+        check_crashed_disk(image, scratch)
+    print(f"[{storage.value}] {acked} records acknowledged, all stored in order; e2fsck clean")
+    return results
+
+
+def summary(storage: StorageMode, results: list[Takeover]) -> None:
+    print(f"[{storage.value}] {len(results)} takeovers:")
+    for field, label in _COLUMNS.items():
+        # The first round's protection was waited for at boot: it re-protects nothing.
+        counted = results[1:] if field == "protect_s" and len(results) > 1 else results
+        values = [getattr(took, field) for took in counted]
+        print(f"  {label}: p50 {statistics.median(values):.2f}, max {max(values):.2f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--storage", choices=StorageMode.names(), default="replicated")
+    parser.add_argument("--rounds", type=_rounds, default=20, help="takeovers per mode")
+    parser.add_argument("--storage", choices=[*StorageMode.names(), "both"], default="both")
     args = parser.parse_args()
-    storage = StorageMode.parse(args.storage, "storage")
-    rows: list[dict[str, float]] = []
-    workdir = Path(tempfile.mkdtemp(prefix="kemari-auto-failover-"))
-    with Topology() as topology, EtcdLab(3, subnet=SUBNET, topology=topology) as lab:
-        pair = HaPair(topology, lab, workdir, storage)
-        try:
-            active_host, standby_host = "a", "b"
-            first = pair.start_agent(active_host)
-            first.wait_serial(r"workload records ready")
-            first.wait_monitor()
-            pair.start_client()
-            pair.start_agent(standby_host).wait_monitor()
-            for number in range(1, args.rounds + 1):
-                active, standby = pair.agents[active_host], pair.agents[standby_host]
-                started = time.monotonic()
-                wait_for(lambda: protected_pair(active, standby), "protection", 300)  # noqa: B023
-                protect_s = time.monotonic() - started
-                acked = pair.acked()
-                wait_for(lambda: pair.acked() > acked + 3, "records while protected", 60)  # noqa: B023
-                acked = pair.acked()
-                killed = time.monotonic()
-                os.kill(status(active)["qemu_pid"], signal.SIGKILL)
-                os.kill(active.process.pid, signal.SIGKILL)
-                active.process.wait(30)
-                wait_for(lambda: status(standby)["state"] == "active", "takeover", 60)  # noqa: B023
-                active_ms = (time.monotonic() - killed) * 1000
-                wait_for(lambda: pair.acked() > acked, "the client's next ack", 60)  # noqa: B023
-                ack_s = time.monotonic() - killed
-                after = status(standby)
-                split = _SPLIT.search(after["ha"]["last_change"])
-                row = {
-                    "protect_s": protect_s,
-                    "detect_ms": float(split.group(1)) if split else float("nan"),
-                    "arbitrate_ms": float(split.group(2)) if split else float("nan"),
-                    "resume_ms": float(after["failover"]["total_ms"]),
-                    "active_ms": active_ms,
-                    "ack_s": ack_s,
-                }
-                rows.append(row)
-                print(
-                    f"round {number}/{args.rounds} [{storage.value}]: protected in "
-                    f"{protect_s:.1f} s; detection {row['detect_ms']:.0f} ms, arbitration "
-                    f"{row['arbitrate_ms']:.0f} ms, resume {row['resume_ms']:.0f} ms; kill → "
-                    f"active {active_ms:.0f} ms, → client's next ack {ack_s:.2f} s",
-                    flush=True,
-                )
-                pair.start_agent(active_host).wait_monitor()  # the same command again
-                active_host, standby_host = standby_host, active_host
-            assert pair.client is not None and pair.client.stdin is not None
-            pair.client.stdin.close()
-            if pair.client.wait(180) != 0:
-                print("FAILED: the client's connection did not survive")
-                return 1
-            acked_records = pair.acked_log.read_text().split()
-            listing = pair.client_ns.run(
-                [sys.executable, "-m", "kemari.testbed.records", GUEST_IP, "get"], timeout=120
-            )
-            stored = [p for p in json.loads(listing.stdout) if p.startswith("ha-")]
-            if stored[: len(acked_records)] != acked_records:
-                print("FAILED: acknowledged records missing or out of order")
-                return 1
-        finally:
-            pair.close()
-    for key in ("protect_s", "detect_ms", "arbitrate_ms", "resume_ms", "active_ms", "ack_s"):
-        values = [row[key] for row in rows]
-        print(f"{key}: p50 {statistics.median(values):.2f}, max {max(values):.2f}")
-    print(f"{len(acked_records)} records acknowledged, all stored in order")
+    modes = (
+        list(StorageMode)
+        if args.storage == "both"
+        else [StorageMode.parse(args.storage, "storage")]
+    )
+    results: dict[StorageMode, list[Takeover]] = {}
+    try:
+        with HaLab() as lab:
+            for storage in modes:
+                results[storage] = run_mode(lab, storage, args.rounds)
+    except KemariError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    for storage, takeovers in results.items():
+        summary(storage, takeovers)
     return 0
 
 

@@ -6,10 +6,12 @@ Every prerequisite fails the test that needs it, with the command that installs 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import prerequisites
+from support.ha_pair import HaLab
 
 from kemari.image.builder import GuestImage
 
@@ -37,3 +39,11 @@ def image_and_patched_qemu(patched_qemu_binary: Path, guest_image: GuestImage) -
     """The guest image and the patched QEMU that checkpoints need under TCG (the agents
     these modules start run ``--accel tcg``); each is checked, neither is skipped."""
     del patched_qemu_binary, guest_image
+
+
+@pytest.fixture(scope="session")
+def ha_lab() -> Iterator[HaLab]:
+    """One lab for every automatic-failover guest test (tests/support/ha_pair.py): two
+    hosts, a client and a three-member etcd; each test's pair uses its own VM name."""
+    with HaLab() as lab:
+        yield lab

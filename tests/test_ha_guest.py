@@ -1,8 +1,8 @@
 """Automatic failover with real guests, a real three-member etcd and real kills (issue 9).
 
-One testbed for the module: two host namespaces ``a`` and ``b``, a client namespace and
-three etcd members on one LAN (kemari.testbed.topology, kemari.testbed.etcd).  Both
-agents run the SAME command: ``kemari run ... --ha etcd://... --incoming
+The session's lab (``ha_lab``, tests/support/ha_pair.py): two host namespaces ``a``
+and ``b``, a client namespace and three etcd members on one LAN; this module's VM is
+``hapair``.  Both agents run the SAME command: ``kemari run ... --ha etcd://... --incoming
 kemari:tcp:<own address>``; the record decides who boots the guest and who is the
 standby; no ``migrate`` or ``failover`` is ever typed.  A client stores records back
 to back on ONE TCP connection for the whole module and logs every acknowledged one.
@@ -23,33 +23,32 @@ The tests run in order and continue from each other's end state:
 6. (scenario 3) the link between the hosts cut, etcd reachable: the standby takes over,
    the active fences itself, nothing leaves its host after the takeover.
 7. (scenario 4) the protected active cut from etcd only: it goes on, past its lease.
+8. ``quit`` of the protected active: the standby takes over at once.
 At the end the acknowledged records must be exactly the first stored ones, in order.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
 import signal
-import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import IO, Any
 
 import pytest
-from support.soak import GUEST_IP, GUEST_MAC, records_agent_args
+from support.ha_pair import (
+    HOST_IPS,
+    PROTECT_TIMEOUT_S,
+    TAKEOVER_TIMEOUT_S,
+    HaLab,
+    HaPair,
+    capture,
+    pcap_records,
+    protected_pair,
+    quit_and_hand_over,
+    status,
+)
 
 from kemari.config import StorageMode
-from kemari.errors import KemariError
-from kemari.image.disk import create_data_disk
-from kemari.testbed.etcd import EtcdLab
-from kemari.testbed.topology import Namespace, Topology
-from kemari.testbed.vm import AgentProcess
 from kemari.testbed.wait import wait_for
 
 pytestmark = [
@@ -58,124 +57,14 @@ pytestmark = [
     pytest.mark.usefixtures("image_and_patched_qemu"),
 ]
 
-# The records guest of tests/support/soak.py (its address is in the shared arguments).
-SUBNET = GUEST_IP.rpartition(".")[0]
-HOST_IPS = {"a": f"{SUBNET}.21", "b": f"{SUBNET}.22"}
-CLIENT_IP = f"{SUBNET}.100"
-PORT = 7300
-VM = "hapair"
-DISK_MIB = 64
-STORAGE = StorageMode.REPLICATED
-PROTECT_TIMEOUT_S = 240.0
-TAKEOVER_TIMEOUT_S = 60.0
-
-
-class HaPair:
-    """The testbed, the agents (one per host at a time) and the client."""
-
-    def __init__(
-        self, topology: Topology, lab: EtcdLab, workdir: Path, storage: StorageMode = STORAGE
-    ) -> None:
-        self.storage = storage
-        self.topology = topology
-        self.lab = lab
-        self.workdir = workdir
-        self.hosts: dict[str, Namespace] = {
-            host: topology.add_host(host, f"{ip}/24") for host, ip in HOST_IPS.items()
-        }
-        self.client_ns = topology.add_client("client", f"{CLIENT_IP}/24")
-        self.agents: dict[str, AgentProcess] = {}
-        self.all_agents: list[AgentProcess] = []
-        self.starts = 0
-        self.images = {host: workdir / f"{host}.raw" for host in HOST_IPS}
-        create_data_disk(self.images["a"], DISK_MIB)
-        if storage is StorageMode.SHARED:
-            self.images["b"] = self.images["a"]  # one image both hosts see
-        else:
-            with self.images["b"].open("wb") as handle:  # empty: the initial copy fills it
-                handle.truncate(DISK_MIB << 20)
-        self.acked_log = workdir / "acked.log"
-        self.client: subprocess.Popen[bytes] | None = None
-        self._files: list[IO[bytes]] = []
-
-    def start_agent(self, host: str) -> AgentProcess:
-        """The same command on every host: only the address differs."""
-        self.starts += 1
-        label = f"{host}{self.starts}"
-        replica_dir = Path(f"/dev/shm/kemari-ha-{os.getpid()}-{label}")
-        args = [
-            *records_agent_args(self.images[host], self.storage),
-            "--ha", self.lab.uri,
-            "--incoming", f"kemari:tcp:{HOST_IPS[host]}:{PORT}",
-            "--replica-dir", str(replica_dir),
-        ]  # fmt: skip
-        agent = AgentProcess(VM, self.workdir, args, self.hosts[host], label)
-        self.agents[host] = agent
-        self.all_agents.append(agent)
-        return agent
-
-    def start_client(self) -> None:
-        acked = self.acked_log.open("wb")
-        errors = (self.workdir / "client.log").open("wb")
-        self._files = [acked, errors]
-        self.client = self.client_ns.popen(
-            [sys.executable, "-m", "kemari.testbed.records", GUEST_IP, "loop", "--prefix", "ha"],
-            stdin=subprocess.PIPE, stdout=acked, stderr=errors,
-        )  # fmt: skip
-
-    def acked(self) -> int:
-        assert self.client is not None
-        if self.client.poll() is not None:
-            errors = (self.workdir / "client.log").read_text(errors="replace")[-800:]
-            raise KemariError(f"the client exited {self.client.returncode}: {errors}")
-        return self.acked_log.read_bytes().count(b"\n")
-
-    def close(self) -> None:
-        if self.client is not None and self.client.poll() is None:
-            self.client.kill()
-            self.client.wait()
-        for handle in self._files:
-            handle.close()
-        # Standbys first: a stopped active's standby would otherwise take over.
-        for agent in sorted(self.all_agents, key=_is_active):
-            agent.stop()
-        for path in Path("/dev/shm").glob(f"kemari-ha-{os.getpid()}-*"):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _is_active(agent: AgentProcess) -> bool:
-    if agent.process.poll() is not None:
-        return False
-    try:
-        return bool(agent.status()["role"] == "active")
-    except KemariError:
-        return False
-
-
-def status(agent: AgentProcess) -> dict[str, Any]:
-    return agent.status()
-
-
-def protected_pair(active: AgentProcess, standby: AgentProcess) -> bool:
-    """The record says ``active`` is protected by ``standby`` (as the active read it)."""
-    ha_active = status(active)["ha"]
-    ha_standby = status(standby)["ha"]
-    return (
-        ha_active["active"] == ha_active["agent"]
-        and ha_active["protected_by"] == ha_standby["agent"]
-        and status(active)["protection"] == "protected"
-    )
-
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HaPair]:
-    workdir = tmp_path_factory.mktemp("ha")
-    with Topology() as topology, EtcdLab(3, subnet=SUBNET, topology=topology) as lab:
-        ha_pair = HaPair(topology, lab, workdir)
-        try:
-            yield ha_pair
-        finally:
-            ha_pair.close()
+def pair(ha_lab: HaLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HaPair]:
+    ha_pair = HaPair(ha_lab, tmp_path_factory.mktemp("ha"), StorageMode.REPLICATED, "hapair")
+    try:
+        yield ha_pair
+    finally:
+        ha_pair.close()
 
 
 def test_1_kill_of_the_active_the_standby_takes_over_by_itself(pair: HaPair) -> None:
@@ -235,8 +124,8 @@ def test_8_one_etcd_member_of_three_killed_during_protection_changes_nothing(
     active, standby = pair.agents["b"], pair.agents["a"]
     assert protected_pair(active, standby)
     term = status(active)["ha"]["term"]
-    victim = pair.lab.leader()
-    pair.lab.kill(victim.name)
+    victim = pair.etcd.leader()
+    pair.etcd.kill(victim.name)
     try:
         acked = pair.acked()
         wait_for(lambda: pair.acked() > acked + 5, "records acknowledged, member down", 60)
@@ -245,40 +134,7 @@ def test_8_one_etcd_member_of_three_killed_during_protection_changes_nothing(
         assert status(active)["ha"]["term"] == term
         assert status(active)["ha"]["withheld"] == 0 or status(active)["ha"]["fenced"] is False
     finally:
-        pair.lab.restart(victim.name)
-
-
-def pcap_records(path: Path) -> list[tuple[float, bytes]]:
-    """(wall-clock time, frame) of each frame in a classic pcap file."""
-    data = path.read_bytes()
-    if len(data) < 24:
-        return []
-    assert struct.unpack_from("<I", data)[0] == 0xA1B2C3D4
-    frames = []
-    position = 24
-    while position + 16 <= len(data):
-        seconds, micros, captured, _ = struct.unpack_from("<IIII", data, position)
-        frames.append((seconds + micros / 1e6, data[position + 16 : position + 16 + captured]))
-        position += 16 + captured
-    return frames
-
-
-@contextlib.contextmanager
-def capture(namespace: Namespace, interface: str, path: Path) -> Iterator[Path]:
-    """tcpdump --immediate-mode of every frame from the guest's MAC arriving on
-    ``interface`` (``-Q in``: on a LAN port, what that host sent, not the floods to it)."""
-    process = namespace.popen(
-        ["tcpdump", "--immediate-mode", "-Q", "in", "-i", interface, "-U", "-w", str(path),
-         "ether", "src", GUEST_MAC],
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
-    process.stderr.readline()  # "listening on ...": the capture is armed
-    try:
-        yield path
-    finally:
-        process.terminate()
-        process.wait(10)
+        pair.etcd.restart(victim.name)
 
 
 def test_2_a_frozen_active_is_replaced_and_fences_itself_after_sigcont(pair: HaPair) -> None:
@@ -287,8 +143,7 @@ def test_2_a_frozen_active_is_replaced_and_fences_itself_after_sigcont(pair: HaP
     frame the client captures after the SIGCONT also left the new active's host."""
     old, new = pair.agents["b"], pair.agents["a"]
     assert protected_pair(old, new)
-    lan = pair.topology.lan
-    assert lan is not None
+    lan = pair.lab.lan
     workdir = pair.workdir
     with (
         capture(pair.client_ns, "eth0", workdir / "client.pcap") as client_pcap,
@@ -335,9 +190,9 @@ def test_5_etcd_unreachable_the_pair_goes_on_and_a_kill_leads_to_no_takeover(
     standby = pair.start_agent("b")
     standby.wait_monitor()
     wait_for(lambda: protected_pair(active, standby), "a protected by b", PROTECT_TIMEOUT_S)
-    members = [member.name for member in pair.lab.members]
+    members = [member.name for member in pair.etcd.members]
     for name in members:
-        pair.lab.cut(name)
+        pair.etcd.cut(name)
     try:
         wait_for(
             lambda: (
@@ -362,7 +217,7 @@ def test_5_etcd_unreachable_the_pair_goes_on_and_a_kill_leads_to_no_takeover(
         print(f"etcd unreachable, active killed: {status(standby)['ha']['last_change']}")
     finally:
         for name in members:
-            pair.lab.heal(name)
+            pair.etcd.heal(name)
     wait_for(lambda: status(standby)["state"] == "active", "takeover once etcd is back", 60)
     acked = pair.acked()
     # The client's TCP has been backing off through the whole outage (tens of seconds):
@@ -380,8 +235,7 @@ def test_3_partition_between_active_and_standby_with_etcd_reachable(pair: HaPair
     standby = pair.start_agent("a")
     standby.wait_monitor()
     wait_for(lambda: protected_pair(active, standby), "b protected by a", PROTECT_TIMEOUT_S)
-    lan = pair.topology.lan
-    assert lan is not None
+    lan = pair.lab.lan
     routes = [("a", HOST_IPS["b"]), ("b", HOST_IPS["a"])]
     with capture(lan, "to-b", pair.workdir / "partitioned-old.pcap") as old_pcap:
         for host, peer in routes:
@@ -412,7 +266,7 @@ def test_4_a_protected_active_cut_from_etcd_goes_on(pair: HaPair) -> None:
     standby.wait_monitor()
     wait_for(lambda: protected_pair(active, standby), "a protected by b", PROTECT_TIMEOUT_S)
     term = status(active)["ha"]["term"]
-    members = [member.ip for member in pair.lab.members]
+    members = [member.ip for member in pair.etcd.members]
     for ip in members:
         pair.hosts["a"].run(["ip", "route", "add", "blackhole", f"{ip}/32"])
     try:
@@ -431,14 +285,20 @@ def test_4_a_protected_active_cut_from_etcd_goes_on(pair: HaPair) -> None:
     assert protected_pair(active, standby) and status(active)["ha"]["term"] == term
 
 
-def test_records_acknowledged_are_stored_in_order(pair: HaPair) -> None:
-    assert pair.client is not None and pair.client.stdin is not None
-    pair.client.stdin.close()
-    assert pair.client.wait(180) == 0, "the client's single connection did not survive"
-    acked = pair.acked_log.read_text().split()
-    listing = pair.client_ns.run(
-        [sys.executable, "-m", "kemari.testbed.records", GUEST_IP, "get"], timeout=120
+def test_9_quit_of_the_protected_active_hands_over_to_the_standby(pair: HaPair) -> None:
+    """A graceful ``quit`` of the protected active (a since test 3): the replication
+    connection ends, so the standby notices at once and wins ``take_over``; the quitting
+    agent released nothing its standby lacks and exits 0; the client carries on."""
+    term = status(pair.agents["a"])["ha"]["term"]
+    handed = quit_and_hand_over(pair, "a", "b")
+    print(
+        f"quit → b active {handed.active_ms:.0f} ms, → client's next ack "
+        f"{handed.ack_s:.2f} s; {handed.last_change}"
     )
-    stored = [p for p in json.loads(listing.stdout) if p.startswith("ha-")]
-    assert stored[: len(acked)] == acked and len(stored) <= len(acked) + 1
-    print(f"{len(acked)} records acknowledged, {len(stored)} stored")
+    assert handed.exit_status == 0
+    assert status(pair.agents["b"])["ha"]["term"] == term + 1
+    assert "took over" in handed.last_change
+
+
+def test_records_acknowledged_are_stored_in_order(pair: HaPair) -> None:
+    print(f"{pair.finish_client()} records acknowledged, all stored in order")
