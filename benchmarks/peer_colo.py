@@ -574,9 +574,17 @@ class ColoPair:
             return bool(status == "colo")
 
         await async_wait_for(colo_running, "COLO to start", 180, interval=0.2)
-        # Both guests boot side by side; the secondary's console shows it runs its own.
+        secondary = self.secondary
+
+        async def secondary_running() -> bool:
+            colo = await secondary.execute("query-colo-status")
+            status = await secondary.execute("query-status")
+            return bool(colo["mode"] == "secondary" and status["status"] == "running")
+
+        # The secondary's console is no witness: each checkpoint replaces its guest's
+        # state with the primary's, so it may skip the ready line the primary printed.
+        await async_wait_for(secondary_running, "the secondary to run in COLO", 60, interval=0.2)
         await self.primary.wait_serial("workload records ready")
-        await self.secondary.wait_serial("workload records ready")
         await wait_for_service(self.client)
 
     async def sample(self, elapsed: float) -> dict[str, Any]:
