@@ -46,7 +46,8 @@ checkpoint or the 3 s compare timeout); a pair failing the check is restarted, u
 Printed, one row per mode and load: requests/s, ratio to unprotected, request latency
 p50/p99, checkpoints/s and guest pause p50/max during the load (COLO: the primary's QMP
 STOP/RESUME events; Kemari: its status), and Kemari's output-commit p50/p99 (held ->
-released).  Needs root, the guest image, the patched QEMU and ``qemu-img``.  Usage::
+released, over the event-tap's last 4,096 outputs).  Needs root, the guest image, the
+patched QEMU and ``qemu-img``.  Usage::
 
     .venv/bin/python benchmarks/peer_colo.py [--seconds 10] [--modes unprotected,kemari,...]
 """
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -65,7 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -101,6 +103,10 @@ SECONDARY_TAP = "kt-colo1"
 BOOT_TIMEOUT_S = 300.0
 QEMU_DEFAULT_DELAY_MS = 20_000  # QEMU 7.2's x-checkpoint-delay default
 MAX_BANDWIDTH = 16 << 30  # as Kemari sets it: the initial sync unthrottled
+
+
+# Protection numbers of one load, given its duration in seconds.
+Sampler = Callable[[float], Awaitable[dict[str, Any]]]
 
 
 class BenchError(KemariError):
@@ -265,9 +271,10 @@ class Qemu:
 
     async def _collect_pauses(self) -> None:
         async for event in self.pauses:
-            stamp = event["timestamp"]
+            message: dict[str, Any] = dict(event)
+            stamp = message["timestamp"]
             moment = stamp["seconds"] + stamp["microseconds"] / 1e6
-            self.pause_events.append((event["event"], moment))
+            self.pause_events.append((message["event"], moment))
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         self._check_alive()
@@ -311,6 +318,8 @@ class Qemu:
     async def close(self) -> None:
         if self._collector is not None:
             self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
         if self.qmp.runstate.name == "RUNNING":
             self.qmp.remove_listener(self.pauses)
             await self.qmp.disconnect()
@@ -364,14 +373,15 @@ def add_tap(namespace: Namespace, tap: str, bridge: str | None) -> None:
 
 
 async def measure_loads(
-    mode: str, client: Namespace, seconds: float, check: bool, sample: Any
+    mode: str, client: Namespace, seconds: float, check: bool, sample: Sampler | None
 ) -> list[LoadRow]:
-    """Both loads; ``sample(clients, elapsed)`` adds the protection numbers of each."""
+    """Both loads (the first checked if ``check``); ``sample(elapsed)`` adds the
+    protection numbers of each."""
     rows = []
     for clients in LOADS:
         started = time.monotonic()
         load = await run_load(client, clients, seconds, check=check and clients == LOADS[0])
-        extra = await sample(time.monotonic() - started)
+        extra = {} if sample is None else await sample(time.monotonic() - started)
         rows.append(LoadRow(mode, clients, load["per_s"], load["p50_ms"], load["p99_ms"], **extra))
     return rows
 
@@ -393,10 +403,7 @@ async def run_plain(tools: Tools, seconds: float, workdir: Path) -> list[LoadRow
             await qemu.wait_serial("workload records ready")
             await wait_for_service(client)
 
-            async def nothing(elapsed: float) -> dict[str, Any]:
-                return {}
-
-            return await measure_loads("unprotected", client, seconds, False, nothing)
+            return await measure_loads("unprotected", client, seconds, False, None)
         finally:
             await qemu.close()
 
