@@ -71,7 +71,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from qemu.qmp import EventListener, QMPClient
+from qemu.qmp import ConnectError, EventListener, QMPClient
 
 from kemari.errors import KemariError
 from kemari.image import default_image
@@ -261,7 +261,7 @@ class Qemu:
                 return False
             try:
                 await self.qmp.connect(str(self.qmp_path))
-            except Exception:  # not listening yet
+            except ConnectError:  # not listening yet
                 return False
             return True
 
