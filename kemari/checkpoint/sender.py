@@ -8,6 +8,9 @@ reads from QEMU and forwards it to the standby as ft-transactions on a
                    COMMIT(0) → COMMIT_ACK
     checkpoint N   BEGIN(N), RAM_PAGES…, DEVICE_STATE…, OUTPUT…, COMMIT(N) → COMMIT_ACK
 
+RAM_PAGES frames travel as RAM_PAGES_ZSTD where the session negotiated ``zstd-pages``
+and compression saves at least :data:`COMPRESSION_MIN_SAVING` (docs/protocol.md).
+
 OUTPUT frames carry the guest outputs the event-tap holds with tag N: when ``commit(N)``
 is called QEMU has sent VMSTATE_SEND(N), so every output tagged N has been read
 (docs/protocol.md, "Event-tap"), and none has been released yet.
@@ -19,6 +22,7 @@ Any failure raises, which the source takes as "standby lost".
 
 from __future__ import annotations
 
+import logging
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +62,7 @@ DEVICE_STATE_CHUNK = 8 << 20
 OUTPUT_FRAME_BYTES = 4 << 20
 
 OutputsOf = Callable[[int], Sequence[Output]]
+log = logging.getLogger(__name__)
 
 
 class TransactionSender:
@@ -82,6 +87,8 @@ class TransactionSender:
         # Pages travel zstd-compressed when both sides negotiated it (the primary's
         # page_compression setting decides whether it offers it).
         self.compress_pages = ZSTD_PAGES in session.capabilities
+        if self.compress_pages:
+            log.info("page data to the standby travels zstd-compressed (%s)", ZSTD_PAGES)
         self.page_bytes = 0  # page data forwarded (4096 per data page)
         self.page_wire_bytes = 0  # what that page data took on the wire
         self._block_index: dict[str, int] = {}
