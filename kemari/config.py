@@ -82,6 +82,20 @@ class StorageMode(_Choice):
     REPLICATED = "replicated"  # each host has its own image, equal at every committed epoch
 
 
+class PageCompression(_Choice):
+    """How the primary sends page data to the standby (docs/protocol.md, "Page compression").
+
+    * ``off``: pages travel as QEMU sent them (the default: on a fast link the
+      compression costs more pause than the bytes it saves, see docs/checkpoint.md).
+    * ``zstd``: the primary offers the ``zstd-pages`` capability; when the standby
+      agrees, each RAM_PAGES frame whose pages compress by at least 1/8 travels as one
+      zstd frame.  Host-local: the standby always accepts it, so the hosts may differ.
+    """
+
+    OFF = "off"
+    ZSTD = "zstd"
+
+
 # QEMU's checkpoint timer under the pure event policy: one hour, i.e. practically never.
 EVENT_ONLY_EPOCH_MS = 3_600_000
 MIN_EPOCH_MS = 1
@@ -294,6 +308,9 @@ class VMConfig:
     # Bytes of guest frames held before the network path stops reading QEMU (back-pressure):
     # host-local (not guest-visible), so not in the digest.
     held_frames_max_bytes: int = DEFAULT_HELD_FRAMES_BYTES
+    # How page data travels to the standby: host-local (the standby accepts either), so
+    # not in the digest.
+    page_compression: PageCompression = PageCompression.OFF
     # Replication channel credentials (host-local paths, not in the digest); None means
     # plain TCP, which the agents announce loudly (docs/security.md).
     tls_creds: TlsCreds | None = None
@@ -487,7 +504,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
         "name", "memory", "vcpus", "accel", "kernel", "initrd", "append", "workload",
         "guest_ip", "disk", "nic", "monitor", "serial_log", "runtime_dir", "incoming",
         "replica_dir", "sync", "epoch_ms", "storage", "held_frames_max", "tls_creds",
-        "tls_name", "ha", "ha_lease_ttl", "ha_detect_ms",
+        "tls_name", "ha", "ha_lease_ttl", "ha_detect_ms", "page_compression",
     }  # fmt: skip
     _check_keys(raw, allowed, "")
     if "name" not in raw:
@@ -523,6 +540,11 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
         held_frames_max_bytes=parse_size_bytes(raw["held_frames_max"], "held_frames_max")
         if "held_frames_max" in raw
         else DEFAULT_HELD_FRAMES_BYTES,
+        page_compression=PageCompression.parse(
+            _expect(raw, "page_compression", str, ""), "page_compression"
+        )
+        if "page_compression" in raw
+        else PageCompression.OFF,
         disks=tuple(_disk_from(d, i) for i, d in enumerate(disks)),
         nics=tuple(_nic_from(n, i, name) for i, n in enumerate(nics)),
         tls_creds=_tls_from(raw, name),

@@ -14,6 +14,7 @@ from kemari.cli.main import build_parser
 from kemari.cli.run import config_from_args
 from kemari.config import (
     Accel,
+    PageCompression,
     StorageMode,
     SyncPolicy,
     config_from_mapping,
@@ -85,6 +86,10 @@ bridge = "br0"
         ({"name": "a", "held_frames_max": "32K"}, "held_frames_max: 32768 bytes is outside"),
         ({"name": "a", "held_frames_max": "2T"}, "held_frames_max"),
         ({"name": "a", "held_frames_max": "lots"}, "held_frames_max: expected a size"),
+        (
+            {"name": "a", "page_compression": "lz4"},
+            "page_compression: 'lz4' is not one of off, zstd",
+        ),
     ],
 )
 def test_invalid_values_are_refused(raw: dict[str, object], message: str) -> None:
@@ -200,3 +205,15 @@ def test_ha_flags_match_config() -> None:
     )  # fmt: skip
     ha = config_from_args(args).ha
     assert ha is not None and (ha.lease_ttl_s, ha.detect_ms) == (7, 300)
+
+
+def test_page_compression_is_off_by_default_host_local_and_a_flag() -> None:
+    default = config_from_mapping({"name": "a"})
+    zstd = config_from_mapping({"name": "a", "page_compression": "zstd"})
+    assert (default.page_compression, zstd.page_compression) == (
+        PageCompression.OFF,
+        PageCompression.ZSTD,
+    )
+    assert default.replication_digest() == zstd.replication_digest()
+    args = build_parser().parse_args(["run", "--name", "a", "--page-compression", "zstd"])
+    assert config_from_args(args).page_compression is PageCompression.ZSTD

@@ -230,3 +230,33 @@ def test_migrate_is_refused_on_a_qemu_that_cannot_checkpoint(
         status = agent.status()
         assert (status["vm"], status["protection"]) == ("running", "unprotected")
         agent.wait_serial(r"tick 2\b")
+
+
+def test_compressed_pages_carry_the_guest_through_a_failover(workdir: Path) -> None:
+    """page_compression = zstd: the pages travel as RAM_PAGES_ZSTD, and the replica they
+    build resumes the guest where the last committed checkpoint left it."""
+    argv = ["--workload", "ticks", "--accel", "tcg", "--page-compression", "zstd"]
+    active = AgentProcess("zstd", workdir, argv, label="z0")
+    agents = [active]
+    try:
+        active.wait_serial(r"tick 3\b")
+        active.wait_monitor()
+        port = free_port()
+        standby = start_standby(workdir, "zstd", port, "z1")
+        agents.append(standby)
+        protect(active, port)
+        lower = ticks(active)[-1]
+        epoch = active.monitor("checkpoint").data["epoch"]
+        assert epoch >= 1
+        assert "travels zstd-compressed" in active.agent_output()
+        kill_active(active, random.Random(os.environ.get("KEMARI_TEST_SEED", time.time_ns())))
+        upper = ticks(active)[-1] + 1
+        assert standby.monitor("failover").data["epoch"] >= epoch
+        wait_for(lambda: len(ticks(standby)) >= 5, "ticks after failover")
+        after = ticks(standby)
+        assert lower <= after[0] <= upper, (lower, after[:3], upper)
+        assert after == list(range(after[0], after[0] + len(after)))
+        assert not any(marker in standby.serial_text() for marker in BOOT_MARKERS)
+    finally:
+        for agent in agents:
+            agent.stop()

@@ -900,3 +900,51 @@ def test_a_state_file_that_cannot_be_written_after_the_commit_point_keeps_the_ep
         reopened.hand_over()
     with pytest.raises(ReplicaError, match="handed over"):
         Replica.open(directory)
+
+
+# ----- a frame's pages at once ----------------------------------------------------------
+
+frame_pages = st.lists(st.integers(0, 63), max_size=12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(frame_pages, frame_pages, st.sampled_from([bytes, bytearray, memoryview]), st.booleans())
+def test_put_pages_stages_what_page_by_page_puts_would(zeros, datas, kind, first):
+    """Zero pages first, then data pages in order (a page given twice ends with its last
+    content), in the first checkpoint (written in place) and in later ones (staged)."""
+    data = b"".join(page_of(7, page * PAGE, n) for n, page in enumerate(datas))
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for batched in (True, False):
+            with Replica.create(Path(tmp) / f"r{batched}", BLOCKS) as replica:
+                if not first:
+                    committed(replica, 1, [(RAM, 0, page_of(1, 0, 1))])
+                with replica.begin(1 if first else 2) as staged:
+                    if batched:
+                        staged.put_pages(RAM, zeros, datas, kind(data))
+                    else:
+                        for page in zeros:
+                            staged.put_zero(RAM, page * PAGE)
+                        for n, page in enumerate(datas):
+                            staged.put_page(RAM, page * PAGE, data[n * PAGE : (n + 1) * PAGE])
+                    staged.set_device_state(b"dev")
+                    staged.commit()
+                results.append(ram_contents(replica))
+        assert results[0] == results[1]
+
+
+@pytest.mark.parametrize(
+    ("zeros", "datas", "data", "match"),
+    [
+        ([64], [], b"", "outside its 64 pages"),
+        ([], [-1], b"\0" * PAGE, "outside its 64 pages"),
+        ([], [1, 2], b"\0" * PAGE, "4096 bytes of page data for 2 pages"),
+    ],
+)
+def test_put_pages_validation(live, zeros, datas, data, match):
+    before = ram_contents(live)
+    with live.begin(2) as staged:
+        with pytest.raises(ReplicaError, match=match):
+            staged.put_pages(RAM, zeros, datas, data)
+        assert staged.page_count == 0
+    assert ram_contents(live) == before

@@ -8,6 +8,9 @@ reads from QEMU and forwards it to the standby as ft-transactions on a
                    COMMIT(0) → COMMIT_ACK
     checkpoint N   BEGIN(N), RAM_PAGES…, DEVICE_STATE…, OUTPUT…, COMMIT(N) → COMMIT_ACK
 
+RAM_PAGES frames travel as RAM_PAGES_ZSTD where the session negotiated ``zstd-pages``
+and compression saves at least :data:`COMPRESSION_MIN_SAVING` (docs/protocol.md).
+
 OUTPUT frames carry the guest outputs the event-tap holds with tag N: when ``commit(N)``
 is called QEMU has sent VMSTATE_SEND(N), so every output tagged N has been read
 (docs/protocol.md, "Event-tap"), and none has been released yet.
@@ -19,6 +22,7 @@ Any failure raises, which the source takes as "standby lost".
 
 from __future__ import annotations
 
+import logging
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -28,9 +32,10 @@ from kemari.checkpoint.source import PageBatch
 from kemari.errors import CheckpointError
 from kemari.outputs import Output
 from kemari.stream import Configuration, RamBlockList, RamPage
-from kemari.stream.format import PAGE_SIZE
+from kemari.stream.format import PAGE_BITS, PAGE_MASK, PAGE_SIZE
 from kemari.transaction.session import Committed, PrimarySession
 from kemari.transaction.wire import (
+    ZSTD_PAGES,
     Begin,
     DeviceState,
     Outputs,
@@ -38,11 +43,16 @@ from kemari.transaction.wire import (
     RamBlocks,
     RamPages,
     VmDescription,
+    ZstdRamPages,
+    compress_pages,
 )
 
 # Pages per RAM_PAGES frame: 1024 pages = 4 MiB, far below the frame limit, and big
 # enough that per-frame costs vanish next to the copy of the page data.
 PAGES_PER_FRAME = 1024
+# A compressed frame is sent only when it saves at least this share of the page bytes;
+# otherwise the standby's decompression would cost more than the bytes saved.
+COMPRESSION_MIN_SAVING = 0.125
 # Test hooks (kemari/crashpoint.py): die inside checkpoint N's transaction.
 CRASH_DURING_PAGES = "during-pages"
 CRASH_AFTER_DEVICE_STATE = "after-device-state"
@@ -52,6 +62,7 @@ DEVICE_STATE_CHUNK = 8 << 20
 OUTPUT_FRAME_BYTES = 4 << 20
 
 OutputsOf = Callable[[int], Sequence[Output]]
+log = logging.getLogger(__name__)
 
 
 class TransactionSender:
@@ -73,6 +84,13 @@ class TransactionSender:
         # an acknowledgement proves the standby heard from us at or after it
         # (docs/ha.md, rule 2 a).
         self.commit_sent_at: float | None = None
+        # Pages travel zstd-compressed when both sides negotiated it (the primary's
+        # page_compression setting decides whether it offers it).
+        self.compress_pages = ZSTD_PAGES in session.capabilities
+        if self.compress_pages:
+            log.info("page data to the standby travels zstd-compressed (%s)", ZSTD_PAGES)
+        self.page_bytes = 0  # page data forwarded (4096 per data page)
+        self.page_wire_bytes = 0  # what that page data took on the wire
         self._block_index: dict[str, int] = {}
         self._block_pages: list[int] = []
         self._epoch = 0
@@ -112,7 +130,14 @@ class TransactionSender:
 
     async def pages(self, batch: PageBatch) -> None:
         """Forward a batch of page records as RAM_PAGES frames, grouped by block."""
-        for frame in page_frames(self._epoch, batch, self._block_index, self._block_pages):
+        for frame in page_frames(
+            self._epoch, batch, self._block_index, self._block_pages, compress=self.compress_pages
+        ):
+            self.page_bytes += len(frame.data_pages) * PAGE_SIZE
+            if isinstance(frame, ZstdRamPages):
+                self.page_wire_bytes += len(frame.compressed)
+            else:
+                self.page_wire_bytes += len(frame.data)
             await self.session.send(frame)
             if self._epoch and self._epoch == crashpoint.limit(CRASH_DURING_PAGES):
                 crashpoint.kill()  # test hook: die in the middle of a transaction
@@ -154,58 +179,77 @@ def output_frames(epoch: int, outputs: Sequence[Output]) -> Iterator[Outputs]:
 
 
 def page_frames(
-    epoch: int, batch: PageBatch, block_index: dict[str, int], block_pages: list[int]
-) -> Iterator[RamPages]:
+    epoch: int,
+    batch: PageBatch,
+    block_index: dict[str, int],
+    block_pages: list[int],
+    *,
+    compress: bool = False,
+) -> Iterator[RamPages | ZstdRamPages]:
     """Cut ``batch`` into RAM_PAGES frames, preserving the effect of its order.
 
     A frame applies its zero pages before its data pages, so a frame never holds
     one page twice: a repeated page (QEMU may resend a page within one read during
-    the initial sync) or a change of block starts a new frame.
+    the initial sync) or a change of block starts a new frame.  With ``compress``, a
+    frame's data pages travel as one zstd frame (RAM_PAGES_ZSTD) when that saves at
+    least :data:`COMPRESSION_MIN_SAVING` of their bytes.  Page data is never copied
+    here: a frame's pages are the batch's memoryviews, joined (or compressed) once.
     """
-    frame = _FrameBuilder(epoch, -1)
+    frame = _FrameBuilder(epoch, -1, compress)
+    # The loop runs once per dirty page: locals only, the frame's fields inlined.
+    pages: set[int] = frame.pages
+    block_name = ""
+    index = -1
+    limit = 0
     for record in batch:
-        index = block_index.get(record.block)
-        if index is None:
-            raise CheckpointError(f"page of unknown RAM block {record.block!r}")
-        page = record.offset // PAGE_SIZE
-        if record.offset % PAGE_SIZE or not 0 <= page < block_pages[index]:
-            raise CheckpointError(f"page offset {record.offset:#x} outside {record.block}")
-        if not isinstance(record, RamPage) and record.fill != 0:
+        if record.block != block_name:
+            found = block_index.get(record.block)
+            if found is None:
+                raise CheckpointError(f"page of unknown RAM block {record.block!r}")
+            block_name, index, limit = record.block, found, block_pages[found]
+        offset = record.offset
+        page = offset >> PAGE_BITS
+        if offset & PAGE_MASK or not 0 <= page < limit:
+            raise CheckpointError(f"page offset {offset:#x} outside {record.block}")
+        if index != frame.block_index or page in pages or len(pages) >= PAGES_PER_FRAME:
+            if pages:
+                yield frame.build()
+            frame = _FrameBuilder(epoch, index, compress)
+            pages = frame.pages
+        pages.add(page)
+        if isinstance(record, RamPage):
+            frame.data_pages.append(page)
+            frame.data.append(record.data)
+        elif record.fill == 0:
+            frame.zero_pages.append(page)
+        else:
             # QEMU 7.2 only sends zero-filled pages; anything else is not ours to guess.
             raise CheckpointError(f"fill page with byte {record.fill:#x} is not supported")
-        if index != frame.block_index or page in frame.pages or frame.full:
-            if frame.pages:
-                yield frame.build()
-            frame = _FrameBuilder(epoch, index)
-        frame.add(page, record.data if isinstance(record, RamPage) else None)
-    if frame.pages:
+    if pages:
         yield frame.build()
 
 
 class _FrameBuilder:
     """Collects the pages of one RAM_PAGES frame."""
 
-    def __init__(self, epoch: int, block_index: int) -> None:
+    __slots__ = ("block_index", "compress", "data", "data_pages", "epoch", "pages", "zero_pages")
+
+    def __init__(self, epoch: int, block_index: int, compress: bool) -> None:
         self.epoch = epoch
         self.block_index = block_index
+        self.compress = compress
         self.pages: set[int] = set()
-        self._data_pages = array("I")
-        self._zero_pages = array("I")
-        self._data: list[memoryview] = []
+        self.data_pages = array("I")
+        self.zero_pages = array("I")
+        self.data: list[memoryview] = []
 
-    @property
-    def full(self) -> bool:
-        return len(self.pages) >= PAGES_PER_FRAME
-
-    def add(self, page: int, data: memoryview | None) -> None:
-        self.pages.add(page)
-        if data is None:
-            self._zero_pages.append(page)
-        else:
-            self._data_pages.append(page)
-            self._data.append(data)
-
-    def build(self) -> RamPages:
+    def build(self) -> RamPages | ZstdRamPages:
+        if self.compress and self.data:
+            compressed = compress_pages(self.data)
+            if len(compressed) <= len(self.data) * PAGE_SIZE * (1 - COMPRESSION_MIN_SAVING):
+                return ZstdRamPages(
+                    self.epoch, self.block_index, self.data_pages, self.zero_pages, compressed
+                )
         return RamPages(
-            self.epoch, self.block_index, self._data_pages, self._zero_pages, b"".join(self._data)
+            self.epoch, self.block_index, self.data_pages, self.zero_pages, b"".join(self.data)
         )

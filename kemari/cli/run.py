@@ -13,6 +13,7 @@ from kemari.config import (
     DEFAULT_EPOCH_MS,
     DEFAULT_SYNC,
     Accel,
+    PageCompression,
     StorageMode,
     SyncPolicy,
     VMConfig,
@@ -42,6 +43,7 @@ _SCALAR_FLAGS = {
     "epoch_ms": "epoch_ms",
     "storage": "storage",
     "held_frames_max": "held_frames_max",
+    "page_compression": "page_compression",
     "tls_creds": "tls_creds",
     "tls_name": "tls_name",
     "ha": "ha",
@@ -94,6 +96,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument(
         "--epoch-ms", type=int, help=f"checkpoint period in ms (default {DEFAULT_EPOCH_MS})"
+    )
+    parser.add_argument(
+        "--page-compression",
+        choices=PageCompression.names(),
+        help="page data to the standby: off (default) or zstd when the standby agrees "
+        "(docs/protocol.md, Page compression)",
     )
     parser.add_argument(
         "--storage",

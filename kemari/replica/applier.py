@@ -462,6 +462,16 @@ class ReplicaApplier:
         """A page of the open sync or checkpoint whose every byte is ``fill``."""
         self._require_open().put_zero(block, offset, fill)
 
+    def put_pages(
+        self,
+        block: str,
+        zero_pages: Sequence[int],
+        data_pages: Sequence[int],
+        data: bytes | bytearray | memoryview,
+    ) -> None:
+        """A RAM_PAGES batch by page number: zero pages first, then the data pages."""
+        self._require_open().put_pages(block, zero_pages, data_pages, data)
+
     def put_records(self, batch: Sequence[PageRecord]) -> None:
         """Page records as the stream parser emits them."""
         staged = self._require_open()

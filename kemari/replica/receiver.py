@@ -41,7 +41,6 @@ from kemari.replica.disks import StandbyDisks
 from kemari.replica.health import ReplicaHealthError, StandbyHealth, storage
 from kemari.replica.outputstore import OutputStore
 from kemari.stream import Configuration, RamBlock, RamBlockList
-from kemari.stream.format import PAGE_SIZE
 from kemari.tasks import cancel_and_wait
 from kemari.transaction.session import (
     IDLE_TIMEOUT_S,
@@ -339,10 +338,7 @@ class StandbyReceiver:
         except IndexError as exc:  # the session's tracker checked it; be explicit anyway
             raise TransactionError(f"RAM_PAGES of unknown block {pages.block_index}") from exc
         # Zero pages before data pages: the order RAM_PAGES defines for one frame.
-        for page in pages.zero_pages:
-            self.applier.put_zero(name, page * PAGE_SIZE)
-        for n, page in enumerate(pages.data_pages):
-            self.applier.put_page(name, page * PAGE_SIZE, pages.page(n))
+        self.applier.put_pages(name, pages.zero_pages, pages.data_pages, pages.data)
 
     async def _commit(self, session: StandbySession, committed: Committed) -> None:
         device_state = b"".join(self._device_state)

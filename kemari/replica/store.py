@@ -29,7 +29,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -238,6 +238,48 @@ class StagedCheckpoint:
                 crashpoint.kill()
             return
         self._entries[(info.index, offset)] = page
+
+    def put_pages(
+        self,
+        block: str,
+        zero_pages: Sequence[int],
+        data_pages: Sequence[int],
+        data: bytes | bytearray | memoryview,
+    ) -> None:
+        """Stage a batch of ``block`` by page number: the zero pages, then the data pages
+        (``data`` holds them back to back), as if each had been put one by one.
+
+        The checkpoints after the first stage a frame with one check of its pages and
+        at most one copy of ``data`` (none when it is immutable bytes); the first
+        checkpoint writes its pages one by one.
+        """
+        if len(data) != len(data_pages) * PAGE_SIZE:
+            raise ReplicaError(
+                f"{len(data)} bytes of page data for {len(data_pages)} pages of {block!r}"
+            )
+        if self.direct:
+            for page in zero_pages:
+                self.put_zero(block, page * PAGE_SIZE)
+            view = memoryview(data)
+            for n, page in enumerate(data_pages):
+                self.put_page(block, page * PAGE_SIZE, view[n * PAGE_SIZE : (n + 1) * PAGE_SIZE])
+            return
+        info = self._locate(block, 0)
+        pages = info.size // PAGE_SIZE
+        for numbers in (zero_pages, data_pages):
+            if numbers and not (min(numbers) >= 0 and max(numbers) < pages):
+                raise ReplicaError(f"a page of {block!r} lies outside its {pages} pages")
+        view = memoryview(data)
+        if type(view.obj) is not bytes or view.format != "B" or not view.c_contiguous:
+            view = memoryview(bytes(view))  # mutable or odd-shaped: one copy of the batch
+        index = info.index
+        entries = self._entries
+        for page in zero_pages:
+            entries[(index, page * PAGE_SIZE)] = 0
+        entries.update(
+            ((index, page * PAGE_SIZE), view[n * PAGE_SIZE : (n + 1) * PAGE_SIZE])
+            for n, page in enumerate(data_pages)
+        )
 
     def put_zero(self, block: str, offset: int, fill: int = 0) -> None:
         """Stage a page of ``block`` at ``offset`` whose every byte is ``fill``."""

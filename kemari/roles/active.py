@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from kemari.config import NicConfig, StorageMode, VMConfig
+from kemari.config import NicConfig, PageCompression, StorageMode, VMConfig
 from kemari.errors import CheckpointError, ConfigError, KemariError, QemuError
 from kemari.eventtap.diskcopy import DiskCopier
 from kemari.eventtap.disktap import DiskTap
@@ -35,6 +35,7 @@ from kemari.qemu.cmdline import MachineSpec, StreamNic
 from kemari.qemu.machine import QemuMachine
 from kemari.roles.protection import Protection
 from kemari.transaction.session import KEEPALIVE_S, Identity, RunState
+from kemari.transaction.wire import ZSTD_PAGES
 
 
 @contextlib.asynccontextmanager
@@ -160,7 +161,12 @@ class ActiveRole:
             )
         if self.protection is not None:  # a previous session ended (standby lost): tidy it
             await self.protection.close()
-        identity = Identity(self.config.name, self.config.replication_digest())
+        compress = self.config.page_compression is PageCompression.ZSTD
+        identity = Identity(
+            self.config.name,
+            self.config.replication_digest(),
+            capabilities=(ZSTD_PAGES,) if compress else (),
+        )
         self.protection = await Protection.start(
             self.machine,
             command.uri,

@@ -27,6 +27,7 @@ from kemari.replica.applier import ReplicaApplier
 from kemari.replica.disks import StandbyDisks
 from kemari.replica.receiver import StandbyReceiver
 from kemari.transaction.session import Identity
+from kemari.transaction.wire import ZSTD_PAGES
 
 
 class StandbyRole:
@@ -57,7 +58,8 @@ class StandbyRole:
             stack.callback(applier.close)
             disks = StandbyDisks([disk.path for disk in config.disks], config.storage)
             stack.push_async_callback(disks.close)
-            identity = Identity(config.name, config.replication_digest())
+            # The standby accepts compressed pages whenever the primary offers them.
+            identity = Identity(config.name, config.replication_digest(), (ZSTD_PAGES,))
             receiver = StandbyReceiver(
                 uri,
                 identity,

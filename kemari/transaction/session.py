@@ -34,6 +34,7 @@ from kemari.transaction.wire import (
     NONCE_LEN,
     PROTOCOL_VERSION,
     RUN_ID_LEN,
+    ZSTD_PAGES,
     Abort,
     Begin,
     Buffer,
@@ -58,6 +59,7 @@ from kemari.transaction.wire import (
     RefuseReason,
     Role,
     VmDescription,
+    ZstdRamPages,
 )
 
 # Frame parts up to this size are joined into one write so the header does not leave in
@@ -189,8 +191,8 @@ class TransactionTracker:
                 if current.data_pages or current.zero_pages:
                     raise TransactionError("RAM_BLOCKS after pages of the same transaction")
                 self.blocks = blocks
-            case RamPages(epoch=epoch):
-                current = self._require_open("RAM_PAGES", epoch)
+            case RamPages(epoch=epoch) | ZstdRamPages(epoch=epoch):
+                current = self._require_open(payload.TYPE.name, epoch)
                 self._check_pages(payload)
                 current.data_pages += len(payload.data_pages)
                 current.zero_pages += len(payload.zero_pages)
@@ -253,7 +255,7 @@ class TransactionTracker:
             raise TransactionError(f"{what} of epoch {epoch} inside transaction {self._open.epoch}")
         return self._open
 
-    def _check_pages(self, pages: RamPages) -> None:
+    def _check_pages(self, pages: RamPages | ZstdRamPages) -> None:
         if self.blocks is None:
             raise TransactionError("RAM_PAGES before RAM_BLOCKS")
         if pages.block_index >= len(self.blocks):
@@ -328,6 +330,10 @@ class FrameReader:
     @max_payload.setter
     def max_payload(self, value: int) -> None:
         self._decoder.max_payload = value
+
+    def accept_zstd_pages(self) -> None:
+        """Accept RAM_PAGES_ZSTD frames from now on (the session negotiated them)."""
+        self._decoder.zstd_pages = True
 
     async def receive(self) -> Frame:
         """The next frame; :class:`TransportClosed` if the stream ends."""
@@ -493,10 +499,20 @@ class PrimarySession:
             raise TransactionError(f"session to {self.transport.peer} failed: {self.failed}")
 
     async def send(
-        self, payload: Begin | RamBlocks | RamPages | DeviceState | VmDescription | Outputs | Abort
+        self,
+        payload: Begin
+        | RamBlocks
+        | RamPages
+        | ZstdRamPages
+        | DeviceState
+        | VmDescription
+        | Outputs
+        | Abort,
     ) -> None:
         """Send one transaction frame after checking it against the transaction rules."""
         self._check_alive()
+        if isinstance(payload, ZstdRamPages) and ZSTD_PAGES not in self.capabilities:
+            raise TransactionError(f"RAM_PAGES_ZSTD without the {ZSTD_PAGES!r} capability")
         self.tracker.apply(payload)
         await self._writer.send(payload)
 
@@ -683,6 +699,8 @@ class StandbySession:
                 )
         transport.established()
         reader.max_payload = MAX_PAYLOAD
+        if ZSTD_PAGES in shared:
+            reader.accept_zstd_pages()
         return cls(transport, writer, reader, hello, shared, idle_timeout=idle_timeout)
 
     async def receive(self) -> StandbyEvent:

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
+import zstandard
+
 from kemari.errors import EventTapError, TransactionError
 from kemari.outputs import Output, OutputKind
 from kemari.stream.format import PAGE_SIZE
@@ -62,6 +64,18 @@ _OUTPUTS_HEAD = struct.Struct(">I")  # output count
 _OUTPUT_HEAD = struct.Struct(">BHQI")  # kind, device index, offset, data length
 _REFUSE_HEAD = struct.Struct(">H")
 
+# The session capability that allows RAM_PAGES_ZSTD frames (docs/protocol.md, "Page
+# compression"); the primary offers it when its page_compression setting is zstd.
+ZSTD_PAGES = "zstd-pages"
+# zstd level -1..1 compresses guest pages at 2-4 GB/s here; higher levels gain a few
+# percent of size for several times the CPU, inside the guest's pause.
+ZSTD_LEVEL = 1
+# A RAM_PAGES_ZSTD frame decompresses to at most MAX_PAYLOAD bytes; no legitimate frame
+# needs a larger window, and a hostile one must not make the standby reserve more.
+_ZSTD_MAX_WINDOW = 1 << 26
+_ZSTD_COMPRESSOR = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False)
+_ZSTD_DECOMPRESSOR = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+
 _INDEX_TYPECODE = "I"
 if array(_INDEX_TYPECODE).itemsize != 4:
     raise ImportError("kemari.transaction.wire needs a 4-byte array('I') for page indices")
@@ -88,6 +102,7 @@ class FrameType(enum.IntEnum):
     COMMIT_ACK = 0x15
     ABORT = 0x16
     VM_DESCRIPTION = 0x17
+    RAM_PAGES_ZSTD = 0x18
     OUTPUT = 0x20
 
 
@@ -534,31 +549,124 @@ class RamPages:
         return memoryview(self.data)[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
 
     def encode(self) -> list[Buffer]:
-        indices = self.data_pages + self.zero_pages
-        if not _NATIVE_IS_BIG:
-            indices.byteswap()
-        head = _PAGES_HEAD.pack(self.block_index, len(self.data_pages), len(self.zero_pages))
-        return [head + indices.tobytes(), self.data]
+        return [_pages_head(self.block_index, self.data_pages, self.zero_pages), self.data]
 
     @classmethod
     def decode(cls, epoch: int, payload: memoryview) -> RamPages:
-        if len(payload) < _PAGES_HEAD.size:
-            raise TransactionError("RAM_PAGES payload is truncated")
-        block_index, data_count, zero_count = _PAGES_HEAD.unpack_from(payload)
-        index_end = _PAGES_HEAD.size + 4 * (data_count + zero_count)
-        # Compare the announced counts with the payload size before building anything.
-        if len(payload) != index_end + PAGE_SIZE * data_count:
+        block_index, data_pages, zero_pages, data = _split_pages(payload, cls.TYPE)
+        if len(data) != PAGE_SIZE * len(data_pages):
             raise TransactionError(
                 f"RAM_PAGES payload is {len(payload)} bytes, its counts "
-                f"({data_count} data, {zero_count} zero) need {index_end + PAGE_SIZE * data_count}"
+                f"({len(data_pages)} data, {len(zero_pages)} zero) need "
+                f"{len(payload) - len(data) + PAGE_SIZE * len(data_pages)}"
             )
-        indices = array(_INDEX_TYPECODE)
-        indices.frombytes(payload[_PAGES_HEAD.size : index_end])
-        if not _NATIVE_IS_BIG:
-            indices.byteswap()
-        return cls(
-            epoch, block_index, indices[:data_count], indices[data_count:], payload[index_end:]
+        return cls(epoch, block_index, data_pages, zero_pages, data)
+
+
+@dataclass(frozen=True, slots=True)
+class ZstdRamPages:
+    """RAM_PAGES whose page data travels as one zstd frame (capability ``zstd-pages``).
+
+    Payload: as RAM_PAGES, but after the indices comes a single zstd frame that declares
+    its content size, which must be exactly ``4096 * data count``.  The standby decodes
+    it into a plain :class:`RamPages`: nothing after the wire sees compression.  The
+    decoder never inflates more than the frame's page count allows (a frame declaring
+    any other size, or holding anything after its zstd frame, is refused unread).
+    """
+
+    TYPE: ClassVar[FrameType] = FrameType.RAM_PAGES_ZSTD
+
+    epoch: int
+    block_index: int
+    data_pages: array[int]
+    zero_pages: array[int]
+    compressed: Buffer
+
+    def __post_init__(self) -> None:
+        if not self.data_pages:
+            raise TransactionError("RAM_PAGES_ZSTD batch holds no data page")
+
+    @property
+    def page_count(self) -> int:
+        """Data and zero pages together."""
+        return len(self.data_pages) + len(self.zero_pages)
+
+    def encode(self) -> list[Buffer]:
+        return [_pages_head(self.block_index, self.data_pages, self.zero_pages), self.compressed]
+
+    @classmethod
+    def decode(cls, epoch: int, payload: memoryview) -> RamPages:
+        block_index, data_pages, zero_pages, compressed = _split_pages(payload, cls.TYPE)
+        data = decompress_pages(compressed, len(data_pages))
+        return RamPages(epoch, block_index, data_pages, zero_pages, data)
+
+
+def compress_pages(pages: Sequence[Buffer]) -> bytes:
+    """One zstd frame (content size declared, no checksum) of ``pages`` back to back."""
+    size = sum(len(page) for page in pages)
+    stream = _ZSTD_COMPRESSOR.compressobj(size=size)
+    parts = [stream.compress(page) for page in pages]
+    parts.append(stream.flush())
+    return b"".join(parts)
+
+
+def decompress_pages(compressed: Buffer, count: int) -> bytes:
+    """The ``count`` pages of a RAM_PAGES_ZSTD frame; TransactionError unless the zstd
+    frame declares exactly ``count`` pages, inflates to them and is all there is."""
+    expected = count * PAGE_SIZE
+    if expected > MAX_PAYLOAD:
+        raise TransactionError(
+            f"RAM_PAGES_ZSTD frame of {count} pages would inflate beyond {MAX_PAYLOAD} bytes"
         )
+    try:
+        declared = zstandard.frame_content_size(compressed)
+    except zstandard.ZstdError as exc:
+        raise TransactionError(f"RAM_PAGES_ZSTD data is not a zstd frame: {exc}") from exc
+    if declared != expected:
+        raise TransactionError(
+            f"RAM_PAGES_ZSTD frame declares {declared} bytes for {count} pages ({expected})"
+        )
+    # The declared size was checked above and zstd refuses output beyond it, so at most
+    # ``expected`` bytes are ever produced.
+    stream = _ZSTD_DECOMPRESSOR.decompressobj()
+    try:
+        data = stream.decompress(compressed)
+    except zstandard.ZstdError as exc:
+        raise TransactionError(f"RAM_PAGES_ZSTD data does not decompress: {exc}") from exc
+    if len(data) != expected or not stream.eof or stream.unused_data:
+        raise TransactionError(
+            f"RAM_PAGES_ZSTD data inflates to {len(data)} bytes for {count} pages, "
+            f"{'with trailing bytes' if stream.unused_data else 'complete'}"
+        )
+    return data
+
+
+def _pages_head(block_index: int, data_pages: array[int], zero_pages: array[int]) -> bytes:
+    indices = data_pages + zero_pages
+    if not _NATIVE_IS_BIG:
+        indices.byteswap()
+    return _PAGES_HEAD.pack(block_index, len(data_pages), len(zero_pages)) + indices.tobytes()
+
+
+def _split_pages(
+    payload: memoryview, frame_type: FrameType
+) -> tuple[int, array[int], array[int], memoryview]:
+    """Block index, data and zero page indices, and the rest of a RAM_PAGES* payload."""
+    if len(payload) < _PAGES_HEAD.size:
+        raise TransactionError(f"{frame_type.name} payload is truncated")
+    block_index, data_count, zero_count = _PAGES_HEAD.unpack_from(payload)
+    index_end = _PAGES_HEAD.size + 4 * (data_count + zero_count)
+    # Compare the announced counts with the payload size before building anything.
+    if len(payload) < index_end:
+        raise TransactionError(
+            f"{frame_type.name} payload is {len(payload)} bytes, shorter than its "
+            f"{data_count + zero_count} page indices"
+        )
+    indices = array(_INDEX_TYPECODE)
+    indices.frombytes(payload[_PAGES_HEAD.size : index_end])
+    if not _NATIVE_IS_BIG:
+        indices.byteswap()
+    return block_index, indices[:data_count], indices[data_count:], payload[index_end:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -719,6 +827,7 @@ TransactionPayload = (
     Begin
     | RamBlocks
     | RamPages
+    | ZstdRamPages
     | DeviceState
     | VmDescription
     | Outputs
@@ -741,6 +850,7 @@ _PAYLOAD_CLASSES: dict[FrameType, type[Payload]] = {
         Begin,
         RamBlocks,
         RamPages,
+        ZstdRamPages,
         DeviceState,
         VmDescription,
         Outputs,
@@ -846,6 +956,8 @@ class FrameDecoder:
         if not 0 <= max_payload <= MAX_PAYLOAD:
             raise ValueError(f"max_payload must be in [0, {MAX_PAYLOAD}], got {max_payload}")
         self.max_payload = max_payload
+        # RAM_PAGES_ZSTD frames are accepted only once the session negotiated ZSTD_PAGES.
+        self.zstd_pages = False
         self.next_sequence = 0
         self._buffer = bytearray()
         self._header: FrameHeader | None = None
@@ -937,6 +1049,10 @@ class FrameDecoder:
         if length > self.max_payload:
             raise TransactionError(
                 f"{frame_type.name} payload length {length} exceeds the limit {self.max_payload}"
+            )
+        if frame_type is FrameType.RAM_PAGES_ZSTD and not self.zstd_pages:
+            raise TransactionError(
+                f"RAM_PAGES_ZSTD frame, but the session did not negotiate {ZSTD_PAGES!r}"
             )
         if epoch and frame_type in SESSION_TYPES:
             raise TransactionError(f"{frame_type.name} frame carries epoch {epoch}, expected 0")

@@ -18,13 +18,15 @@ from kemari.transaction.wire import FrameDecoder
 def TestOneInput(data: bytes) -> None:
     """Entry point under the name atheris expects.
 
-    The first byte picks a chunk size; the rest is fed in chunks of that size, and every
-    decoded frame goes through the standby's transaction state machine.
+    The first byte picks a chunk size (low 6 bits) and whether compressed page frames
+    were negotiated (bit 6); the rest is fed in chunks of that size, and every decoded
+    frame goes through the standby's transaction state machine.
     """
     if not data:
         return
     step = data[0] % 64 + 1
     decoder = FrameDecoder(max_payload=1 << 16)
+    decoder.zstd_pages = bool(data[0] & 0x40)
     transactions = TransactionTracker()
     body = data[1:]
     try:

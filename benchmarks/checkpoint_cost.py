@@ -1,0 +1,236 @@
+"""How a checkpoint's cost grows with dirty pages and guest size, end to end.
+
+For every guest size (``--memory``, MiB) and dirty-page count (``--pages``) this boots the
+ticker firmware (tests/ticker_rom.py: it dirties ``pages`` pages about every millisecond)
+under Kemari's patched QEMU and protects it through the real path: CheckpointSource →
+TransactionSender → PrimarySession over mutually authenticated TLS on loopback →
+StandbyReceiver with a ReplicaApplier in another process (its replica in a temporary
+directory).  After the initial sync it takes ``--checkpoints`` back-to-back on-demand
+checkpoints and prints one row per configuration:
+
+  pause      QMP STOP -> RESUME (what the guest sees), p50 / p99
+  kemari     VMSTATE_SEND received -> VMSTATE_LOADED sent (Kemari's share), p50
+  commit     output commit: request_checkpoint() -> the standby's COMMIT_ACK, p50 / p99
+  stop, xfer, ack   phases p50: REQUEST -> VMSTATE_SEND (QEMU stops the VM), SEND -> device
+             state read (pages parsed and forwarded), time in the sender's commit()
+  pages      page records per checkpoint; stream KiB per checkpoint (QEMU's stream)
+  wire       page bytes on the wire per dirty page byte (below 1 with zstd-pages)
+  cpu        the primary process's CPU ms per checkpoint (parse, frames, TLS)
+
+Goals (issue 11): pause p50 <= 1 ms at <= 200 dirty pages and <= 2 ms at 1,000; it grows
+<= 1 ms per 1,000 pages and stays flat in guest size.
+
+Needs Kemari's patched QEMU (``kemari qemu build``; KEMARI_PATCHED_QEMU=PATH overrides).
+Usage: python benchmarks/checkpoint_cost.py [--memory 256,1024,2048] [--pages 100,1000,10000]
+       [--checkpoints 60] [--compression off|zstd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from checkpoint_pause import TICK_DELAY_TSC, PauseRecorder
+
+from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
+from kemari.checkpoint.sender import TransactionSender
+from kemari.config import TlsCreds
+from kemari.qemu.build import patched_qemu
+from kemari.qemu.cmdline import MachineSpec, MemoryFile
+from kemari.qemu.debian import qemu_version
+from kemari.qemu.machine import QemuMachine
+from kemari.replica.applier import ReplicaApplier
+from kemari.replica.receiver import StandbyReceiver
+from kemari.transaction.pki import make_credentials
+from kemari.transaction.session import Identity, PrimarySession
+from kemari.transaction.transport import connect
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from ticker_rom import ticker_rom
+
+VM = "bench"
+IDENTITY = Identity(VM, bytes(32))
+ON_DEMAND_EPOCH_MS = 60_000
+
+
+def _standby_main(
+    root: str, creds_dir: str, capabilities: tuple[str, ...], conn: Connection
+) -> None:
+    """The standby process: a receiver on an ephemeral port until the parent says stop."""
+
+    async def serve() -> None:
+        identity = Identity(VM, bytes(32), capabilities)
+        applier = ReplicaApplier(Path(root), config_digest=bytes(32).hex())
+        receiver = StandbyReceiver(
+            "kemari:tcp:127.0.0.1:0",
+            identity,
+            applier,
+            tls=TlsCreds(Path(creds_dir), f"kemari-{VM}"),
+        )
+        await receiver.start()
+        conn.send(str(receiver.listener.bound))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, conn.recv)
+        await receiver.close()
+        applier.close()
+
+    asyncio.run(serve())
+
+
+def _p(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    if q == 0.5:
+        return statistics.median(ordered) * 1e3
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1e3
+
+
+async def measure_one(
+    binary: Path, workdir: Path, creds: TlsCreds, memory: int, pages: int, args: argparse.Namespace
+) -> str:
+    """One configuration: boot, protect, take the checkpoints; the table row."""
+    capabilities = tuple(args.capabilities)
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    standby = ctx.Process(
+        target=_standby_main,
+        args=(str(workdir / "replica"), str(creds.directory), capabilities, child),
+    )
+    standby.start()
+    try:
+        uri = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
+        spec = MachineSpec(
+            name="bench-primary",
+            accel="tcg",
+            qmp_socket=workdir / "qmp.sock",
+            memory_mib=memory,
+            bios=ticker_rom(
+                workdir / "ticker.rom", pages=pages, delay_tsc=TICK_DELAY_TSC, flush_tlb=True
+            ),
+            serial_log=workdir / "serial.log",
+            memory_file=MemoryFile(workdir / "ram"),
+        )
+        async with QemuMachine(spec, binary) as machine:
+            transport = await connect(uri, 10, tls=creds)
+            session = await PrimarySession.handshake(
+                transport, Identity(VM, bytes(32), capabilities), 10
+            )
+            sender = TransactionSender(session, commit_timeout_s=30)
+            source = CheckpointSource(machine, sender, epoch_ms=ON_DEMAND_EPOCH_MS)
+            async with source, CheckpointTrigger(source) as trigger:
+                while source.state is SourceState.SYNCING:
+                    await source.wait_progress(1.0)
+                sync = source.sync
+                if source.state is not SourceState.PROTECTED or sync is None:
+                    raise SystemExit(f"protection failed: {source.state.value} {source.reason}")
+                with machine.subscribe("STOP", "RESUME") as events:
+                    recorder = PauseRecorder(events)
+                    for _ in range(args.warmup):
+                        await trigger.checkpoint()
+                    first = source.committed_epoch
+                    recorder.take()
+                    requests: list[float] = []
+                    page_bytes, wire_bytes = sender.page_bytes, sender.page_wire_bytes
+                    cpu = time.process_time()
+                    for _ in range(args.checkpoints):
+                        asked = time.monotonic()
+                        await trigger.checkpoint()
+                        requests.append(time.monotonic() - asked)
+                    cpu = (time.process_time() - cpu) / args.checkpoints
+                    wire = (sender.page_wire_bytes - wire_bytes) / max(
+                        sender.page_bytes - page_bytes, 1
+                    )
+                    pauses = recorder.take()
+                    await recorder.close()
+                records = [r for r in source.recent() if r.epoch > first]
+            await session.close("benchmark done")
+    finally:
+        parent.send("stop")
+        standby.join(30)
+    count = statistics.mean(r.pages for r in records)
+    stream = statistics.mean(r.stream_bytes for r in records) / 1024
+    return (
+        f"{memory:6d} {pages:6d} | {_p(pauses, 0.5):6.2f} {_p(pauses, 0.99):6.2f} | "
+        f"{_p([r.pause_s for r in records], 0.5):6.2f} | "
+        f"{_p(requests, 0.5):6.2f} {_p(requests, 0.99):6.2f} | "
+        f"{_p([r.stop_s for r in records], 0.5):5.2f} "
+        f"{_p([r.transfer_s for r in records], 0.5):5.2f} "
+        f"{_p([r.commit_s for r in records], 0.5):5.2f} | "
+        f"{count:6.0f} {stream:7.0f} | {wire:5.3f} {cpu * 1e3:6.2f} | {sync.duration_s:5.1f}"
+    )
+
+
+HEADER = (
+    "   MiB  pages |  pause p50/p99 ms | kemari | commit p50/p99 ms |  stop  xfer   ack |"
+    "  pages  KiB/ck |  wire cpu ms | sync s"
+)
+
+
+async def measure(args: argparse.Namespace, binary: Path, root: Path) -> None:
+    make_credentials(root / "pki", f"kemari-{VM}")
+    creds = TlsCreds(root / "pki", f"kemari-{VM}")
+    print(HEADER, flush=True)
+    for memory in args.memory:
+        for pages in args.pages:
+            workdir = root / f"{memory}-{pages}"
+            workdir.mkdir()
+            print(await measure_one(binary, workdir, creds, memory, pages, args), flush=True)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
+    if any(value <= 0 for value in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be positive")
+    return values
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory", type=_int_list, default=[256, 1024, 2048], help="MiB list")
+    parser.add_argument("--pages", type=_int_list, default=[100, 1000, 10000], help="pages list")
+    parser.add_argument("--checkpoints", type=int, default=60, help="measured per row")
+    parser.add_argument("--warmup", type=int, default=5, help="checkpoints before measuring")
+    parser.add_argument(
+        "--capability",
+        dest="capabilities",
+        action="append",
+        default=[],
+        help="session capability both sides offer (e.g. zstd-pages); repeatable",
+    )
+    args = parser.parse_args()
+    override = os.environ.get("KEMARI_PATCHED_QEMU")
+    patched = patched_qemu()
+    if override:
+        binary = Path(override)
+    elif patched is not None:
+        binary = patched.binary
+    else:
+        print("patched QEMU not built: run `kemari qemu build` first", file=sys.stderr)
+        return 2
+    print(f"QEMU: {qemu_version(binary)} ({binary})")
+    print(
+        f"standby in another process over TLS on loopback; {args.checkpoints} on-demand "
+        f"checkpoints per row after {args.warmup}; capabilities {args.capabilities or 'none'}"
+    )
+    with tempfile.TemporaryDirectory(prefix="kemari-cost-") as tmp:
+        asyncio.run(measure(args, binary, Path(tmp)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
