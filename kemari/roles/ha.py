@@ -14,6 +14,8 @@ is used only with ``--ha etcd://...``; without it the agent behaves exactly as b
   to fence.
 * **Release permit** (:meth:`HaSupervisor.may_release`, the event-tap's one hook): rule
   2 (a) or (b).
+* **Fenced** (:meth:`HaSupervisor.wait_for_another_active`): once etcd answers and the
+  record names another active, the agent rejoins as its standby (kemari.roles.agent).
 * **Standby** (:meth:`HaSupervisor.guard_standby`): keeps itself published; when the
   active is lost (the session ended or went silent for the detection timeout) and the
   record says this agent protects it: closes the replication connection, wins
@@ -380,6 +382,28 @@ class HaSupervisor:
         self._note(why)
         return TakeOver(why, old_active, detect_ms, arbitrate_ms)
 
+    # -- fenced ---------------------------------------------------------------------
+
+    async def wait_for_another_active(self, stop: asyncio.Event) -> str | None:
+        """A fenced agent: wait until etcd answers with a record naming another active;
+        returns what it names (why to rejoin), or None on ``stop``."""
+        unreachable_noted = False
+        while not stop.is_set():
+            try:
+                state = await self.arbiter.read()
+            except ArbiterError as exc:
+                if not unreachable_noted:
+                    unreachable_noted = True
+                    self._note(f"fenced; waiting for etcd to rejoin as standby: {exc}")
+                await _sleep_or(stop, RECORD_POLL_S)
+                continue
+            self.record = state.record
+            seen = another_active(state.record, self.me)
+            if seen is not None:
+                return seen
+            await _sleep_or(stop, RECORD_POLL_S)
+        return None
+
     def promoted(self, role: ActiveRole) -> None:
         """The failover order made ``role`` the active: guard it from now on."""
         self._active, self._standby = role, None
@@ -435,6 +459,14 @@ class HaPermit:
 
     def may_release(self, committed: bool) -> bool:
         return self.supervisor.may_release(committed)
+
+
+def another_active(record: ha.Record | None, me: str) -> str | None:
+    """Rule 5's rejoin condition for the fenced agent ``me``: the record names another
+    active (then: which, and its term); None while it names ``me`` or there is none."""
+    if record is None or record.active == me:
+        return None
+    return f"the record names {record.active} active (term {record.term})"
 
 
 def _describe(record: ha.Record | None) -> str:
