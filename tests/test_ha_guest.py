@@ -310,26 +310,30 @@ def test_4_an_isolated_active_is_replaced_and_rejoins_once_the_link_is_back(
 ) -> None:
     """The protected active's host cut from everything (its LAN port taken out of the
     LAN bridge: etcd, the standby and the client gone): the standby takes over; the
-    isolated agent cannot read the record, so it holds every output (its standby is
-    gone, the record says protected).  Once the port is back it reads the record,
-    fences itself, rejoins as the standby by itself and the pair is protected again; no
-    guest frame leaves its host from the heal on, and every acknowledged record is
-    stored."""
+    isolated agent holds every output, and once its lease ran out and its standby does
+    not acknowledge a checkpoint it fences itself, still cut off.  Once the port is
+    back it reads the record, rejoins as the standby by itself and the pair is
+    protected again; no guest frame leaves its host from the cut on, and every
+    acknowledged record is stored."""
     isolated, standby = pair.agents["a"], pair.agents["b"]
     assert protected_pair(isolated, standby)
     lan = pair.lab.lan
     port = ["ip", "link", "set", "to-a"]
     # -Q in on the port: what host a sends, cut off or not (the port stays up).
     with capture(lan, "to-a", pair.workdir / "isolated-old.pcap") as old_pcap:
+        cut_at = time.monotonic()
         lan.run([*port, "nomaster"])
         try:
             wait_for(lambda: status(standby)["state"] == "active", "the standby took over", 60)
             acked = pair.acked()
             wait_for(lambda: pair.acked() > acked + 3, "records from the new active", 60)
-            wait_for(lambda: status(isolated)["ha"]["reachable"] is False, "a cut off", 30)
-            assert status(isolated)["state"] == "active"  # it cannot know yet; it holds
+            wait_for(lambda: status(isolated)["state"] == "fenced", "a fenced, cut off", 60)
+            fenced_s = time.monotonic() - cut_at
+            fenced_wall = time.time()
+            fenced = status(isolated)
+            assert fenced["ha"]["reachable"] is False and fenced["ha"]["lease_valid"] is False
+            assert "does not answer" in fenced["state_reason"], fenced["state_reason"]
         finally:
-            healed_wall = time.time()
             healed_at = time.monotonic()
             lan.run([*port, "master", LAN_BRIDGE])
         rejoined = wait_for_rejoin(isolated, "the isolated active fenced and rejoined")
@@ -337,11 +341,11 @@ def test_4_an_isolated_active_is_replaced_and_rejoins_once_the_link_is_back(
         wait_for(lambda: protected_pair(standby, isolated), "protected", PROTECT_TIMEOUT_S)
         protected_s = time.monotonic() - healed_at
     print(
-        f"isolation healed → rejoined {rejoin_s:.1f} s, protected again {protected_s:.1f} s; "
-        f"{rejoined['state_reason']}"
+        f"isolated → fenced {fenced_s:.1f} s after the cut; healed → rejoined {rejoin_s:.1f} s, "
+        f"protected again {protected_s:.1f} s; {rejoined['state_reason']}"
     )
-    late = [frame for at, frame in pcap_records(old_pcap) if at >= healed_wall]
-    assert late == [], f"{len(late)} guest frames left the isolated host after the heal"
+    late = [frame for at, frame in pcap_records(old_pcap) if at >= fenced_wall]
+    assert late == [], f"{len(late)} guest frames left the isolated host after it fenced"
     acked = pair.acked()
     wait_for(lambda: pair.acked() > acked + 3, "records acknowledged after the rejoin", 60)
     print(f"{pair.check_acked_stored()} records acknowledged and stored after the rejoin")

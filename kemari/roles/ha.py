@@ -49,6 +49,9 @@ from kemari.roles.standby import StandbyRole
 # How often the guards look at the receiver (standby) and read the record.
 RECEIVER_POLL_S = 0.02
 RECORD_POLL_S = 0.1
+# An isolated active (no etcd, lease run out) probes its standby with a checkpoint and
+# fences itself when no acknowledgement comes within this many detection timeouts.
+PROBE_DETECTS = 4
 # Protection attempts to a published standby that may fail before it is dropped.
 MAX_PROTECT_FAILURES = 3
 
@@ -95,6 +98,10 @@ class HaSupervisor:
         self._standby: StandbyRole | None = None
         self._protecting: str | None = None  # the standby agent our protection goes to
         self._protect_failures = 0
+        # An unanswered probe of the standby (isolated active), and the acknowledged
+        # COMMIT's send time it saw: no new probe until another acknowledgement.
+        self._probe_failed = False
+        self._unanswered: float | None = None
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -191,10 +198,19 @@ class HaSupervisor:
             state = await self.arbiter.read()
         except ArbiterError as exc:  # unreachable, or an answer we cannot use
             record = self.record
-            unprotected = record is not None and record.protected_by is None
-            if unprotected and not self.arbiter.lease_valid():
+            if record is not None and record.protected_by is None:
+                if self.arbiter.lease_valid():
+                    return None
                 return f"etcd unreachable and the lease ran out while unprotected ({exc})"
-            return None  # protected: goes on while the standby keeps committing (rule 5)
+            if await self._standby_answers(role):
+                return None  # protected: goes on while the standby keeps committing (rule 5)
+            if self.arbiter.lease_valid():
+                return None  # holds every output; fences when the lease runs out
+            # Isolated: neither etcd nor the standby; the standby may have taken over.
+            return (
+                f"etcd unreachable, the lease ran out and standby "
+                f"{None if record is None else record.protected_by} does not answer ({exc})"
+            )
         record = state.record
         if record is None or record.active != self.me:
             return f"the record names another active: {_describe(record)}"
@@ -212,6 +228,31 @@ class HaSupervisor:
         elif standby is not None:
             await self._protect(role, state, standby)
         return None
+
+    async def _standby_answers(self, role: ActiveRole) -> bool:
+        """Has the standby acknowledged a COMMIT sent within the detection timeout?  If
+        not, ask for a checkpoint and give its acknowledgement :data:`PROBE_DETECTS`
+        detection timeouts (a large checkpoint must not look like a lost standby), but
+        no longer than the lease's validity, so an isolated active fences within it."""
+        sent = self._commit_sent_at()
+        if sent is not None and time.monotonic() - sent < self.detect_s:
+            return True
+        protection = role.protection
+        if protection is None or not protection.active:
+            return False
+        if self._probe_failed and self._unanswered == sent:
+            return False  # a probe went unanswered and nothing was acknowledged since
+        window = self.detect_s * PROBE_DETECTS
+        if self.arbiter.lease_valid():
+            window = min(window, self.arbiter.lease_remaining() or 0.0)
+        try:
+            async with asyncio.timeout(window):
+                await protection.trigger.checkpoint()
+        except (TimeoutError, KemariError):
+            self._probe_failed, self._unanswered = True, self._commit_sent_at()
+            return False
+        self._probe_failed = False
+        return True
 
     async def _protect(self, role: ActiveRole, state: RecordState, standby: ha.Standby) -> None:
         if standby.agent not in state.alive:
