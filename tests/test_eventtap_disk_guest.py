@@ -113,6 +113,9 @@ class DiskSink:
         await self.standby.committed(epoch, records)
         await self.applier.commit(epoch)
         self.log.release(epoch)
+
+    async def acknowledged(self, epoch: int) -> None:
+        await self.applier.acknowledged(epoch)
         await self.overlay.release(epoch)
         if self.standby.synced and len(self.compared) < COMPARED_COMMITS:
             # The VM is stopped for this checkpoint: both images are at epoch ``epoch``.
