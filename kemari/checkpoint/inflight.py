@@ -26,7 +26,7 @@ from kemari.errors import CheckpointError
 # round trip; more only helps when a round trip is longer than an epoch.
 MAX_IN_FLIGHT = 2
 # Bytes of checkpoints in flight (QEMU stream bytes) beyond which the guest waits.
-MAX_IN_FLIGHT_BYTES = 64 << 20
+MAX_IN_FLIGHT_BYTES = 32 << 20
 
 Ticket = TypeVar("Ticket")
 
