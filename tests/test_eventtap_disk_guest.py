@@ -113,9 +113,6 @@ class DiskSink:
         await self.standby.committed(epoch, records)
         await self.applier.commit(epoch)
         self.log.release(epoch)
-
-    async def acknowledged(self, epoch: int) -> None:
-        await self.applier.acknowledged(epoch)
         await self.overlay.release(epoch)
         if self.standby.synced and len(self.compared) < COMPARED_COMMITS:
             # The VM is stopped for this checkpoint: both images are at epoch ``epoch``.
@@ -123,6 +120,9 @@ class DiskSink:
                 subprocess.run, ["cmp", "-s", *map(str, self.images)], check=False
             )
             (self.compared if same.returncode == 0 else self.mismatch).append(epoch)
+
+    async def acknowledged(self, epoch: int) -> None:
+        await self.applier.acknowledged(epoch)
 
 
 @pytest.fixture
