@@ -9,8 +9,8 @@ standby) and removes it when the standby's COMMIT_ACK of N arrives.  Rules:
 * The guest may resume from the newest checkpoint only while the window is within its
   bounds (:attr:`InflightWindow.resume_allowed`): at most ``max_count`` checkpoints, and at
   most ``max_bytes`` of their bytes unless it holds one checkpoint only (a single large
-  checkpoint still goes, synchronously, as before pipelining).  ``max_count=1`` is the
-  synchronous protocol: the guest resumes only once its checkpoint is acknowledged.
+  checkpoint still goes alone).  ``max_count=0`` is the synchronous protocol: the guest
+  resumes only once every checkpoint is acknowledged.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ class InflightWindow(Generic[Ticket]):
     def __init__(
         self, max_count: int = MAX_IN_FLIGHT, max_bytes: int = MAX_IN_FLIGHT_BYTES
     ) -> None:
-        if max_count < 1 or max_bytes < 1:
-            raise CheckpointError(f"in-flight bounds {max_count}, {max_bytes} must be positive")
+        if max_count < 0 or max_bytes < 1:
+            raise CheckpointError(f"in-flight bounds {max_count}, {max_bytes} are out of range")
         self.max_count = max_count
         self.max_bytes = max_bytes
         self._entries: collections.deque[InFlight[Ticket]] = collections.deque()
