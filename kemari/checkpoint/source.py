@@ -457,7 +457,8 @@ class CheckpointSource:
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks)
-        exc = next(task.exception() for task in done)
+        # Both may have failed at once: retrieve every error, report the first.
+        exc, *_ = (task.exception() for task in done)
         # Any failure of the sink (its code is not ours), of the stream or of the socket,
         # or a missing acknowledgement, means the standby cannot be trusted to follow.
         await self._lose_protection(f"{type(exc).__name__}: {exc}")
