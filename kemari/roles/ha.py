@@ -163,7 +163,11 @@ class HaSupervisor:
     def may_release(self, committed: bool) -> bool:
         """The event-tap's permit: (a) for outputs whose checkpoint the standby the record
         names acknowledged within the detection timeout of the COMMIT's send time, or
-        (b) the record says this agent is active and unprotected, and the lease is valid."""
+        (b) the record says this agent is active and unprotected, and the lease is valid.
+
+        (a) uses the send time of the COMMIT whose acknowledgement came last (the one
+        that released the outputs asked about), never that of a COMMIT still in flight:
+        with pipelined checkpoints a later COMMIT may already be on the wire."""
         record = self.record
         if self.fenced or record is None or record.active != self.me:
             return False
@@ -179,7 +183,7 @@ class HaSupervisor:
         protection = None if active is None else active.protection
         if protection is None:
             return None
-        return getattr(protection.source.sink, "commit_sent_at", None)
+        return getattr(protection.source.sink, "acked_commit_sent_at", None)
 
     # -- the active --------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kemari.checkpoint.inflight import MAX_IN_FLIGHT_BYTES
 from kemari.checkpoint.sender import TransactionSender
 from kemari.checkpoint.source import CheckpointSource, SourceState
 from kemari.checkpoint.trigger import CheckpointTrigger
@@ -105,6 +106,10 @@ class Protection:
         except BaseException:
             await transport.close()
             raise
+        # Checkpoints in flight are queued here while the guest runs: below the window's
+        # byte bound (plus one more checkpoint being captured) a capture never waits for
+        # the network (docs/protocol.md, "Pipelined checkpoints").
+        transport.set_write_buffer_limit(2 * MAX_IN_FLIGHT_BYTES)
         # A HEARTBEAT whenever nothing was sent for keepalive_s (with --ha a quarter of
         # the standby's failure-detection timeout, so an idle guest never looks lost).
         session.start_keepalive(keepalive_s)
@@ -164,6 +169,7 @@ class Protection:
             "run": None if self.run is None else self.run.run_id.hex(),
             "run_epoch": None if self.run is None else self.run.committed,
             "epoch": source.committed_epoch,
+            "in_flight": source.in_flight,
             "epoch_ms": source.epoch_ms,
             "last_checkpoint_age_s": None if last_age is None else round(last_age, 3),
             "initial_sync": None
@@ -179,8 +185,8 @@ class Protection:
                 "pause_ms_p50": round(statistics.median(pauses), 3) if pauses else None,
                 "pause_ms_max": round(pauses[-1], 3) if pauses else None,
                 # Where a checkpoint's time goes (docs/checkpoint.md, "Where the time goes"):
-                # asking QEMU, QEMU stopping the VM, RAM and devices reaching the standby,
-                # and the commit round trip.
+                # asking QEMU, QEMU stopping the VM, RAM and devices queued to the standby,
+                # and the commit round trip (overlapping the next epoch).
                 "kick_ms_p50": self.trigger.kick_latency_ms_p50(),
                 "stop_ms_p50": p50_ms([record.stop_s for record in recent]),
                 "transfer_ms_p50": p50_ms([record.transfer_s for record in recent]),
