@@ -19,12 +19,9 @@ import collections
 import dataclasses
 from typing import Generic, TypeVar
 
+from kemari.config import DEFAULT_CHECKPOINTS_IN_FLIGHT
 from kemari.errors import CheckpointError
 
-# Checkpoints that may be in flight while the guest runs; chosen by measurement
-# (docs/checkpoint.md, "Pipelining and event queuing": 3 beat 1 and 2 in throughput and
-# output-commit latency with 1 and 16 clients).
-MAX_IN_FLIGHT = 3
 # Bytes of checkpoints in flight (QEMU stream bytes) beyond which the guest waits.
 MAX_IN_FLIGHT_BYTES = 32 << 20
 
@@ -44,7 +41,7 @@ class InflightWindow(Generic[Ticket]):
     """Captured, unacknowledged checkpoints in epoch order, with count and byte bounds."""
 
     def __init__(
-        self, max_count: int = MAX_IN_FLIGHT, max_bytes: int = MAX_IN_FLIGHT_BYTES
+        self, max_count: int = DEFAULT_CHECKPOINTS_IN_FLIGHT, max_bytes: int = MAX_IN_FLIGHT_BYTES
     ) -> None:
         if max_count < 0 or max_bytes < 1:
             raise CheckpointError(f"in-flight bounds {max_count}, {max_bytes} are out of range")

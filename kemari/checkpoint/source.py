@@ -54,6 +54,7 @@ from typing import Protocol
 
 from kemari import crashpoint
 from kemari.checkpoint.inflight import InflightWindow
+from kemari.config import DEFAULT_CHECKPOINTS_IN_FLIGHT
 from kemari.errors import CheckpointError, KemariError
 from kemari.qemu.machine import QemuMachine, QmpCommandError
 from kemari.stream import (
@@ -243,7 +244,14 @@ class SyncRecord:
 class CheckpointSource:
     """Protect a running primary ``QemuMachine`` by streaming its checkpoints to ``sink``."""
 
-    def __init__(self, machine: QemuMachine, sink: CheckpointSink, *, epoch_ms: int) -> None:
+    def __init__(
+        self,
+        machine: QemuMachine,
+        sink: CheckpointSink,
+        *,
+        epoch_ms: int,
+        in_flight: int = DEFAULT_CHECKPOINTS_IN_FLIGHT,
+    ) -> None:
         if not 0 < epoch_ms < 1 << 32:
             raise CheckpointError(f"checkpoint epoch {epoch_ms} ms is not a positive u32")
         self.machine = machine
@@ -263,7 +271,7 @@ class CheckpointSource:
         self._listeners: list[SourceListener] = []
         self._resumed = 0  # checkpoints captured and resumed from (LOADED sent)
         self._committed = 0  # checkpoints the standby acknowledged (listeners told)
-        self._window: InflightWindow[_Capture] = InflightWindow()
+        self._window: InflightWindow[_Capture] = InflightWindow(in_flight)
         self._pages = 0  # page records of the sync / checkpoint in progress
         self._received = 0  # stream bytes so far
         self._received_at_mark = 0  # stream bytes when the last sync/checkpoint ended

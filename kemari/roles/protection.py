@@ -30,7 +30,7 @@ from kemari.checkpoint.inflight import MAX_IN_FLIGHT_BYTES
 from kemari.checkpoint.sender import TransactionSender
 from kemari.checkpoint.source import CheckpointSource, SourceState
 from kemari.checkpoint.trigger import CheckpointTrigger
-from kemari.config import TlsCreds
+from kemari.config import DEFAULT_CHECKPOINTS_IN_FLIGHT, TlsCreds
 from kemari.errors import TransactionError
 from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.gate import EventTap
@@ -83,6 +83,7 @@ class Protection:
         tls: TlsCreds | None = None,
         run: RunState | None = None,
         keepalive_s: float = KEEPALIVE_S,
+        in_flight: int = DEFAULT_CHECKPOINTS_IN_FLIGHT,
     ) -> Protection:
         """Connect to the standby at ``uri`` and start the initial sync in the background.
 
@@ -115,7 +116,7 @@ class Protection:
         session.start_keepalive(keepalive_s)
         outputs_of = _outputs_of(event_tap, disk_tap)
         sender = TransactionSender(session, outputs_of=outputs_of)
-        source = CheckpointSource(machine, sender, epoch_ms=epoch_ms)
+        source = CheckpointSource(machine, sender, epoch_ms=epoch_ms, in_flight=in_flight)
         # Protection over: end the session too (its keepalive would hold the standby).
         source.add_listener(_SessionCloser(source, session))
         trigger = CheckpointTrigger(source)
