@@ -175,11 +175,20 @@ class Agent:
         """The active with --ha: the guest runs until it ends (its exit status), or the
         arbiter says this agent must fence itself (docs/ha.md rule 5): then None, fenced."""
         guard = asyncio.create_task(ha.guard_active(active), name="ha-guard-active")
-        end = asyncio.create_task(active.wait_for_end(self._stop_requested, self.bridges))
+        shutdown = asyncio.Event()
+        end = asyncio.create_task(active.wait_for_end(shutdown, self.bridges))
+        stop = asyncio.create_task(self._stop_requested.wait())
         try:
-            await asyncio.wait({guard, end}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({guard, end, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.done() and not guard.done():
+                # Quit: hand the VM to the standby before QEMU stops (docs/ha.md).
+                guard.cancel()
+                await self._hand_over(active)
+                shutdown.set()
+                await end
         finally:
             guard.cancel()
+            stop.cancel()
         if end.done():
             return end.result()
         end.cancel()
@@ -187,6 +196,19 @@ class Agent:
             await end
         await self._fence(ha, active, guard.result())
         return None
+
+    async def _hand_over(self, active: ActiveRole) -> None:
+        """A protected active told to quit: no guard may drop the standby any more; the
+        guest pauses, then the replication connection is cut without a GOODBYE, so the
+        standby takes over at once from the last checkpoint it committed.  Outputs of
+        later epochs stay held (the record still names the standby) until QEMU is gone."""
+        protection = active.protection
+        if protection is None or not protection.active:
+            return
+        with contextlib.suppress(KemariError, OSError):
+            await active.machine.execute("stop")
+        protection.hand_over()
+        self._say(f"VM {self.config.name}: quit while protected: handing over to the standby")
 
     async def _fence(self, ha: HaSupervisor, active: ActiveRole, reason: str) -> None:
         """Rule 5: release nothing more, pause the guest, stop QEMU; never resume."""

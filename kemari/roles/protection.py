@@ -151,6 +151,13 @@ class Protection:
             with contextlib.suppress(TransactionError):
                 await sender.session.close("protection stopped")
 
+    def hand_over(self) -> None:
+        """Cut the replication connection without a GOODBYE: the standby takes the
+        connection's end for the active's loss and takes over (``quit`` with ``--ha``)."""
+        sender = self.source.sink
+        if isinstance(sender, TransactionSender):
+            sender.session.transport.abort()
+
     def status(self) -> dict[str, Any]:
         """Plain-data status for ``info status``."""
         source = self.source

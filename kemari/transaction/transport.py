@@ -139,6 +139,10 @@ class Transport(abc.ABC):
     async def close(self) -> None:
         """Close the stream; safe to call more than once."""
 
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drop the connection at once (nothing queued is sent)."""
+
     @property
     def tls(self) -> bool:
         """True when the stream is TLS with a peer certificate verified against the CA
