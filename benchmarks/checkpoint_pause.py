@@ -73,6 +73,9 @@ class HoldingSink:
     async def commit(self, epoch: int) -> None:
         pass
 
+    async def acknowledged(self, epoch: int) -> None:
+        pass
+
 
 def percentiles_ms(values: Sequence[float]) -> str:
     if not values:

@@ -2,10 +2,12 @@
 
 For each mode a primary ``kemari run`` (records guest, TCG) and, when protected, a standby
 ``kemari run --incoming`` are started in two host namespaces of a testbed LAN; protection
-starts with the monitor's ``migrate -d``; a client in a third namespace stores records as
-fast as it can on one TCP connection for ``--seconds``.  Printed per mode: client request
-latency p50/p99 and requests/s, the event-tap's output-commit latency (held → released)
-p50/p99, and checkpoints/s.
+starts with the monitor's ``migrate -d``; in a third namespace, for each count N of
+``--clients`` (in order, on the same pair), N closed-loop clients on N TCP connections store
+records as fast as they can for ``--seconds``.  Printed per mode and client count: requests/s
+and its ratio to the unprotected row of the same count, client request latency p50/p99, the
+event-tap's output-commit latency (held → released, over its last 4,096 outputs) p50/p99,
+checkpoints/s and the checkpoint pause p50.
 
 Also printed, to see where output-commit time goes: the checkpoint pause p50
 (VMSTATE_SEND → LOADED, over the source's recent checkpoints), the pages and device-state
@@ -17,7 +19,8 @@ forwarded to the standby) and ``commit`` (COMMIT → COMMIT_ACK).
 Needs root, the guest image (``kemari image build``) and the patched QEMU
 (``kemari qemu build``).  Usage::
 
-    .venv/bin/python benchmarks/eventtap_records.py [--seconds 10] [--modes unprotected,event]
+    .venv/bin/python benchmarks/eventtap_records.py [--seconds 10] [--clients 1,16]
+        [--modes unprotected,event+periodic-100]
 """
 
 from __future__ import annotations
@@ -51,26 +54,51 @@ MODES: dict[str, tuple[str, int]] = {
     "event+periodic-100": ("event+periodic", 100),
 }
 
+# N closed-loop clients, one connection each (the records protocol: docs/guest.md); every
+# client connects and stores a warm-up record before the clock starts.
 LOAD_SCRIPT = """
-import json, statistics, sys, time
-from kemari.testbed.records import RecordsClient
-host, seconds = sys.argv[1], float(sys.argv[2])
-latencies = []
-with RecordsClient(host, timeout=60) as client:
-    client.put("warmup")
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
+import asyncio, json, statistics, sys, time
+from kemari.testbed.records import RECORDS_PORT
+host, seconds, clients = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+
+async def put(connection, payload):
+    reader, writer = connection
+    writer.write(f"PUT {payload}\\n".encode())
+    line = await asyncio.wait_for(reader.readline(), 60)
+    if not line.startswith(b"OK "):
+        raise SystemExit(f"PUT answered {line!r}")
+
+async def warm_up(n):
+    connection = await asyncio.open_connection(host, RECORDS_PORT)
+    await put(connection, f"warmup-{n}")
+    return connection
+
+async def run(n, connection, deadline, latencies):
+    count = 0
+    while time.monotonic() < deadline:
         sent = time.monotonic()
-        client.put(f"bench-{len(latencies)}")
+        await put(connection, f"bench-{n}-{count}")
         latencies.append(time.monotonic() - sent)
+        count += 1
+    connection[1].close()
+
+async def main():
+    connections = await asyncio.gather(*(warm_up(n) for n in range(clients)))
+    latencies = []
+    started = time.monotonic()
+    await asyncio.gather(
+        *(run(n, c, started + seconds, latencies) for n, c in enumerate(connections))
+    )
     elapsed = time.monotonic() - started
-latencies.sort()
-print(json.dumps({
-    "requests": len(latencies),
-    "per_s": len(latencies) / elapsed,
-    "p50_ms": statistics.median(latencies) * 1000,
-    "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-}))
+    latencies.sort()
+    print(json.dumps({
+        "requests": len(latencies),
+        "per_s": len(latencies) / elapsed,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+    }))
+
+asyncio.run(main())
 """
 
 
@@ -82,8 +110,10 @@ def wait_for(predicate: Any, what: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def run_mode(name: str, sync: str, epoch_ms: int, seconds: float, workdir: Path) -> dict[str, Any]:
-    """One mode on a fresh testbed and fresh agents; returns its numbers."""
+def run_mode(
+    name: str, sync: str, epoch_ms: int, seconds: float, clients: list[int], workdir: Path
+) -> dict[int, dict[str, Any]]:
+    """One mode on a fresh testbed and fresh agents; its numbers per client count."""
     with Topology() as lab:
         primary_ns = lab.add_host("primary", f"{PRIMARY_IP}/24")
         standby_ns = lab.add_host("standby", f"{STANDBY_IP}/24")
@@ -112,18 +142,28 @@ def run_mode(name: str, sync: str, epoch_ms: int, seconds: float, workdir: Path)
                 standby.wait_monitor()
                 primary.monitor("migrate", "-d", f"kemari:tcp:{STANDBY_IP}:{PORT}")
                 wait_for(lambda: primary.status()["protection"] == "protected", "protection", 120)
-            before = primary.status()
-            started = time.monotonic()
-            load = client_ns.run(
-                [sys.executable, "-c", LOAD_SCRIPT, GUEST_IP, str(seconds)], timeout=seconds + 120
-            )
-            elapsed = time.monotonic() - started
-            after = primary.status()
+            results: dict[int, dict[str, Any]] = {}
+            for count in clients:
+                before = primary.status()
+                started = time.monotonic()
+                load = client_ns.run(
+                    [sys.executable, "-c", LOAD_SCRIPT, GUEST_IP, str(seconds), str(count)],
+                    timeout=seconds + 120,
+                )
+                elapsed = time.monotonic() - started
+                after = primary.status()
+                results[count] = numbers(json.loads(load.stdout), before, after, elapsed)
         finally:
             for agent in agents:
                 agent.stop()
             shutil.rmtree(replica, ignore_errors=True)
-    result: dict[str, Any] = json.loads(load.stdout)
+    return results
+
+
+def numbers(
+    result: dict[str, Any], before: dict[str, Any], after: dict[str, Any], elapsed: float
+) -> dict[str, Any]:
+    """The load's numbers plus what the primary's status says about the same interval."""
     tap = after["eventtap"]
     result["commit_p50_ms"] = tap["latency_ms_p50"]
     result["commit_p99_ms"] = tap["latency_ms_p99"]
@@ -146,18 +186,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="load time per mode")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
+    parser.add_argument(
+        "--clients", default="1", help="comma-separated client counts, e.g. 1,16 (default 1)"
+    )
     args = parser.parse_args()
     modes = args.modes.split(",")
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+    try:
+        clients = [int(count) for count in args.clients.split(",")]
+    except ValueError:
+        parser.error(f"--clients takes comma-separated client counts, not {args.clients!r}")
+    if not clients or min(clients) < 1:
+        parser.error("--clients: each count must be at least 1")
     workdir = Path(tempfile.mkdtemp(prefix="kemari-bench-evt-"))
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[tuple[str, int], dict[str, Any]] = {}
     try:
         for mode in modes:
             sync, epoch_ms = MODES[mode]
-            results[mode] = run_mode(mode, sync, epoch_ms, args.seconds, workdir)
-            print(f"{mode}: {json.dumps(results[mode])}", file=sys.stderr, flush=True)
+            for count, result in run_mode(
+                mode, sync, epoch_ms, args.seconds, clients, workdir
+            ).items():
+                results[mode, count] = result
+                print(f"{mode} x{count}: {json.dumps(result)}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -165,27 +217,28 @@ def main() -> int:
         return "-" if value is None else f"{value:.1f}"
 
     print(
-        "| mode | requests/s | latency p50 / p99 ms | output-commit p50 / p99 ms "
+        "| mode | clients | requests/s | latency p50 / p99 ms | output-commit p50 / p99 ms "
         "| checkpoints/s | pause p50 ms | pages (last checkpoint) |"
     )
-    print("|---|---|---|---|---|---|---|")
-    base = results.get("unprotected", {}).get("per_s")
-    for mode, r in results.items():
+    print("|---|---|---|---|---|---|---|---|")
+    for (mode, count), r in results.items():
+        base = results.get(("unprotected", count), {}).get("per_s")
         ratio = f" ({r['per_s'] / base:.2f}x)" if base else ""
         print(
-            f"| {mode} | {r['per_s']:.0f}{ratio} | {cell(r['p50_ms'])} / {cell(r['p99_ms'])} | "
+            f"| {mode} | {count} | {r['per_s']:.0f}{ratio} | "
+            f"{cell(r['p50_ms'])} / {cell(r['p99_ms'])} | "
             f"{cell(r['commit_p50_ms'])} / {cell(r['commit_p99_ms'])} | "
             f"{r['checkpoints_per_s']:.1f} | {cell(r['pause_p50_ms'])} | {r['pages_last'] or '-'} |"
         )
     print()
-    print("| mode | kick | stop | transfer | commit (p50 ms) | device state bytes |")
-    print("|---|---|---|---|---|---|")
-    for mode, r in results.items():
+    print("| mode | clients | kick | stop | transfer | commit (p50 ms) | device state bytes |")
+    print("|---|---|---|---|---|---|---|")
+    for (mode, count), r in results.items():
         if mode == "unprotected":
             continue
         phases = r["phases_ms"]
         print(
-            f"| {mode} | {cell(phases['kick'])} | {cell(phases['stop'])} | "
+            f"| {mode} | {count} | {cell(phases['kick'])} | {cell(phases['stop'])} | "
             f"{cell(phases['transfer'])} | {cell(phases['commit'])} | {r['device_bytes_last']} |"
         )
     return 0

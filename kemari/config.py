@@ -107,6 +107,10 @@ DEFAULT_SYNC = SyncPolicy.EVENT_PERIODIC
 # of minimum frames (60 bytes + ~230 bytes of bookkeeping each) meets the count bound
 # before its bookkeeping costs more than about a quarter of the byte bound.
 DEFAULT_HELD_FRAMES_BYTES = 32 << 20
+# Checkpoints captured but not yet acknowledged while the guest runs on (0: the guest
+# waits for every acknowledgement); docs/checkpoint.md, "Pipelining and event queuing".
+DEFAULT_CHECKPOINTS_IN_FLIGHT = 3
+MAX_CHECKPOINTS_IN_FLIGHT = 16
 HELD_FRAME_BYTES_PER_COUNT = 1024
 WORKLOADS = ("ticks", "records", "diskload", "shell")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
@@ -311,6 +315,8 @@ class VMConfig:
     # How page data travels to the standby: host-local (the standby accepts either), so
     # not in the digest.
     page_compression: PageCompression = PageCompression.OFF
+    # How many checkpoints may travel while the guest runs on: host-local, not in the digest.
+    checkpoints_in_flight: int = DEFAULT_CHECKPOINTS_IN_FLIGHT
     # Replication channel credentials (host-local paths, not in the digest); None means
     # plain TCP, which the agents announce loudly (docs/security.md).
     tls_creds: TlsCreds | None = None
@@ -505,6 +511,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
         "guest_ip", "disk", "nic", "monitor", "serial_log", "runtime_dir", "incoming",
         "replica_dir", "sync", "epoch_ms", "storage", "held_frames_max", "tls_creds",
         "tls_name", "ha", "ha_lease_ttl", "ha_detect_ms", "page_compression",
+        "checkpoints_in_flight",
     }  # fmt: skip
     _check_keys(raw, allowed, "")
     if "name" not in raw:
@@ -545,6 +552,9 @@ def config_from_mapping(raw: Mapping[str, Any]) -> VMConfig:
         )
         if "page_compression" in raw
         else PageCompression.OFF,
+        checkpoints_in_flight=_expect(raw, "checkpoints_in_flight", int, "")
+        if "checkpoints_in_flight" in raw
+        else DEFAULT_CHECKPOINTS_IN_FLIGHT,
         disks=tuple(_disk_from(d, i) for i, d in enumerate(disks)),
         nics=tuple(_nic_from(n, i, name) for i, n in enumerate(nics)),
         tls_creds=_tls_from(raw, name),
@@ -600,6 +610,11 @@ def validate(config: VMConfig) -> None:
             raise ConfigError(f"guest_ip: {config.guest_ip!r} needs a prefix, e.g. /24")
     if not MIN_EPOCH_MS <= config.epoch_ms <= MAX_EPOCH_MS:
         raise ConfigError(f"epoch_ms: {config.epoch_ms} is outside {MIN_EPOCH_MS}..{MAX_EPOCH_MS}")
+    if not 0 <= config.checkpoints_in_flight <= MAX_CHECKPOINTS_IN_FLIGHT:
+        raise ConfigError(
+            f"checkpoints_in_flight: {config.checkpoints_in_flight} is outside "
+            f"0..{MAX_CHECKPOINTS_IN_FLIGHT}"
+        )
     if not MIN_HELD_FRAMES_BYTES <= config.held_frames_max_bytes <= MAX_HELD_FRAMES_BYTES:
         raise ConfigError(
             f"held_frames_max: {config.held_frames_max_bytes} bytes is outside 64K..1T"

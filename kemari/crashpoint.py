@@ -17,7 +17,15 @@ Points of the active host's agent, one per protocol phase of checkpoint N:
 - ``during-pages=N``: the first RAM_PAGES frame of checkpoint N was sent, more follow;
 - ``after-device-state=N``: DEVICE_STATE of N was sent, no OUTPUT/COMMIT yet;
 - ``output-release=N``: the N-th commit carrying outputs was acknowledged, none released;
-- ``during-release=N``: the N-th commit carrying two or more outputs released its first.
+- ``during-release=N``: the N-th commit carrying two or more outputs released its first;
+- ``in-flight=N``: VMSTATE_LOADED of a checkpoint >= N was sent (the guest runs past it)
+  and its COMMIT_ACK has not arrived;
+- ``two-in-flight=N``: the same, while the checkpoint before it is unacknowledged too.
+
+One point of the standby's agent shapes timing instead of killing:
+
+- ``ack-delay-ms=D``: every COMMIT_ACK after the initial sync leaves D ms late (a long
+  round trip), so the active has checkpoints in flight for that long.
 """
 
 import os

@@ -125,6 +125,9 @@ class ReplicaSink:
         self.committed.append(epoch)
         self.open_epoch = None
 
+    async def acknowledged(self, epoch: int) -> None:
+        self._check(epoch in self.committed, f"acknowledged({epoch}) before its commit")
+
     def counter(self) -> int:
         """The ticker's counter in the committed replica."""
         (value,) = struct.unpack_from("<I", self.replica["pc.ram", TICKER_BASE])

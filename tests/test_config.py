@@ -90,6 +90,9 @@ bridge = "br0"
             {"name": "a", "page_compression": "lz4"},
             "page_compression: 'lz4' is not one of off, zstd",
         ),
+        ({"name": "a", "checkpoints_in_flight": -1}, "checkpoints_in_flight: -1 is outside 0..16"),
+        ({"name": "a", "checkpoints_in_flight": 17}, "checkpoints_in_flight: 17 is outside 0..16"),
+        ({"name": "a", "checkpoints_in_flight": "3"}, "checkpoints_in_flight: expected"),
     ],
 )
 def test_invalid_values_are_refused(raw: dict[str, object], message: str) -> None:
@@ -217,3 +220,12 @@ def test_page_compression_is_off_by_default_host_local_and_a_flag() -> None:
     assert default.replication_digest() == zstd.replication_digest()
     args = build_parser().parse_args(["run", "--name", "a", "--page-compression", "zstd"])
     assert config_from_args(args).page_compression is PageCompression.ZSTD
+
+
+def test_checkpoints_in_flight_defaults_to_3_is_host_local_and_a_flag() -> None:
+    default = config_from_mapping({"name": "a"})
+    synchronous = config_from_mapping({"name": "a", "checkpoints_in_flight": 0})
+    assert (default.checkpoints_in_flight, synchronous.checkpoints_in_flight) == (3, 0)
+    assert default.replication_digest() == synchronous.replication_digest()
+    args = build_parser().parse_args(["run", "--name", "a", "--checkpoints-in-flight", "1"])
+    assert config_from_args(args).checkpoints_in_flight == 1

@@ -121,6 +121,9 @@ class DiskSink:
             )
             (self.compared if same.returncode == 0 else self.mismatch).append(epoch)
 
+    async def acknowledged(self, epoch: int) -> None:
+        await self.applier.acknowledged(epoch)
+
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:

@@ -107,9 +107,11 @@ def start_pair(
     sync: str,
     crash: str | None = None,
     extra_args: tuple[str, ...] = (),
+    standby_crash: str | None = None,
 ) -> tuple[AgentProcess, AgentProcess, Namespace, Namespace]:
     """The primary (records guest booted) and a listening standby, and the client ns;
-    ``extra_args`` go to both agents' ``kemari run``."""
+    ``extra_args`` go to both agents' ``kemari run``; ``crash`` and ``standby_crash`` arm
+    test hooks (kemari/crashpoint.py) in the primary and the standby."""
     primary_ns = lab.add_host("primary", f"{PRIMARY_IP}/24")
     standby_ns = lab.add_host("standby", f"{STANDBY_IP}/24")
     client_ns = lab.add_client("client", f"{CLIENT_IP}/24")
@@ -129,18 +131,24 @@ def start_pair(
     finally:
         os.environ.clear()
         os.environ.update(environment)
-    standby = AgentProcess(
-        "evt",
-        workdir,
-        [
-            *agent_args(disk, "kt-evt0", sync),
-            *extra_args,
-            "--incoming", f"kemari:tcp:{STANDBY_IP}:{PORT}",
-            "--replica-dir", f"/dev/shm/kemari-evt-{os.getpid()}-{sync}",
-        ],
-        namespace=standby_ns,
-        label="s",
-    )  # fmt: skip
+    if standby_crash is not None:
+        os.environ[ENVIRONMENT_VARIABLE] = standby_crash
+    try:
+        standby = AgentProcess(
+            "evt",
+            workdir,
+            [
+                *agent_args(disk, "kt-evt0", sync),
+                *extra_args,
+                "--incoming", f"kemari:tcp:{STANDBY_IP}:{PORT}",
+                "--replica-dir", f"/dev/shm/kemari-evt-{os.getpid()}-{sync}",
+            ],
+            namespace=standby_ns,
+            label="s",
+        )  # fmt: skip
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
     primary.wait_serial(r"workload records ready")
     primary.wait_monitor()
     standby.wait_monitor()

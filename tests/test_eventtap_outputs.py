@@ -268,11 +268,13 @@ def test_sync_policies() -> None:
 
 
 class TaggingSource:
-    """The part of CheckpointSource the gate reads: the output tag and the request count."""
+    """The part of CheckpointSource the gate reads: the output tag, the request count and
+    whether a checkpoint is being captured (the VM stopping or stopped)."""
 
     def __init__(self) -> None:
         self.output_epoch: int | None = None
         self.requested_epoch = 0
+        self.capturing = False
         self.listeners: list[EventTap] = []
 
     def add_listener(self, listener: EventTap) -> None:
@@ -377,7 +379,10 @@ def test_gate_pauses_producers_at_the_bound_and_resumes_when_drained() -> None:
     assert not path.paused and len(path.sent) == 4 and len(tap.log) == 1
 
 
-def test_gate_runs_paused_producers_from_a_checkpoint_request_to_its_commit() -> None:
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_gate_runs_paused_producers_from_a_checkpoint_request_until_the_guest_resumed(
+    pipelined: bool,
+) -> None:
     tap, path = gate(SyncPolicy.PERIODIC, OutputLog(max_bytes=1 << 20, max_count=2))
     source, _ = attach(tap)
     source.output_epoch = 1
@@ -386,13 +391,25 @@ def test_gate_runs_paused_producers_from_a_checkpoint_request_to_its_commit() ->
     assert path.paused
     # QEMU drops what its NIC backend cannot hand over when it stops the VM: the request
     # resumes and drains the producers, which stay running although the log is full.
+    source.requested_epoch, source.capturing = 1, True
     asyncio.run(tap.checkpoint_requested(1))
     assert not path.paused and path.drains == 1
     source.output_epoch = 2
     for n in range(2, 6):
         assert tap.submit(frame(n))
     assert not path.paused and tap.status()["pauses"] == 1
-    tap.checkpoint_committed(1)  # frames 2..5 stay held: still full, paused again
+    if pipelined:
+        # The guest resumed from 1 before its ack: the next output held pauses again.
+        source.capturing = False
+        assert tap.submit(frame(6))
+        assert path.paused and tap.status()["pauses"] == 2
+        tap.checkpoint_committed(1)  # frames 2..6 stay held: still full, still paused
+    else:
+        # Acknowledged while the VM is still stopped (the window was full): not yet.
+        tap.checkpoint_committed(1)
+        assert not path.paused
+        source.capturing = False
+        assert tap.submit(frame(6))  # the first output after the resume pauses again
     assert [data[0] for data in path.sent] == [0, 1]
     assert path.paused and tap.status()["pauses"] == 2
 

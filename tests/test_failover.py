@@ -133,6 +133,9 @@ class ObservedApplier:
         await self.applier.commit(epoch)
         self._note(epoch)
 
+    async def acknowledged(self, epoch: int) -> None:
+        await self.applier.acknowledged(epoch)
+
 
 @pytest.fixture
 def replica_root() -> Iterator[Path]:

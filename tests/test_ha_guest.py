@@ -17,12 +17,17 @@ The tests run in order and continue from each other's end state:
    disk copy), with no command typed.
 3. (scenario 8) one etcd member of three killed during protection → nothing changes.
 4. (scenario 2) SIGSTOP of the active agent beyond the detection timeout → takeover;
-   after SIGCONT the old active fences itself; captures show nothing it sent after.
+   after SIGCONT the old active fences itself; captures show nothing it sent after; it
+   then rejoins as the standby by itself and the pair is protected again.
 5. (scenario 5) every etcd member cut off: the protected pair goes on, status says
    unreachable; the active killed → no takeover while etcd is unreachable.
 6. (scenario 3) the link between the hosts cut, etcd reachable: the standby takes over,
-   the active fences itself, nothing leaves its host after the takeover.
+   the active fences itself, nothing leaves its host after the takeover; once the link
+   is back it is the standby (it rejoined by itself) and the pair is protected again.
 7. (scenario 4) the protected active cut from etcd only: it goes on, past its lease.
+   Then cut from everything: the standby takes over; once the link is back the old
+   active fences itself, rejoins as the standby by itself, protected again.
+Tests 5 and 7 start from the pair that tests 2 and 3 re-protected with no command.
 8. ``quit`` of the protected active: the standby takes over at once.
 At the end the acknowledged records must be exactly the first stored ones, in order.
 """
@@ -33,6 +38,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from support.ha_pair import (
@@ -49,6 +55,8 @@ from support.ha_pair import (
 )
 
 from kemari.config import StorageMode
+from kemari.testbed.topology import LAN_BRIDGE
+from kemari.testbed.vm import AgentProcess
 from kemari.testbed.wait import wait_for
 
 pytestmark = [
@@ -137,12 +145,17 @@ def test_8_one_etcd_member_of_three_killed_during_protection_changes_nothing(
         pair.etcd.restart(victim.name)
 
 
-def test_2_a_frozen_active_is_replaced_and_fences_itself_after_sigcont(pair: HaPair) -> None:
+def test_2_a_frozen_active_is_replaced_fences_itself_and_rejoins_as_standby(
+    pair: HaPair,
+) -> None:
     """SIGSTOP of the active agent beyond the detection timeout → takeover; after SIGCONT
     the old active fences itself, and nothing it sends reaches the network: every guest
-    frame the client captures after the SIGCONT also left the new active's host."""
+    frame the client captures after the SIGCONT also left the new active's host.  Then,
+    with no command typed, it rejoins as the new active's standby (a new identity), the
+    pair is protected again, and every acknowledged record is stored."""
     old, new = pair.agents["b"], pair.agents["a"]
     assert protected_pair(old, new)
+    fenced_identity = status(old)["ha"]["agent"]
     lan = pair.lab.lan
     workdir = pair.workdir
     with (
@@ -160,16 +173,21 @@ def test_2_a_frozen_active_is_replaced_and_fences_itself_after_sigcont(pair: HaP
         finally:
             cont_wall = time.time()
             os.kill(old.process.pid, signal.SIGCONT)
-        wait_for(lambda: status(old)["state"] == "fenced", "the old active fenced itself", 60)
-        fenced = status(old)
+        rejoined = wait_for_rejoin(old, "the old active fenced itself and rejoined")
+        fenced_at = time.monotonic()
+        wait_for(lambda: protected_pair(new, old), "protected again", PROTECT_TIMEOUT_S)
+        protected_after = time.monotonic() - fenced_at
         acked = pair.acked()
-        wait_for(lambda: pair.acked() > acked + 3, "records acknowledged after the fence", 60)
+        wait_for(lambda: pair.acked() > acked + 3, "records acknowledged after the rejoin", 60)
         end_wall = time.time()  # the captures stop after this, the new host's first
     print(
         f"SIGSTOP → standby active in {active_after * 1000:.0f} ms; old active: "
-        f"{fenced['state_reason']}"
+        f"{rejoined['state_reason']}; protected again {protected_after:.1f} s after"
     )
-    assert fenced["ha"]["fenced"] is True and fenced["qemu_pid"] is None
+    assert rejoined["qemu_pid"] is None and rejoined["ha"]["fenced"] is False
+    assert rejoined["ha"]["agent"] != fenced_identity
+    assert status(new)["ha"]["protected_by"] == rejoined["ha"]["agent"]
+    print(f"{pair.check_acked_stored()} records acknowledged and stored after the rejoin")
     late_old = [frame for at, frame in pcap_records(old_pcap) if at >= cont_wall]
     assert late_old == [], f"{len(late_old)} frames left the fenced host after SIGCONT"
     new_frames = {frame for _, frame in pcap_records(new_pcap)}
@@ -185,11 +203,8 @@ def test_5_etcd_unreachable_the_pair_goes_on_and_a_kill_leads_to_no_takeover(
     """Replicated storage, every etcd member cut off: the protected pair keeps serving
     (rule 2 a) and says etcd is unreachable; the active killed → the standby does NOT
     take over while etcd is unreachable, and says why; healed → it takes over."""
-    pair.agents["b"].stop()  # the fenced agent from test 2
-    active = pair.agents["a"]
-    standby = pair.start_agent("b")
-    standby.wait_monitor()
-    wait_for(lambda: protected_pair(active, standby), "a protected by b", PROTECT_TIMEOUT_S)
+    active, standby = pair.agents["a"], pair.agents["b"]  # b rejoined by itself in test 2
+    assert protected_pair(active, standby)
     members = [member.name for member in pair.etcd.members]
     for name in members:
         pair.etcd.cut(name)
@@ -230,7 +245,8 @@ def test_3_partition_between_active_and_standby_with_etcd_reachable(pair: HaPair
     reaching etcd and the client: the standby takes over (it protects the active in the
     record); the active, whose commits are no longer acknowledged, holds its outputs,
     loses drop_standby and fences itself; no guest frame leaves its host once the
-    standby runs the guest."""
+    standby runs the guest.  It rejoins as the standby by itself (etcd names the new
+    active); once the link is back the new active protects to it, no command typed."""
     active = pair.agents["b"]  # active since test 5
     standby = pair.start_agent("a")
     standby.wait_monitor()
@@ -243,28 +259,32 @@ def test_3_partition_between_active_and_standby_with_etcd_reachable(pair: HaPair
         try:
             wait_for(lambda: status(standby)["state"] == "active", "the standby took over", 60)
             active_wall = time.time()  # the new guest runs from here (or earlier)
-            wait_for(lambda: status(active)["state"] == "fenced", "the old active fenced", 60)
+            wait_for(lambda: "fenced: " in reason(active), "the old active fenced", 60)
             fenced = status(active)
             acked = pair.acked()
             wait_for(lambda: pair.acked() > acked + 3, "records from the new active", 60)
         finally:
             for host, peer in routes:
                 pair.hosts[host].run(["ip", "route", "del", "blackhole", f"{peer}/32"])
+        healed_at = time.monotonic()
     print(f"partition: old active {fenced['state_reason']}")
     late = [frame for at, frame in pcap_records(old_pcap) if at >= active_wall]
     assert late == [], f"{len(late)} guest frames left the fenced host after the takeover"
-    assert fenced["ha"]["fenced"] is True
+    rejoined = wait_for_rejoin(active, "the old active rejoined as standby")
+    wait_for(lambda: protected_pair(standby, active), "protected again", PROTECT_TIMEOUT_S)
+    print(f"partition healed → protected again in {time.monotonic() - healed_at:.1f} s")
+    assert rejoined["qemu_pid"] is None
+    acked = pair.acked()
+    wait_for(lambda: pair.acked() > acked + 3, "records acknowledged after the rejoin", 60)
+    print(f"{pair.check_acked_stored()} records acknowledged and stored after the rejoin")
 
 
 def test_4_a_protected_active_cut_from_etcd_goes_on(pair: HaPair) -> None:
     """The active's host loses etcd (blackhole routes to every member), the replication
     link and the standby's etcd stay: the protected active goes on (rule 2 a), says etcd
     is unreachable; nothing changes in the record; after healing it is reachable again."""
-    active = pair.agents["a"]  # active since test 3
-    pair.agents["b"].stop()  # fenced in test 3
-    standby = pair.start_agent("b")
-    standby.wait_monitor()
-    wait_for(lambda: protected_pair(active, standby), "a protected by b", PROTECT_TIMEOUT_S)
+    active, standby = pair.agents["a"], pair.agents["b"]  # since test 3 (b rejoined)
+    assert protected_pair(active, standby)
     term = status(active)["ha"]["term"]
     members = [member.ip for member in pair.etcd.members]
     for ip in members:
@@ -285,19 +305,78 @@ def test_4_a_protected_active_cut_from_etcd_goes_on(pair: HaPair) -> None:
     assert protected_pair(active, standby) and status(active)["ha"]["term"] == term
 
 
+def test_4_an_isolated_active_is_replaced_and_rejoins_once_the_link_is_back(
+    pair: HaPair,
+) -> None:
+    """The protected active's host cut from everything (its LAN port taken out of the
+    LAN bridge: etcd, the standby and the client gone): the standby takes over; the
+    isolated agent holds every output, and once its lease ran out and its standby does
+    not acknowledge a checkpoint it fences itself, still cut off.  Once the port is
+    back it reads the record, rejoins as the standby by itself and the pair is
+    protected again; no guest frame leaves its host from the cut on, and every
+    acknowledged record is stored."""
+    isolated, standby = pair.agents["a"], pair.agents["b"]
+    assert protected_pair(isolated, standby)
+    lan = pair.lab.lan
+    port = ["ip", "link", "set", "to-a"]
+    # -Q in on the port: what host a sends, cut off or not (the port stays up).
+    with capture(lan, "to-a", pair.workdir / "isolated-old.pcap") as old_pcap:
+        cut_at = time.monotonic()
+        lan.run([*port, "nomaster"])
+        try:
+            wait_for(lambda: status(standby)["state"] == "active", "the standby took over", 60)
+            acked = pair.acked()
+            wait_for(lambda: pair.acked() > acked + 3, "records from the new active", 60)
+            wait_for(lambda: status(isolated)["state"] == "fenced", "a fenced, cut off", 60)
+            fenced_s = time.monotonic() - cut_at
+            fenced_wall = time.time()
+            fenced = status(isolated)
+            assert fenced["ha"]["reachable"] is False and fenced["ha"]["lease_valid"] is False
+            assert "does not answer" in fenced["state_reason"], fenced["state_reason"]
+        finally:
+            healed_at = time.monotonic()
+            lan.run([*port, "master", LAN_BRIDGE])
+        rejoined = wait_for_rejoin(isolated, "the isolated active fenced and rejoined")
+        rejoin_s = time.monotonic() - healed_at
+        wait_for(lambda: protected_pair(standby, isolated), "protected", PROTECT_TIMEOUT_S)
+        protected_s = time.monotonic() - healed_at
+    print(
+        f"isolated → fenced {fenced_s:.1f} s after the cut; healed → rejoined {rejoin_s:.1f} s, "
+        f"protected again {protected_s:.1f} s; {rejoined['state_reason']}"
+    )
+    late = [frame for at, frame in pcap_records(old_pcap) if at >= fenced_wall]
+    assert late == [], f"{len(late)} guest frames left the isolated host after it fenced"
+    acked = pair.acked()
+    wait_for(lambda: pair.acked() > acked + 3, "records acknowledged after the rejoin", 60)
+    print(f"{pair.check_acked_stored()} records acknowledged and stored after the rejoin")
+
+
 def test_9_quit_of_the_protected_active_hands_over_to_the_standby(pair: HaPair) -> None:
-    """A graceful ``quit`` of the protected active (a since test 3): the replication
-    connection ends, so the standby notices at once and wins ``take_over``; the quitting
-    agent released nothing its standby lacks and exits 0; the client carries on."""
-    term = status(pair.agents["a"])["ha"]["term"]
-    handed = quit_and_hand_over(pair, "a", "b")
+    """A graceful ``quit`` of the protected active (b since the isolation): the
+    replication connection ends, so the standby notices at once and wins ``take_over``;
+    the quitting agent released nothing its standby lacks and exits 0; the client
+    carries on."""
+    term = status(pair.agents["b"])["ha"]["term"]
+    handed = quit_and_hand_over(pair, "b", "a")
     print(
         f"quit → b active {handed.active_ms:.0f} ms, → client's next ack "
         f"{handed.ack_s:.2f} s; {handed.last_change}"
     )
     assert handed.exit_status == 0
-    assert status(pair.agents["b"])["ha"]["term"] == term + 1
+    assert status(pair.agents["a"])["ha"]["term"] == term + 1
     assert "took over" in handed.last_change
+
+
+def reason(agent: AgentProcess) -> str:
+    return str(status(agent)["state_reason"])
+
+
+def wait_for_rejoin(agent: AgentProcess, what: str) -> dict[str, Any]:
+    """Wait until the fenced ``agent`` is a standby again by itself; its status then."""
+    wait_for(lambda: reason(agent).startswith("rejoined as standby"), what, 60)
+    rejoined = status(agent)
+    assert rejoined["state"] == "standby" and "fenced: " in rejoined["state_reason"]
+    return rejoined
 
 
 def test_records_acknowledged_are_stored_in_order(pair: HaPair) -> None:

@@ -11,20 +11,26 @@ The session's lab (``ha_lab``, tests/support/ha_pair.py), this module's VM
    reaches the shared image (its bytes do not change, and no record acknowledged during
    the cut is in it) while the standby keeps committing them; etcd back → the lease is
    re-bound and the held writes land, every acknowledged record with them.
-3. ``quit`` of the protected active: the standby takes over without waiting out a
+3. (scenario 3, shared) the link between the hosts cut, etcd reachable → the standby
+   takes over; the old active fences itself, closes the image, revokes its lease and
+   rejoins as the standby by itself, holding the image no more; protected again.
+4. ``quit`` of the protected active: the standby takes over without waiting out a
    lease TTL (the quitting agent revokes its lease once its last write landed).
 At the end every acknowledged record is stored, in order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.ha_pair import (
+    HOST_IPS,
     HaLab,
     HaPair,
     kill_agent_and_qemu,
@@ -116,13 +122,64 @@ def test_etcd_unreachable_disk_writes_hold_until_it_returns(pair: HaPair) -> Non
     pair.check_acked_stored()
 
 
+def test_link_cut_the_old_active_fences_and_rejoins_without_holding_the_image(
+    pair: HaPair,
+) -> None:
+    """The link between the hosts cut (blackhole routes), etcd reachable: the standby (a)
+    wins ``take_over``; the active (b) reads the new record, fences itself, closes the
+    image and only then revokes its old lease, which is what a's wait for that lease
+    ends on before it opens the image; b rejoins as the standby under a new identity,
+    holding the image no more, with no command typed; once the link is back the new
+    active protects to it; every acknowledged record is stored."""
+    old, standby = pair.agents["b"], pair.agents["a"]
+    assert protected_pair(old, standby)
+    identity = status(old)["ha"]["agent"]
+    routes = [("a", HOST_IPS["b"]), ("b", HOST_IPS["a"])]
+    cut_at = time.monotonic()
+    for host, peer in routes:
+        pair.hosts[host].run(["ip", "route", "add", "blackhole", f"{peer}/32"])
+    try:
+        wait_for(lambda: status(standby)["state"] == "active", "the standby took over", 60)
+        active_s = time.monotonic() - cut_at
+        wait_for(
+            lambda: str(status(old)["state_reason"]).startswith("rejoined as standby"),
+            "the old active fenced itself and rejoined",
+            60,
+        )
+        rejoined = status(old)
+        pair.wait_acked(3, "records acknowledged by the new active")
+    finally:
+        for host, peer in routes:
+            pair.hosts[host].run(["ip", "route", "del", "blackhole", f"{peer}/32"])
+    assert rejoined["state"] == "standby" and "fenced: " in rejoined["state_reason"]
+    assert rejoined["ha"]["agent"] != identity and rejoined["disks"] == []
+    held = _open_files(old.process.pid)
+    assert pair.images["a"].resolve() not in held, "the rejoined standby holds the image"
+    wait_for(lambda: protected_pair(standby, old), "protected again", 240)
+    print(
+        f"shared link cut → standby active {active_s:.2f} s; old active: "
+        f"{rejoined['state_reason']}; a: {status(standby)['ha']['last_change']}"
+    )
+    pair.wait_acked(3, "records acknowledged after the rejoin")
+    pair.check_acked_stored()
+
+
+def _open_files(pid: int) -> set[Path]:
+    """The files process ``pid`` holds open."""
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            held.add(Path(os.readlink(fd)))
+    return held
+
+
 def test_quit_of_the_protected_active_hands_over_without_waiting_a_lease(pair: HaPair) -> None:
-    """``quit`` of the protected active (b): it stops its QEMU, closes its disks and only
+    """``quit`` of the protected active (a): it stops its QEMU, closes its disks and only
     then revokes its lease, so the standby, which took over as soon as the replication
     connection ended, starts the guest once the last write has landed, not a TTL later."""
-    handed = quit_and_hand_over(pair, "b", "a")
+    handed = quit_and_hand_over(pair, "a", "b")
     print(
-        f"shared quit → a active {handed.active_ms:.0f} ms, → client's next ack "
+        f"shared quit → b active {handed.active_ms:.0f} ms, → client's next ack "
         f"{handed.ack_s:.2f} s; {handed.last_change}"
     )
     assert handed.exit_status == 0

@@ -32,9 +32,10 @@ def record(active: str = ME, protected_by: str | None = None) -> Record:
 
 
 def protecting(ha: HaSupervisor, sent_ago: float | None) -> None:
-    """This agent protects to PEER; its last COMMIT was sent ``sent_ago`` seconds ago."""
+    """This agent protects to PEER; its last acknowledged COMMIT was sent ``sent_ago``
+    seconds ago."""
     sent = None if sent_ago is None else time.monotonic() - sent_ago
-    sink = SimpleNamespace(commit_sent_at=sent)
+    sink = SimpleNamespace(acked_commit_sent_at=sent)
     protection = SimpleNamespace(source=SimpleNamespace(sink=sink))
     ha._active = cast(ActiveRole, SimpleNamespace(protection=protection))
     ha._protecting = PEER

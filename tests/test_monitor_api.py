@@ -91,6 +91,7 @@ def sample_status() -> api.Status:
             run="00" * 16,
             run_epoch=7,
             epoch=7,
+            in_flight=1,
             epoch_ms=100,
             last_checkpoint_age_s=0.05,
             initial_sync=api.InitialSync(duration_s=1.2, ram_bytes=1 << 27, stream_bytes=1 << 20),

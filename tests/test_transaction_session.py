@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kemari.checkpoint.sender import TransactionSender
 from kemari.errors import TransactionError
 from kemari.stream.format import PAGE_SIZE
 from kemari.transaction.session import (
@@ -594,3 +595,69 @@ def test_connect_to_a_closed_port_fails_clearly():
         port = probe.getsockname()[1]
     with pytest.raises(TransactionError, match=f"cannot connect to kemari:tcp:127.0.0.1:{port}"):
         asyncio.run(connect(f"kemari:tcp:127.0.0.1:{port}", timeout=5))
+
+
+async def _acknowledging_standby(transport: Transport) -> list[int]:
+    """A standby that acknowledges every commit at once; returns the committed epochs."""
+    session = await StandbySession.handshake(transport, STANDBY, timeout=5)
+    committed: list[int] = []
+    while True:
+        try:
+            event = await session.receive()
+        except PeerDisconnected:
+            return committed
+        if isinstance(event, Committed):
+            committed.append(event.epoch)
+            await session.acknowledge(event)
+        if isinstance(event, SessionEnded):
+            return committed
+
+
+def test_pipelined_commits_are_acknowledged_in_order_with_their_own_send_times():
+    async def primary(transport: Transport) -> list[float | None]:
+        session = await PrimarySession.handshake(transport, PRIMARY, timeout=5)
+        sender = TransactionSender(session)
+        await session.send(Begin(0))
+        await session.send(RamBlocks(0, BLOCKS))
+        await sender.commit(0)
+        await sender.acknowledged(0)
+        seen = [sender.acked_commit_sent_at]
+        # Two checkpoints in flight: COMMIT(1) and COMMIT(2) are sent before any ack is read.
+        for epoch in (1, 2):
+            await sender.begin(epoch)
+            await sender.device_state(epoch, b"state")
+            await sender.commit(epoch)
+        sent_1, sent_2 = sender._commits_sent[1], sender._commits_sent[2]
+        assert sent_1 <= sent_2
+        await sender.acknowledged(1)
+        # The permit (docs/ha.md rule 2 a) must see COMMIT(1)'s send time, not COMMIT(2)'s.
+        seen.append(sender.acked_commit_sent_at)
+        assert sender.acked_commit_sent_at == sent_1
+        await sender.acknowledged(2)
+        seen.append(sender.acked_commit_sent_at)
+        assert sender.acked_commit_sent_at == sent_2
+        await session.close("done")
+        return seen
+
+    committed, seen = asyncio.run(_pair(_acknowledging_standby, primary))
+    assert committed == [0, 1, 2]
+    assert all(value is not None for value in seen)
+
+
+def test_an_acknowledgement_out_of_order_fails_the_session():
+    async def primary(transport: Transport) -> None:
+        session = await PrimarySession.handshake(transport, PRIMARY, timeout=5)
+        sender = TransactionSender(session)
+        await session.send(Begin(0))
+        await session.send(RamBlocks(0, BLOCKS))
+        await sender.commit(0)
+        await sender.acknowledged(0)
+        for epoch in (1, 2):
+            await sender.begin(epoch)
+            await sender.device_state(epoch, b"state")
+            await sender.commit(epoch)
+        await sender.acknowledged(2)  # the ack of 1 arrives first: the standby is lost
+
+    _, primary_error = asyncio.run(_pair(_acknowledging_standby, primary))
+    assert isinstance(primary_error, TransactionError)
+    assert "expected COMMIT_ACK of epoch 2, got COMMIT_ACK of epoch 1" in str(primary_error)

@@ -15,9 +15,12 @@ OUTPUT frames carry the guest outputs the event-tap holds with tag N: when ``com
 is called QEMU has sent VMSTATE_SEND(N), so every output tagged N has been read
 (docs/protocol.md, "Event-tap"), and none has been released yet.
 
-``end_sync`` and ``commit`` return only after the standby's COMMIT_ACK, which is what
-lets the source answer QEMU's CHECKPOINT_READY / VMSTATE_LOADED (docs/protocol.md).
-Any failure raises, which the source takes as "standby lost".
+``end_sync`` returns only after the standby's COMMIT_ACK of epoch 0, which is what lets
+the source answer QEMU's CHECKPOINT_READY.  ``commit(N)`` only queues N's outputs and
+COMMIT (the guest may resume from N at once, docs/protocol.md "Pipelined checkpoints");
+``acknowledged(N)``, called in epoch order from the source's acknowledgement task, waits
+for the COMMIT_ACK within ``commit_timeout_s`` of the COMMIT's send time.  Any failure
+raises, which the source takes as "standby lost".
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from kemari.errors import CheckpointError
 from kemari.outputs import Output
 from kemari.stream import Configuration, RamBlockList, RamPage
 from kemari.stream.format import PAGE_BITS, PAGE_MASK, PAGE_SIZE
-from kemari.transaction.session import Committed, PrimarySession
+from kemari.transaction.session import PrimarySession
 from kemari.transaction.wire import (
     ZSTD_PAGES,
     Begin,
@@ -78,12 +81,12 @@ class TransactionSender:
         self.session = session
         self.commit_timeout_s = commit_timeout_s
         self.outputs_of = outputs_of
-        self.last_committed: Committed | None = None
-        self.last_commit_rtt_s = 0.0
-        # Monotonic time just before the last COMMIT was sent (no later than the send):
-        # an acknowledgement proves the standby heard from us at or after it
-        # (docs/ha.md, rule 2 a).
-        self.commit_sent_at: float | None = None
+        # Monotonic time just before the COMMIT of the last *acknowledged* epoch was sent
+        # (no later than the send): that acknowledgement proves the standby heard from us
+        # at or after it (docs/ha.md, rule 2 a).  A later COMMIT still in flight proves
+        # nothing yet, so each epoch keeps its own send time until its ack.
+        self.acked_commit_sent_at: float | None = None
+        self._commits_sent: dict[int, float] = {}
         # Pages travel zstd-compressed when both sides negotiated it (the primary's
         # page_compression setting decides whether it offers it).
         self.compress_pages = ZSTD_PAGES in session.capabilities
@@ -120,6 +123,7 @@ class TransactionSender:
         await self.device_state(0, device_state)
         await self.session.send(VmDescription(0, vmdesc))
         await self.commit(0)
+        await self.acknowledged(0)
 
     # -- checkpoints ----------------------------------------------------------
 
@@ -151,17 +155,25 @@ class TransactionSender:
             crashpoint.kill()  # test hook: die before the outputs and COMMIT
 
     async def commit(self, epoch: int) -> None:
-        """Send the epoch's held outputs and COMMIT; return once the standby acknowledged it."""
-        started = time.monotonic()
+        """Send the epoch's held outputs and COMMIT; the acknowledgement comes later."""
         if self.outputs_of is not None:
             for frame in output_frames(epoch, self.outputs_of(epoch)):
                 await self.session.send(frame)
-        self.commit_sent_at = time.monotonic()
-        committed = await self.session.commit(self.commit_timeout_s)
+        self._commits_sent[epoch] = time.monotonic()
+        committed = await self.session.send_commit()
         if committed.epoch != epoch:
             raise CheckpointError(f"committed epoch {committed.epoch}, expected {epoch}")
-        self.last_commit_rtt_s = time.monotonic() - started
-        self.last_committed = committed
+
+    async def acknowledged(self, epoch: int) -> None:
+        """Return once the standby acknowledged ``epoch`` (the oldest unacknowledged
+        COMMIT); CheckpointError or TransactionError if not within the commit timeout."""
+        sent_at = self._commits_sent.get(epoch)
+        if sent_at is None:
+            raise CheckpointError(f"no COMMIT of epoch {epoch} awaits an acknowledgement")
+        remaining = sent_at + self.commit_timeout_s - time.monotonic()
+        await self.session.receive_commit_ack(epoch, max(remaining, 0.0))
+        del self._commits_sent[epoch]
+        self.acked_commit_sent_at = sent_at
 
 
 def output_frames(epoch: int, outputs: Sequence[Output]) -> Iterator[Outputs]:

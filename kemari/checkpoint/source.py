@@ -8,24 +8,35 @@ Everything QEMU sends goes to a :class:`CheckpointSink` (the ft-transaction send
     initial sync   begin_sync(config, blocks) → sync_pages(batch)… → end_sync(device, vmdesc)
                    then Kemari sends CHECKPOINT_READY and the guest runs (protected)
     checkpoint N   REQUEST → Kemari answers REPLY (QEMU stops the VM) → begin(N) →
-                   pages(batch)… → device_state(N, data) → commit(N) →
+                   pages(batch)… → device_state(N, data) → commit(N) (queued) →
                    Kemari answers RECEIVED + LOADED (QEMU resumes the VM)
+    in background  acknowledged(N) → listeners' checkpoint_committed(N), in epoch order
+
+Pipelining (docs/protocol.md, "Pipelined checkpoints"): checkpoint N is *captured* once
+``commit(N)`` returned (its state, outputs and COMMIT are queued to the standby); the
+guest resumes at once unless the :class:`~kemari.checkpoint.inflight.InflightWindow` is
+over its bounds, in which case LOADED waits until enough acknowledgements arrived.  One
+background task awaits the acknowledgements in epoch order.
 
 Invariants:
 
-* CHECKPOINT_READY is sent only after ``end_sync`` returned and VMSTATE_LOADED only after
-  ``commit(N)`` returned, so the guest never runs ahead of the state the standby holds.
+* CHECKPOINT_READY is sent only after ``end_sync`` returned (the standby holds epoch 0).
+  VMSTATE_LOADED(N) is sent only after ``commit(N)`` returned and while the window is
+  within its bounds, so the guest never runs more than the window ahead of the standby.
+* Listeners hear ``checkpoint_committed(N)`` only after ``acknowledged(N)`` returned, once
+  per epoch, in increasing order: an output tagged N is released only after the standby
+  committed N.
 * A checkpoint requested at time *t* is served by the first checkpoint whose REQUEST Kemari
   had not yet seen at *t*: QEMU stops the VM only after Kemari's REPLY, hence after *t*.
 * Output tagging (docs/protocol.md, "Event-tap"): :attr:`output_epoch` is the checkpoint
   that covers a guest output Kemari reads now.  It becomes 1 just *before* CHECKPOINT_READY
   is written and grows when VMSTATE_SEND is read, before anything is awaited, so an output
-  is never tagged with a checkpoint whose state predates it.  Listeners learn of each
-  commit right after ``commit(N)`` returned (before LOADED) and of the end of protection.
-* When the sink fails (standby lost), the stream breaks or :meth:`close` is called, the
-  guest keeps running: QMP ``x-colo-lost-heartbeat`` ends COLO mode on the primary (QEMU
-  then marks the migration completed and restarts the VM), or ``migrate_cancel`` during
-  the initial sync.  The source ends UNPROTECTED, or FAILED when QEMU itself is gone.
+  is never tagged with a checkpoint whose state predates it.
+* When the sink fails (standby lost, including a missing or wrong acknowledgement), the
+  stream breaks or :meth:`close` is called, the guest keeps running: QMP
+  ``x-colo-lost-heartbeat`` ends COLO mode on the primary (QEMU then marks the migration
+  completed and restarts the VM), or ``migrate_cancel`` during the initial sync.  The
+  source ends UNPROTECTED, or FAILED when QEMU itself is gone.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from kemari import crashpoint
+from kemari.checkpoint.inflight import InflightWindow
+from kemari.config import DEFAULT_CHECKPOINTS_IN_FLIGHT
 from kemari.errors import CheckpointError, KemariError
 from kemari.qemu.machine import QemuMachine, QmpCommandError
 from kemari.stream import (
@@ -66,7 +79,12 @@ PageBatch = Sequence[PageRecord]
 _PAGE_TYPES = (RamPage, RamZeroPage)
 
 FD_NAME = "kemari_colo"
-CRASH_BEFORE_REPLY = "before-reply"  # test hook (kemari/crashpoint.py)
+# Test hooks (kemari/crashpoint.py): die before answering checkpoint N's REQUEST; die
+# once LOADED of a checkpoint >= N was sent while it (one in flight) or it and an older
+# one (two in flight) await their acknowledgement.
+CRASH_BEFORE_REPLY = "before-reply"
+CRASH_IN_FLIGHT = "in-flight"
+CRASH_TWO_IN_FLIGHT = "two-in-flight"
 # Above what a unix socket hands over per read (about 200 KiB), so one read takes it all.
 _RECV_BYTES = 512 << 10
 # QEMU's rate limit applies to the initial sync only (checkpoints are sent unthrottled);
@@ -81,7 +99,7 @@ _ENDED_STATUSES = frozenset({"none", "completed", "failed", "cancelled"})
 
 _REPLY = encode_colo_message(ColoMessage.CHECKPOINT_REPLY)
 _READY = encode_colo_message(ColoMessage.CHECKPOINT_READY)
-# Both answers go in one write after the commit: QEMU does nothing between them that the
+# Both answers go in one write after the capture: QEMU does nothing between them that the
 # standby needs (colo.c only notifies colo-compare, unused here), and each write wakes a
 # QEMU thread that can preempt Kemari on a small host while the VM is stopped.
 _RECEIVED_LOADED = encode_colo_message(ColoMessage.VMSTATE_RECEIVED) + encode_colo_message(
@@ -120,7 +138,14 @@ class CheckpointSink(Protocol):
         """The device state of checkpoint ``epoch`` (FULL sections, no final EOF byte)."""
 
     async def commit(self, epoch: int) -> None:
-        """Return only when the standby has committed ``epoch``; the guest resumes after."""
+        """Queue ``epoch``'s outputs and COMMIT; the guest may resume once this returns."""
+
+    async def acknowledged(self, epoch: int) -> None:
+        """Return once the standby committed ``epoch``; raise if it did not in time.
+
+        Called once per committed epoch, in order, from one task, concurrently with the
+        next checkpoint's calls (``begin`` … ``commit`` of later epochs).
+        """
 
 
 class SourceListener(Protocol):
@@ -134,7 +159,8 @@ class SourceListener(Protocol):
         (QEMU drops the frames its NIC backend cannot hand over at that stop)."""
 
     def checkpoint_committed(self, epoch: int) -> None:
-        """The standby holds checkpoint ``epoch`` (the guest has not resumed past it yet)."""
+        """The standby holds checkpoint ``epoch`` (the guest may already run past it, and
+        later checkpoints may be captured but not yet committed)."""
 
     def protection_ended(self, state: SourceState) -> None:
         """Protection is over: UNPROTECTED (the guest runs on) or FAILED (QEMU is gone)."""
@@ -145,7 +171,7 @@ class SourceState(enum.Enum):
 
     IDLE = "idle"  # not started
     SYNCING = "syncing"  # initial sync (precopy) running; the guest runs unprotected
-    PROTECTED = "protected"  # in COLO mode; every checkpoint is committed before resume
+    PROTECTED = "protected"  # in COLO mode; outputs leave only once their checkpoint committed
     RELEASING = "releasing"  # protection is being dropped; the guest is being resumed
     UNPROTECTED = "unprotected"  # protection ended; the guest runs without a replica
     FAILED = "failed"  # QEMU is gone or did not resume; the guest's fate is unknown
@@ -163,11 +189,46 @@ class CheckpointRecord:
     stop_s: float  # CHECKPOINT_REQUEST received → VMSTATE_SEND received (QEMU stops the VM)
     pause_s: float  # VMSTATE_SEND received → VMSTATE_LOADED sent (the VM is stopped)
     transfer_s: float  # VMSTATE_SEND → device state received (RAM and devices forwarded)
-    commit_s: float  # time spent in the sink's commit()
+    held_s: float  # part of the pause LOADED waited for the in-flight window
+    commit_s: float  # commit() called → acknowledged() returned (the commit round trip)
     pages: int  # page records (data and zero pages)
     stream_bytes: int  # bytes QEMU sent for this checkpoint, COLO messages included
     device_bytes: int
-    committed_at: float  # time.monotonic() when LOADED was sent
+    committed_at: float  # time.monotonic() when the acknowledgement arrived
+
+
+@dataclasses.dataclass(slots=True)
+class _Capture:
+    """A captured checkpoint's costs, until it is both resumed from and acknowledged."""
+
+    epoch: int
+    stop_s: float
+    transfer_s: float
+    pages: int
+    stream_bytes: int
+    device_bytes: int
+    stopped_at: float
+    commit_started_at: float
+    resumed_at: float | None = None
+    held_s: float = 0.0
+    acked_at: float | None = None
+
+    def record(self) -> CheckpointRecord | None:
+        """The record, once the guest resumed from it and the standby committed it."""
+        if self.resumed_at is None or self.acked_at is None:
+            return None
+        return CheckpointRecord(
+            epoch=self.epoch,
+            stop_s=self.stop_s,
+            pause_s=self.resumed_at - self.stopped_at,
+            transfer_s=self.transfer_s,
+            held_s=self.held_s,
+            commit_s=self.acked_at - self.commit_started_at,
+            pages=self.pages,
+            stream_bytes=self.stream_bytes,
+            device_bytes=self.device_bytes,
+            committed_at=self.acked_at,
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -183,7 +244,14 @@ class SyncRecord:
 class CheckpointSource:
     """Protect a running primary ``QemuMachine`` by streaming its checkpoints to ``sink``."""
 
-    def __init__(self, machine: QemuMachine, sink: CheckpointSink, *, epoch_ms: int) -> None:
+    def __init__(
+        self,
+        machine: QemuMachine,
+        sink: CheckpointSink,
+        *,
+        epoch_ms: int,
+        in_flight: int = DEFAULT_CHECKPOINTS_IN_FLIGHT,
+    ) -> None:
         if not 0 < epoch_ms < 1 << 32:
             raise CheckpointError(f"checkpoint epoch {epoch_ms} ms is not a positive u32")
         self.machine = machine
@@ -201,7 +269,9 @@ class CheckpointSource:
         self._started = 0  # VMSTATE_SENDs seen (the VM stopped for that many checkpoints)
         self._tagging = False  # outputs are tagged (set just before CHECKPOINT_READY)
         self._listeners: list[SourceListener] = []
-        self._committed = 0  # checkpoints committed and resumed (LOADED sent)
+        self._resumed = 0  # checkpoints captured and resumed from (LOADED sent)
+        self._committed = 0  # checkpoints the standby acknowledged (listeners told)
+        self._window: InflightWindow[_Capture] = InflightWindow(in_flight)
         self._pages = 0  # page records of the sync / checkpoint in progress
         self._received = 0  # stream bytes so far
         self._received_at_mark = 0  # stream bytes when the last sync/checkpoint ended
@@ -255,8 +325,13 @@ class CheckpointSource:
 
     @property
     def committed_epoch(self) -> int:
-        """The last checkpoint the standby committed and the guest resumed from."""
+        """The last checkpoint the standby committed."""
         return self._committed
+
+    @property
+    def in_flight(self) -> int:
+        """Checkpoints captured (queued to the standby) and not yet acknowledged."""
+        return len(self._window)
 
     @property
     def sync(self) -> SyncRecord | None:
@@ -287,6 +362,11 @@ class CheckpointSource:
     def in_checkpoint(self) -> bool:
         """A checkpoint has been requested and is not committed yet."""
         return self._requested > self._committed
+
+    @property
+    def capturing(self) -> bool:
+        """A checkpoint has been requested and the guest has not resumed from it yet."""
+        return self._requested > self._resumed
 
     async def wait_progress(self, timeout_s: float | None = None) -> None:
         """Return at the next state change, request or commit (or after ``timeout_s``)."""
@@ -375,20 +455,47 @@ class CheckpointSource:
     # -- the stream ----------------------------------------------------------------
 
     async def _run(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+        stream = asyncio.create_task(self._read_stream(sock), name="checkpoint-stream")
+        acks = asyncio.create_task(self._await_acks(), name="checkpoint-acks")
+        tasks = (stream, acks)
         try:
-            while True:
-                data = await loop.sock_recv(sock, _RECV_BYTES)
-                if not data:
-                    raise CheckpointError("QEMU closed the migration stream")
-                self._received += len(data)
-                await self._dispatch(self._parser.feed(data), sock)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # Any failure of the sink (its code is not ours), of the stream or of the
-            # socket means the standby cannot be trusted to follow: drop protection.
-            await self._lose_protection(f"{type(exc).__name__}: {exc}")
+            # Both run until one fails (or both are cancelled with this task).
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+        # Both may have failed at once: retrieve every error, report the first.
+        exc, *_ = (task.exception() for task in done)
+        # Any failure of the sink (its code is not ours), of the stream or of the socket,
+        # or a missing acknowledgement, means the standby cannot be trusted to follow.
+        await self._lose_protection(f"{type(exc).__name__}: {exc}")
+
+    async def _read_stream(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(sock, _RECV_BYTES)
+            if not data:
+                raise CheckpointError("QEMU closed the migration stream")
+            self._received += len(data)
+            await self._dispatch(self._parser.feed(data), sock)
+
+    async def _await_acks(self) -> None:
+        """Await the standby's acknowledgements in epoch order; tell the listeners."""
+        while True:
+            progress = self._progress
+            epoch = self._window.oldest
+            if epoch is None:
+                await progress.wait()
+                continue
+            await self.sink.acknowledged(epoch)
+            capture = self._window.acknowledge(epoch).ticket
+            capture.acked_at = time.monotonic()
+            self._committed = epoch
+            for listener in self._listeners:
+                listener.checkpoint_committed(epoch)
+            self._record(capture)
+            self._signal_progress()
 
     async def _dispatch(self, events: list[StreamEvent], sock: socket.socket) -> None:
         batch: list[PageRecord] = []
@@ -475,34 +582,47 @@ class CheckpointSource:
         # VMSTATE_SIZE: the parser reads the buffer it announces.
 
     async def _finish_checkpoint(self, device_state: bytes, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         epoch = self._requested
         transferred_at = time.monotonic()
         await self.sink.device_state(epoch, device_state)
         commit_started = time.monotonic()
         await self.sink.commit(epoch)
-        for listener in self._listeners:
-            listener.checkpoint_committed(epoch)
-        # Ordering: LOADED (QEMU resumes the guest) only after the standby committed.
-        await loop.sock_sendall(sock, _RECEIVED_LOADED)
-        now = time.monotonic()
-        self._recent.append(
-            CheckpointRecord(
-                epoch=epoch,
-                stop_s=self._stopped_at - self._requested_at,
-                pause_s=now - self._stopped_at,
-                transfer_s=transferred_at - self._stopped_at,
-                commit_s=now - commit_started,
-                pages=self._pages,
-                stream_bytes=self._received - self._received_at_mark,
-                device_bytes=len(device_state),
-                committed_at=now,
-            )
+        stream_bytes = self._received - self._received_at_mark
+        capture = _Capture(
+            epoch=epoch,
+            stop_s=self._stopped_at - self._requested_at,
+            transfer_s=transferred_at - self._stopped_at,
+            pages=self._pages,
+            stream_bytes=stream_bytes,
+            device_bytes=len(device_state),
+            stopped_at=self._stopped_at,
+            commit_started_at=commit_started,
         )
         self._pages = 0
         self._received_at_mark = self._received
-        self._committed = epoch
+        # Captured: from now on the acknowledgement task awaits the standby's ack of it.
+        self._window.add(epoch, stream_bytes, capture)
         self._signal_progress()
+        # Ordering: LOADED (QEMU resumes the guest) only while the window is within its
+        # bounds; otherwise the guest stays stopped until enough acks arrived.
+        held_from = time.monotonic()
+        while not self._window.resume_allowed:
+            await self._progress.wait()
+        capture.held_s = time.monotonic() - held_from
+        await asyncio.get_running_loop().sock_sendall(sock, _RECEIVED_LOADED)
+        capture.resumed_at = time.monotonic()
+        self._resumed = epoch
+        if self._window.holds(epoch) and _armed(CRASH_IN_FLIGHT, epoch):
+            crashpoint.kill()  # test hook: the guest runs past N, N not acknowledged
+        if len(self._window) >= 2 and _armed(CRASH_TWO_IN_FLIGHT, epoch):
+            crashpoint.kill()  # test hook: N-1 and N both await their acknowledgement
+        self._record(capture)
+        self._signal_progress()
+
+    def _record(self, capture: _Capture) -> None:
+        record = capture.record()
+        if record is not None:
+            self._recent.append(record)
 
     # -- losing protection ----------------------------------------------------------
 
@@ -555,3 +675,9 @@ class CheckpointSource:
                     f"(migration status {status!r})"
                 )
             await asyncio.sleep(_RELEASE_POLL_S)
+
+
+def _armed(point: str, epoch: int) -> bool:
+    """Is the test hook ``point`` armed for checkpoint ``epoch`` (or an earlier one)?"""
+    limit = crashpoint.limit(point)
+    return limit is not None and epoch >= limit

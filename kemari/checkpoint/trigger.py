@@ -5,10 +5,15 @@ in the primary.  Setting that parameter while QEMU is in COLO state also wakes i
 checkpoint thread at once (migration.c ``colo_checkpoint_notify``) and restarts the timer;
 :class:`CheckpointTrigger` uses that for on-demand checkpoints.
 
-Coalescing: :meth:`CheckpointTrigger.request_checkpoint` only records which checkpoint would
-cover the caller (the first one whose REQUEST the source has not seen yet) and wakes one
-background task.  That task asks QEMU for a checkpoint only while none is in flight, so any
-number of requests made during a checkpoint are served together by the next one.
+Coalescing and event queuing: :meth:`CheckpointTrigger.request_checkpoint` only records
+which checkpoint would cover the caller (the first one whose REQUEST the source has not
+seen yet) and wakes one background task.  That task asks QEMU for a checkpoint only while
+none is being captured, so any number of requests made during a capture are served
+together by the next one.  It does not wait for the previous checkpoint's commit: with
+pipelined checkpoints the next capture starts as soon as the guest resumed from the
+previous one, and the source's in-flight window (kemari/checkpoint/inflight.py) bounds how
+far captures run ahead of the standby's acknowledgements (docs/checkpoint.md, "Event
+queuing", says why this policy).
 
 QEMU resets its checkpoint event after reading VMSTATE_RECEIVED, which Kemari sends
 together with VMSTATE_LOADED; a wake-up that reaches QEMU's main loop before its COLO
@@ -104,7 +109,7 @@ class CheckpointTrigger:
     async def _serve(self) -> None:
         source = self.source
         while self._wanted > source.requested_epoch:
-            if source.state is SourceState.SYNCING or source.in_checkpoint:
+            if source.state is SourceState.SYNCING or source.capturing:
                 await source.wait_progress()
                 continue
             if source.state is not SourceState.PROTECTED:

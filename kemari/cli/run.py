@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kemari.config import (
+    DEFAULT_CHECKPOINTS_IN_FLIGHT,
     DEFAULT_EPOCH_MS,
     DEFAULT_SYNC,
     Accel,
@@ -44,6 +45,7 @@ _SCALAR_FLAGS = {
     "storage": "storage",
     "held_frames_max": "held_frames_max",
     "page_compression": "page_compression",
+    "checkpoints_in_flight": "checkpoints_in_flight",
     "tls_creds": "tls_creds",
     "tls_name": "tls_name",
     "ha": "ha",
@@ -102,6 +104,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         choices=PageCompression.names(),
         help="page data to the standby: off (default) or zstd when the standby agrees "
         "(docs/protocol.md, Page compression)",
+    )
+    parser.add_argument(
+        "--checkpoints-in-flight",
+        type=int,
+        metavar="N",
+        help=f"checkpoints that may travel to the standby while the guest runs on "
+        f"(default {DEFAULT_CHECKPOINTS_IN_FLIGHT}; 0: the guest waits for each "
+        "acknowledgement)",
     )
     parser.add_argument(
         "--storage",

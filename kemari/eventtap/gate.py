@@ -25,10 +25,11 @@ Rules (docs/protocol.md, "Event-tap"):
 * Memory is bounded by the log's bounds: when full, every device that can pause
   stops producing (the network path stops reading QEMU), and resumes when the log has
   drained to half.  Nothing is dropped to make room.  Except from a checkpoint's
-  request to its commit: QEMU drops the frames it cannot hand over when it stops the VM,
-  so the producers run and drain before Kemari answers the request; the log may grow by
-  what they had queued (QEMU's stream socket) and what the guest sends until the stop.
-  The commit pauses them again, before the guest resumes, if the log is still full.
+  request until the guest resumed from it (the source is *capturing*): QEMU drops the
+  frames it cannot hand over when it stops the VM, so the producers run and drain before
+  Kemari answers the request; the log may grow by what they had queued (QEMU's stream
+  socket) and what the guest sends until the stop.  The next output held or commit
+  pauses them again if the log is still full.
 """
 
 from __future__ import annotations
@@ -104,7 +105,6 @@ class EventTap:
         self._source: CheckpointSource | None = None
         self._trigger: CheckpointTrigger | None = None
         self._paused = False
-        self._checkpointing = False  # from a checkpoint's request to its commit
         self._commits_with_outputs = 0
         self._commits_with_several_outputs = 0
 
@@ -139,7 +139,6 @@ class EventTap:
         """SourceListener: QEMU stops the VM for ``epoch`` once this returns: producers
         run until the commit, and have drained what they had queued (see module docstring)."""
         del epoch
-        self._checkpointing = True
         if self._paused:
             self._paused = False
             for producer in self._producers:
@@ -150,7 +149,6 @@ class EventTap:
     def checkpoint_committed(self, epoch: int) -> None:
         """SourceListener: the standby holds ``epoch``; its outputs and older ones leave."""
         if not self._permitted(committed=True):
-            self._checkpointing = False
             self._pause_if_full()
             return  # they stay held: a later permitted commit or release_permitted() frees them
         outputs = self.log.release(epoch)
@@ -167,15 +165,11 @@ class EventTap:
                 self._send(outputs[:1])
                 crashpoint.kill()
         self._send(outputs)
-        self._checkpointing = False
-        # Ordering: before Kemari answers LOADED, so the guest resumes with its NIC paused
-        # if what the drain added still fills the log.
         self._pause_if_full()
 
     def protection_ended(self, state: SourceState) -> None:
         """SourceListener: release everything (guest runs on) or discard it (guest died)."""
         self._source = self._trigger = None
-        self._checkpointing = False
         if state is SourceState.UNPROTECTED:
             if self._permitted(committed=False):
                 self._send(self.log.release_all())
@@ -243,7 +237,8 @@ class EventTap:
         return discarded
 
     def _pause_if_full(self) -> None:
-        if self.log.full and not self._paused and not self._checkpointing:
+        capturing = self._source is not None and self._source.capturing
+        if self.log.full and not self._paused and not capturing:
             self._paused = True
             self.counters.pauses += 1
             for producer in self._producers:

@@ -236,6 +236,7 @@ class ReplicationStatus:
     run: str | None
     run_epoch: int | None
     epoch: int | None
+    in_flight: int
     epoch_ms: int
     last_checkpoint_age_s: float | None
     initial_sync: InitialSync | None

@@ -682,6 +682,9 @@ class ReplicaApplier:
         self.commit_checkpoint(epoch, defer_apply=True)
         asyncio.get_running_loop().call_soon(self._apply_quietly)
 
+    async def acknowledged(self, epoch: int) -> None:
+        """``commit`` committed ``epoch`` already (a local replica has no round trip)."""
+
     def _apply_quietly(self) -> None:
         # A failure is kept in _apply_error and refuses the next checkpoint.
         with contextlib.suppress(ReplicaError):

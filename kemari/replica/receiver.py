@@ -33,6 +33,7 @@ import logging
 import time
 from typing import Any
 
+from kemari import crashpoint
 from kemari.config import TlsCreds
 from kemari.errors import KemariError, ReplicaError, TransactionError
 from kemari.outputs import Output
@@ -62,6 +63,9 @@ from kemari.transaction.wire import (
 )
 
 HANDSHAKE_TIMEOUT_S = 10.0
+# Test hook (kemari/crashpoint.py): every COMMIT_ACK after the initial sync leaves this
+# many ms late, as over a long link, so checkpoints pile up in flight on the active.
+ACK_DELAY_MS = "ack-delay-ms"
 OUTPUTS_DIRECTORY = "outputs"
 # RAM_BLOCKS may announce the configured memory plus this much (firmware, option ROMs,
 # ACPI tables, video RAM); anything beyond is refused before a byte is reserved.
@@ -371,6 +375,9 @@ class StandbyReceiver:
             self.applier.commit_checkpoint(epoch, defer_apply=True)
         if self.replica_run is not None:
             self.replica_run.committed = session.run_epoch(epoch)
+        delay_ms = crashpoint.limit(ACK_DELAY_MS)
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000)  # test hook: a long round trip
         await session.acknowledge(committed)
         with storage(f"applying epoch {epoch}"):
             self.outputs.committed(epoch)

@@ -177,6 +177,7 @@ class ActiveRole:
             tls=self.config.tls_creds,
             run=self.run,
             keepalive_s=keepalive_interval(self.config),
+            in_flight=self.config.checkpoints_in_flight,
         )
         if self.config.storage is StorageMode.REPLICATED:
             self._start_disk_copies(self.protection)

@@ -5,7 +5,9 @@ bridges (and the network event-tap on them), the monitor, the guest's disks once
 this host runs the guest, and the role state machine (kemari.roles.state).  It plays
 exactly one role at a time: an :class:`~kemari.roles.active.ActiveRole` (QEMU runs
 the guest here) or a :class:`~kemari.roles.standby.StandbyRole` (the replica only).
-A failover (kemari.roles.failover) turns the standby role into an active one.
+A failover (kemari.roles.failover) turns the standby role into an active one.  With
+``--ha`` an active that fenced itself (docs/ha.md rule 5) rejoins as a standby by itself
+once etcd names another active, under a new identity, as a restarted agent would.
 
 Start order (each step needs the previous ones):
 
@@ -73,13 +75,7 @@ class Agent:
         # --ha: the etcd arbiter decides who is active, and permits every release.
         self.ha = HaSupervisor(config) if config.ha is not None else None
         # Every guest frame passes the event-tap; it holds them while protected.
-        self.event_tap = EventTap(
-            config.sync,
-            OutputLog(config.held_frames_max_bytes, config.held_frames_max_count),
-            None if self.ha is None else HaPermit(self.ha),
-        )
-        if self.ha is not None:
-            self.ha.event_tap = self.event_tap
+        self.event_tap = self._new_event_tap()
         self.role: Role | None = None
         self.disks: GuestDisks | None = None  # opened when this host runs the guest
         self.accel_reason = ""
@@ -124,7 +120,7 @@ class Agent:
         claimed: bool | None = None
         if self.ha is not None:
             # The lease is revoked last, once QEMU is gone (the stack runs in reverse).
-            stack.push_async_callback(self.ha.close)
+            stack.push_async_callback(self._close_ha)
             await self.ha.start(self._stop_requested)
             claimed = await self.ha.boot(self._stop_requested)
             if claimed is None:
@@ -150,21 +146,34 @@ class Agent:
             )
             self.role = active
             self._to(State.ACTIVE, f"QEMU started (pid {active.machine.pid})")
-        self._check_nics()
         if self.console is not None:
             follower = asyncio.create_task(self._follow_serial(self.console))
             stack.callback(follower.cancel)
+        self._running(active)
+        if self.ha is None:
+            return await active.wait_for_end(self._stop_requested, self.bridges)
+        while True:
+            ended = await self._run_active_ha(self.ha, active)
+            if ended is not None:
+                return ended
+            rejoined = await self._rejoin_as_standby(self.ha)
+            if rejoined is None:
+                return 0  # told to stop while fenced or before a takeover
+            active = rejoined
+            self._running(active)
+
+    def _running(self, active: ActiveRole) -> None:
+        """The guest runs here now (booted or failed over): check its links, say so."""
+        self._check_nics()
+        assert self._spec is not None
         self._say(
             f"VM {self.config.name} running (QEMU pid {active.machine.pid}, "
-            f"accel {spec.accel}: {self.accel_reason}); monitor at {self.monitor.path}"
+            f"accel {self._spec.accel}: {self.accel_reason}); monitor at {self.monitor.path}"
         )
-        if self.ha is not None:
-            return await self._run_active_ha(self.ha, active)
-        return await active.wait_for_end(self._stop_requested, self.bridges)
 
-    async def _run_active_ha(self, ha: HaSupervisor, active: ActiveRole) -> int:
-        """The active with --ha: the guest runs until it ends, or the arbiter says this
-        agent must fence itself (docs/ha.md rule 5): then the agent stays ``fenced``."""
+    async def _run_active_ha(self, ha: HaSupervisor, active: ActiveRole) -> int | None:
+        """The active with --ha: the guest runs until it ends (its exit status), or the
+        arbiter says this agent must fence itself (docs/ha.md rule 5): then None, fenced."""
         guard = asyncio.create_task(ha.guard_active(active), name="ha-guard-active")
         end = asyncio.create_task(active.wait_for_end(self._stop_requested, self.bridges))
         try:
@@ -177,8 +186,7 @@ class Agent:
         with contextlib.suppress(asyncio.CancelledError, KemariError):
             await end
         await self._fence(ha, active, guard.result())
-        await self._stop_requested.wait()
-        return 0
+        return None
 
     async def _fence(self, ha: HaSupervisor, active: ActiveRole, reason: str) -> None:
         """Rule 5: release nothing more, pause the guest, stop QEMU; never resume."""
@@ -193,20 +201,53 @@ class Agent:
         why = f"fenced: {reason} ({discarded} held outputs discarded)"
         ha.last_change = why
         self._to(State.FENCED, why)
-        self._say(f"VM {self.config.name} {why}; QEMU stopped; restart the agent to rejoin")
+        self._say(
+            f"VM {self.config.name} {why}; QEMU stopped; it rejoins as the standby once "
+            "etcd answers and names another active"
+        )
 
-    async def _serve_as_standby(self, uri: str) -> ActiveRole | None:
+    async def _rejoin_as_standby(self, fenced: HaSupervisor) -> ActiveRole | None:
+        """Fenced → standby by itself (docs/ha.md rule 5, "A partition heals"): once etcd
+        answers and the record names another active, take the path of a restarted agent
+        whose claim was refused: nothing of the old life kept (disks closed, old lease
+        revoked), a new identity and lease, a new event-tap, a new standby role published
+        for the active to protect to.  Returns the active role after a later takeover, or
+        None when told to stop first.  A fenced agent never claims: it only rejoins."""
+        uri = self.config.incoming
+        assert uri is not None  # --ha requires incoming (kemari.config)
+        seen = await fenced.wait_for_another_active(self._stop_requested)
+        if seen is None:
+            return None
+        was = self.state.reason
+        # Shared storage: the standby must not hold the image; replicated: the image here
+        # is stale, and the new active's disk copy rebuilds it, as for a restarted host.
+        await self._close_disks()
+        # After the last write here (disks closed), as a quit does: the lease goes last.
+        await fenced.close()
+        self.ha = HaSupervisor(self.config)  # a new identity: never the fenced agent's
+        self.event_tap = self._new_event_tap()
+        await self.ha.start(self._stop_requested)
+        if self._stop_requested.is_set():
+            return None
+        why = f"rejoined as standby: {seen}; {was}"
+        self.ha.last_change = why
+        self._say(f"VM {self.config.name} {why}")
+        return await self._serve_as_standby(uri, rejoined=why)
+
+    async def _serve_as_standby(self, uri: str, rejoined: str | None = None) -> ActiveRole | None:
         """Keep the replica until a failover succeeds (the new active role) or a stop (None).
 
         The failover runs here, in the agent's task: the monitor's ``failover`` only
         asks for it and waits for its outcome.  A failed failover leaves the agent
-        ``failed`` until it is stopped.
+        ``failed`` until it is stopped.  ``rejoined``: why a fenced agent rejoins
+        (the state's reason says it).
         """
         standby = await StandbyRole.start(self.config, uri)
         self.role = standby
         auto: asyncio.Task[TakeOver | Rejoin] | None = None
         replica_dir = self.config.resolved_replica_dir()
-        self._to(State.STANDBY, f"listening on {standby.listening}")
+        listening = f"listening on {standby.listening}"
+        self._to(State.STANDBY, listening if rejoined is None else f"{rejoined}; {listening}")
         self._say(
             f"standby for VM {self.config.name} listening on {standby.listening}; "
             f"replica in {replica_dir}; monitor at {self.monitor.path}"
@@ -282,6 +323,24 @@ class Agent:
             self.disks.tap.set_permit(HaDiskPermit(self.ha))
             self.ha.disk_tap = self.disks.tap
         return self.disks
+
+    def _new_event_tap(self) -> EventTap:
+        """An event-tap asking the current arbiter's permit, on every bridge started."""
+        config = self.config
+        tap = EventTap(
+            config.sync,
+            OutputLog(config.held_frames_max_bytes, config.held_frames_max_count),
+            None if self.ha is None else HaPermit(self.ha),
+        )
+        if self.ha is not None:
+            self.ha.event_tap = tap
+        for index, bridge in enumerate(self.bridges):
+            NetOutputs(tap, bridge, index)
+        return tap
+
+    async def _close_ha(self) -> None:
+        if self.ha is not None:
+            await self.ha.close()
 
     async def _close_disks(self) -> None:
         disks, self.disks = self.disks, None

@@ -14,6 +14,8 @@ is used only with ``--ha etcd://...``; without it the agent behaves exactly as b
   to fence.
 * **Release permit** (:meth:`HaSupervisor.may_release`, the event-tap's one hook): rule
   2 (a) or (b).
+* **Fenced** (:meth:`HaSupervisor.wait_for_another_active`): once etcd answers and the
+  record names another active, the agent rejoins as its standby (kemari.roles.agent).
 * **Standby** (:meth:`HaSupervisor.guard_standby`): keeps itself published; when the
   active is lost (the session ended or went silent for the detection timeout) and the
   record says this agent protects it: closes the replication connection, wins
@@ -47,6 +49,9 @@ from kemari.roles.standby import StandbyRole
 # How often the guards look at the receiver (standby) and read the record.
 RECEIVER_POLL_S = 0.02
 RECORD_POLL_S = 0.1
+# An isolated active (no etcd, lease run out) probes its standby with a checkpoint and
+# fences itself when no acknowledgement comes within this many detection timeouts.
+PROBE_DETECTS = 4
 # Protection attempts to a published standby that may fail before it is dropped.
 MAX_PROTECT_FAILURES = 3
 
@@ -93,6 +98,10 @@ class HaSupervisor:
         self._standby: StandbyRole | None = None
         self._protecting: str | None = None  # the standby agent our protection goes to
         self._protect_failures = 0
+        # An unanswered probe of the standby (isolated active), and the acknowledged
+        # COMMIT's send time it saw: no new probe until another acknowledgement.
+        self._probe_failed = False
+        self._unanswered: float | None = None
         self._started = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -154,7 +163,11 @@ class HaSupervisor:
     def may_release(self, committed: bool) -> bool:
         """The event-tap's permit: (a) for outputs whose checkpoint the standby the record
         names acknowledged within the detection timeout of the COMMIT's send time, or
-        (b) the record says this agent is active and unprotected, and the lease is valid."""
+        (b) the record says this agent is active and unprotected, and the lease is valid.
+
+        (a) uses the send time of the COMMIT whose acknowledgement came last (the one
+        that released the outputs asked about), never that of a COMMIT still in flight:
+        with pipelined checkpoints a later COMMIT may already be on the wire."""
         record = self.record
         if self.fenced or record is None or record.active != self.me:
             return False
@@ -170,7 +183,7 @@ class HaSupervisor:
         protection = None if active is None else active.protection
         if protection is None:
             return None
-        return getattr(protection.source.sink, "commit_sent_at", None)
+        return getattr(protection.source.sink, "acked_commit_sent_at", None)
 
     # -- the active --------------------------------------------------------------------
 
@@ -189,10 +202,19 @@ class HaSupervisor:
             state = await self.arbiter.read()
         except ArbiterError as exc:  # unreachable, or an answer we cannot use
             record = self.record
-            unprotected = record is not None and record.protected_by is None
-            if unprotected and not self.arbiter.lease_valid():
+            if record is not None and record.protected_by is None:
+                if self.arbiter.lease_valid():
+                    return None
                 return f"etcd unreachable and the lease ran out while unprotected ({exc})"
-            return None  # protected: goes on while the standby keeps committing (rule 5)
+            if await self._standby_answers(role):
+                return None  # protected: goes on while the standby keeps committing (rule 5)
+            if self.arbiter.lease_valid():
+                return None  # holds every output; fences when the lease runs out
+            # Isolated: neither etcd nor the standby; the standby may have taken over.
+            return (
+                f"etcd unreachable, the lease ran out and standby "
+                f"{None if record is None else record.protected_by} does not answer ({exc})"
+            )
         record = state.record
         if record is None or record.active != self.me:
             return f"the record names another active: {_describe(record)}"
@@ -210,6 +232,31 @@ class HaSupervisor:
         elif standby is not None:
             await self._protect(role, state, standby)
         return None
+
+    async def _standby_answers(self, role: ActiveRole) -> bool:
+        """Has the standby acknowledged a COMMIT sent within the detection timeout?  If
+        not, ask for a checkpoint and give its acknowledgement :data:`PROBE_DETECTS`
+        detection timeouts (a large checkpoint must not look like a lost standby), but
+        no longer than the lease's validity, so an isolated active fences within it."""
+        sent = self._commit_sent_at()
+        if sent is not None and time.monotonic() - sent < self.detect_s:
+            return True
+        protection = role.protection
+        if protection is None or not protection.active:
+            return False
+        if self._probe_failed and self._unanswered == sent:
+            return False  # a probe went unanswered and nothing was acknowledged since
+        window = self.detect_s * PROBE_DETECTS
+        if self.arbiter.lease_valid():
+            window = min(window, self.arbiter.lease_remaining() or 0.0)
+        try:
+            async with asyncio.timeout(window):
+                await protection.trigger.checkpoint()
+        except (TimeoutError, KemariError):
+            self._probe_failed, self._unanswered = True, self._commit_sent_at()
+            return False
+        self._probe_failed = False
+        return True
 
     async def _protect(self, role: ActiveRole, state: RecordState, standby: ha.Standby) -> None:
         if standby.agent not in state.alive:
@@ -380,6 +427,28 @@ class HaSupervisor:
         self._note(why)
         return TakeOver(why, old_active, detect_ms, arbitrate_ms)
 
+    # -- fenced ---------------------------------------------------------------------
+
+    async def wait_for_another_active(self, stop: asyncio.Event) -> str | None:
+        """A fenced agent: wait until etcd answers with a record naming another active;
+        returns what it names (why to rejoin), or None on ``stop``."""
+        unreachable_noted = False
+        while not stop.is_set():
+            try:
+                state = await self.arbiter.read()
+            except ArbiterError as exc:
+                if not unreachable_noted:
+                    unreachable_noted = True
+                    self._note(f"fenced; waiting for etcd to rejoin as standby: {exc}")
+                await _sleep_or(stop, RECORD_POLL_S)
+                continue
+            self.record = state.record
+            seen = another_active(state.record, self.me)
+            if seen is not None:
+                return seen
+            await _sleep_or(stop, RECORD_POLL_S)
+        return None
+
     def promoted(self, role: ActiveRole) -> None:
         """The failover order made ``role`` the active: guard it from now on."""
         self._active, self._standby = role, None
@@ -435,6 +504,14 @@ class HaPermit:
 
     def may_release(self, committed: bool) -> bool:
         return self.supervisor.may_release(committed)
+
+
+def another_active(record: ha.Record | None, me: str) -> str | None:
+    """Rule 5's rejoin condition for the fenced agent ``me``: the record names another
+    active (then: which, and its term); None while it names ``me`` or there is none."""
+    if record is None or record.active == me:
+        return None
+    return f"the record names {record.active} active (term {record.term})"
 
 
 def _describe(record: ha.Record | None) -> str:

@@ -26,10 +26,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kemari.checkpoint.inflight import MAX_IN_FLIGHT_BYTES
 from kemari.checkpoint.sender import TransactionSender
 from kemari.checkpoint.source import CheckpointSource, SourceState
 from kemari.checkpoint.trigger import CheckpointTrigger
-from kemari.config import TlsCreds
+from kemari.config import DEFAULT_CHECKPOINTS_IN_FLIGHT, TlsCreds
 from kemari.errors import TransactionError
 from kemari.eventtap.disktap import DiskTap
 from kemari.eventtap.gate import EventTap
@@ -82,6 +83,7 @@ class Protection:
         tls: TlsCreds | None = None,
         run: RunState | None = None,
         keepalive_s: float = KEEPALIVE_S,
+        in_flight: int = DEFAULT_CHECKPOINTS_IN_FLIGHT,
     ) -> Protection:
         """Connect to the standby at ``uri`` and start the initial sync in the background.
 
@@ -105,12 +107,16 @@ class Protection:
         except BaseException:
             await transport.close()
             raise
+        # Checkpoints in flight are queued here while the guest runs: below the window's
+        # byte bound (plus one more checkpoint being captured) a capture never waits for
+        # the network (docs/protocol.md, "Pipelined checkpoints").
+        transport.set_write_buffer_limit(2 * MAX_IN_FLIGHT_BYTES)
         # A HEARTBEAT whenever nothing was sent for keepalive_s (with --ha a quarter of
         # the standby's failure-detection timeout, so an idle guest never looks lost).
         session.start_keepalive(keepalive_s)
         outputs_of = _outputs_of(event_tap, disk_tap)
         sender = TransactionSender(session, outputs_of=outputs_of)
-        source = CheckpointSource(machine, sender, epoch_ms=epoch_ms)
+        source = CheckpointSource(machine, sender, epoch_ms=epoch_ms, in_flight=in_flight)
         # Protection over: end the session too (its keepalive would hold the standby).
         source.add_listener(_SessionCloser(source, session))
         trigger = CheckpointTrigger(source)
@@ -164,6 +170,7 @@ class Protection:
             "run": None if self.run is None else self.run.run_id.hex(),
             "run_epoch": None if self.run is None else self.run.committed,
             "epoch": source.committed_epoch,
+            "in_flight": source.in_flight,
             "epoch_ms": source.epoch_ms,
             "last_checkpoint_age_s": None if last_age is None else round(last_age, 3),
             "initial_sync": None
@@ -179,8 +186,8 @@ class Protection:
                 "pause_ms_p50": round(statistics.median(pauses), 3) if pauses else None,
                 "pause_ms_max": round(pauses[-1], 3) if pauses else None,
                 # Where a checkpoint's time goes (docs/checkpoint.md, "Where the time goes"):
-                # asking QEMU, QEMU stopping the VM, RAM and devices reaching the standby,
-                # and the commit round trip.
+                # asking QEMU, QEMU stopping the VM, RAM and devices queued to the standby,
+                # and the commit round trip (overlapping the next epoch).
                 "kick_ms_p50": self.trigger.kick_latency_ms_p50(),
                 "stop_ms_p50": p50_ms([record.stop_s for record in recent]),
                 "transfer_ms_p50": p50_ms([record.transfer_s for record in recent]),

@@ -21,8 +21,8 @@ it was taken, so ``info status`` can say what the agent is, since when, and why.
 - ``promoting``: failing over: the standby hands its replica to a new active role.
 - ``active``: QEMU runs the guest here.  Whether it is protected (``unprotected``,
   ``syncing``, ``protected``) is a sub-state of ``active``, reported separately.
-- ``fenced``: the guest is paused and nothing is released; the agent waits to be
-  stopped or to rejoin as a standby (automatic failover; only tests reach it yet).
+- ``fenced``: the guest is paused and nothing is released (automatic failover); once
+  etcd names another active, the agent rejoins as its standby by itself.
 - ``failed``: the promotion failed (the failover QEMU did not start); see the reason.
 - ``stopping`` / ``stopped``: teardown, then the end (no step leaves ``stopped``).
 """

@@ -531,30 +531,44 @@ class PrimarySession:
         await self._writer.send(payload)
 
     async def commit(self, timeout: float) -> Committed:
-        """Send COMMIT for the open transaction and wait for the standby's COMMIT_ACK.
+        """Send COMMIT for the open transaction and wait for the standby's COMMIT_ACK."""
+        committed = await self.send_commit()
+        await self.receive_commit_ack(committed.epoch, timeout)
+        return committed
 
-        Only after this returns may the guest run past the checkpoint (docs/protocol.md).
-        """
+    async def send_commit(self) -> Committed:
+        """Send COMMIT for the open transaction; its COMMIT_ACK is awaited separately
+        (:meth:`receive_commit_ack`), so the next transaction may start meanwhile."""
         self._check_alive()
         summary = self.tracker.commit_summary()
         committed = self.tracker.apply(summary)
         assert isinstance(committed, Committed)  # a summary of the tracker always commits
         await self._writer.send(summary)
+        return committed
+
+    async def receive_commit_ack(self, epoch: int, timeout: float) -> None:
+        """Wait for the COMMIT_ACK of ``epoch``, the oldest unacknowledged COMMIT.
+
+        The standby acknowledges in commit order, so any other COMMIT_ACK is an error;
+        keepalive answers are skipped.  One task at a time reads acknowledgements (and
+        not concurrently with :meth:`heartbeat`).  Only after this returns may outputs of
+        ``epoch`` leave (docs/protocol.md).
+        """
+        self._check_alive()
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             frame = await _receive_within(
-                self._reader, max(remaining, 0.0), f"COMMIT_ACK of epoch {summary.epoch}"
+                self._reader, max(remaining, 0.0), f"COMMIT_ACK of epoch {epoch}"
             )
             match frame.payload:
-                case CommitAck(epoch=summary.epoch):
+                case CommitAck(epoch=acknowledged) if acknowledged == epoch:
                     if self.run is not None:
-                        self.run.committed = self.run_base + summary.epoch
-                    return committed
+                        self.run.committed = self.run_base + epoch
+                    return
                 case CommitAck(epoch=other):
                     raise TransactionError(
-                        f"expected COMMIT_ACK of epoch {summary.epoch}, "
-                        f"got COMMIT_ACK of epoch {other}"
+                        f"expected COMMIT_ACK of epoch {epoch}, got COMMIT_ACK of epoch {other}"
                     )
                 case HeartbeatAck():
                     continue  # the answer to a keepalive
@@ -562,9 +576,7 @@ class PrimarySession:
                     raise TransactionError(f"standby said goodbye before acknowledging: {message}")
                 case _:
                     got = frame.payload.TYPE.name
-                    raise TransactionError(
-                        f"expected COMMIT_ACK of epoch {summary.epoch}, got {got}"
-                    )
+                    raise TransactionError(f"expected COMMIT_ACK of epoch {epoch}, got {got}")
 
     async def heartbeat(self, timeout: float) -> float:
         """Round-trip time of one HEARTBEAT in seconds (not concurrently with commit)."""

@@ -148,6 +148,9 @@ class Transport(abc.ABC):
     def established(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """The session handshake succeeded: lift the pre-handshake bounds (if any)."""
 
+    def set_write_buffer_limit(self, high: int) -> None:  # noqa: B027 (optional, no-op)
+        """Let :meth:`drain` return at once while fewer than ``high`` bytes are queued."""
+
 
 # Unread bytes kept while no exact read is pending (headers, small frames).
 _STAGING_SIZE = 256 << 10
@@ -438,6 +441,9 @@ class TcpTransport(Transport):
             await self._protocol.drain()
         except TransportClosed as exc:
             raise TransportClosed(f"{self._peer}: {exc}") from exc
+
+    def set_write_buffer_limit(self, high: int) -> None:
+        self._transport.set_write_buffer_limits(high=high)
 
     def abort(self) -> None:
         """Drop the connection at once (nothing queued is sent)."""
