@@ -41,7 +41,9 @@ from kemari.transaction.session import (
     PrimarySession,
     RunState,
     SendTimeout,
+    SessionFailed,
     StandbySession,
+    session_binding,
 )
 from kemari.transaction.transport import (
     PRE_HANDSHAKE_BYTES,
@@ -52,7 +54,9 @@ from kemari.transaction.transport import (
 )
 from kemari.transaction.wire import (
     HEADER,
+    HEADER_SIZE,
     MAGIC,
+    NO_PAYLOAD_CRC,
     WIRE_VERSION,
     Begin,
     CommitAck,
@@ -60,6 +64,7 @@ from kemari.transaction.wire import (
     DeviceState,
     FrameType,
     Hello,
+    HelloAck,
     RamBlock,
     RamBlocks,
     RamPages,
@@ -191,6 +196,171 @@ def test_tls_session_is_mutually_authenticated_tls13(pki: Path) -> None:
             return (*versions, client.tls, server.tls)
 
     assert asyncio.run(scenario()) == ("TLSv1.3", "TLSv1.3", True, True)
+
+
+# --- payload checksums: dropped on TLS (its AEAD covers every byte), kept on plain TCP --
+
+
+async def _session_pair(
+    listener: Listener, tls: TlsCreds | None, identity: Identity = IDENTITY
+) -> tuple[PrimarySession, StandbySession, Transport]:
+    """Both ends of a real session; also the standby's transport, for raw reads."""
+    client, server = await _connected(listener, tls)
+    standby = asyncio.create_task(StandbySession.handshake(server, identity, 5))
+    primary = await PrimarySession.handshake(client, identity, 5)
+    return primary, await standby, server
+
+
+def _machine_frame(sequence: int) -> bytes:
+    """RAM_BLOCKS with its payload crc32, then one payload byte changed: what a path
+    that corrupts bytes after the checksum was taken would deliver."""
+    frame = bytearray(b"".join(encode_frame(RamBlocks(0, (BLOCK,), "pc-i440fx-7.2"), sequence)))
+    at = frame.index(b"7.2")
+    frame[at + 2 : at + 3] = b"3"
+    return bytes(frame)
+
+
+@pytest.mark.parametrize("use_tls", [True, False], ids=["tls", "plain"])
+def test_page_frames_carry_a_payload_crc_only_on_plain_tcp(pki: Path, use_tls: bool) -> None:
+    tls = creds(pki) if use_tls else None
+    pages = RamPages(0, 0, page_indices([3, 4]), page_indices([5]), b"\x17" * 2 * PAGE_SIZE)
+
+    async def scenario() -> tuple[tuple[str, ...], tuple[str, ...], list[tuple[int, int]]]:
+        async with _loopback_listener(tls) as listener:
+            primary, standby, server = await _session_pair(listener, tls)
+            await primary.send(Begin(0))
+            await primary.send(RamBlocks(0, (BLOCK,)))
+            await primary.send(pages)
+            fields = []
+            for _ in range(3):  # read as the standby's bytes arrive, header checked
+                header = bytes(await server.read_exactly(HEADER_SIZE))
+                *_, length, crc, header_crc = HEADER.unpack(header)
+                assert header_crc == zlib.crc32(header[:32])
+                payload = bytes(await server.read_exactly(length)) if length else b""
+                fields.append((crc, zlib.crc32(payload)))
+            await primary.close()
+            await server.close()
+            return primary.capabilities, standby.capabilities, fields
+
+    offered, accepted, fields = asyncio.run(scenario())
+    assert offered == accepted == ((NO_PAYLOAD_CRC,) if use_tls else ())
+    page_crc, page_payload_crc = fields[2]
+    assert page_payload_crc != 0
+    assert page_crc == (0 if use_tls else page_payload_crc)
+
+
+@pytest.mark.parametrize("use_tls", [True, False], ids=["tls", "plain"])
+def test_a_corrupted_payload_is_refused_by_its_crc_on_plain_tcp(pki: Path, use_tls: bool) -> None:
+    """On plain TCP the payload crc32 refuses a changed byte; on TLS the same bytes pass
+    the frame decoder (nothing but the endpoints can change them: the AEAD refuses any
+    change on the way, and the transaction rules still check every field)."""
+    tls = creds(pki) if use_tls else None
+
+    async def scenario() -> str:
+        async with _loopback_listener(tls) as listener:
+            primary, standby, server = await _session_pair(listener, tls)
+            await primary.send(Begin(0))
+            primary.transport.write(_machine_frame(sequence=3))  # after HELLO, CONFIRM, BEGIN
+            try:
+                assert await standby.receive() == Begin(0)
+                event = await standby.receive()
+                assert isinstance(event, RamBlocks)
+                return event.machine_type
+            except SessionFailed as exc:
+                return str(exc)
+            finally:
+                await primary.transport.close()
+                await server.close()
+
+    outcome = asyncio.run(scenario())
+    if use_tls:
+        assert outcome == "pc-i440fx-7.3"
+    else:
+        assert outcome.startswith("RAM_BLOCKS payload checksum mismatch (corrupted stream)")
+
+
+def test_a_plain_primary_offering_no_payload_crc_keeps_the_checksums(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hostile primary on plain TCP asks for no checksums: the standby leaves the
+    capability out of HELLO_ACK, says so in one line, and still checks every payload."""
+
+    async def scenario() -> tuple[tuple[str, ...], str]:
+        async with _loopback_listener() as listener:
+            client, server = await _connected(listener)
+            standby = asyncio.create_task(StandbySession.handshake(server, IDENTITY, 5))
+            writer, reader = FrameWriter(client), FrameReader(client)
+            hello = Hello(
+                Role.PRIMARY,
+                VM,
+                DIGEST,
+                (NO_PAYLOAD_CRC,),
+                nonce=os.urandom(32),
+                run_id=os.urandom(16),
+            )
+            await writer.send(hello)
+            ack = (await reader.receive()).payload
+            assert isinstance(ack, HelloAck)
+            await writer.send(Confirm(session_binding(hello, ack)))
+            session = await standby
+            await writer.send(Begin(0))
+            client.write(b"".join(encode_frame(DeviceState(0, b"state"), 3, payload_crc=False)))
+            try:
+                assert await session.receive() == Begin(0)
+                await session.receive()
+            except SessionFailed as exc:
+                return ack.capabilities, str(exc)
+            finally:
+                await client.close()
+                await server.close()
+            return ack.capabilities, "accepted"
+
+    with caplog.at_level(logging.WARNING):
+        capabilities, outcome = asyncio.run(scenario())
+    assert capabilities == ()
+    assert outcome.startswith("DEVICE_STATE payload checksum mismatch (corrupted stream)")
+    [warning] = [r.getMessage() for r in caplog.records if NO_PAYLOAD_CRC in r.getMessage()]
+    assert "over plain TCP: ignored, payload checksums stay on" in warning
+
+
+def test_a_plain_standby_claiming_no_payload_crc_is_refused() -> None:
+    async def scenario() -> str:
+        async with _loopback_listener() as listener:
+            client, server = await _connected(listener)
+
+            async def hostile_standby() -> None:
+                hello = (await FrameReader(server).receive()).payload
+                assert isinstance(hello, Hello)
+                ack = HelloAck(Role.STANDBY, VM, DIGEST, (NO_PAYLOAD_CRC,), nonce=os.urandom(32))
+                await FrameWriter(server).send(ack)
+
+            standby = asyncio.create_task(hostile_standby())
+            try:
+                await PrimarySession.handshake(client, IDENTITY, 5)
+            except TransactionError as exc:
+                return str(exc)
+            finally:
+                await standby
+                await client.close()
+                await server.close()
+            return "accepted"
+
+    assert asyncio.run(scenario()).endswith(
+        "claims capabilities the primary never offered on this transport: no-payload-crc"
+    )
+
+
+def test_no_payload_crc_is_never_offered_on_plain_tcp_even_if_configured() -> None:
+    configured = Identity(VM, DIGEST, (NO_PAYLOAD_CRC,))
+
+    async def scenario() -> tuple[tuple[str, ...], tuple[str, ...]]:
+        async with _loopback_listener() as listener:
+            primary, standby, server = await _session_pair(listener, None, configured)
+            await primary.close()
+            await server.close()
+            return primary.capabilities, standby.capabilities
+
+    assert asyncio.run(scenario()) == ((), ())
 
 
 def test_forged_initial_sync_over_plain_tcp_is_refused_by_a_tls_standby(

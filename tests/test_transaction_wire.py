@@ -109,9 +109,16 @@ payloads: st.SearchStrategy[Payload] = st.one_of(
 )
 
 
-def _wire(frames: list[Payload]) -> bytes:
+def _wire(frames: list[Payload], *, payload_crc: bool = True) -> bytes:
     encoder = FrameEncoder()
+    encoder.payload_crc = payload_crc
     return b"".join(bytes(part) for p in frames for part in encoder.encode(p))
+
+
+def _decoder(*, payload_crc: bool = True) -> FrameDecoder:
+    decoder = FrameDecoder()
+    decoder.payload_crc = payload_crc
+    return decoder
 
 
 def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -177,6 +184,59 @@ def test_any_single_bit_flip_is_rejected(payload, data):
     wire[bit // 8] ^= 1 << (bit % 8)
     with pytest.raises(TransactionError):
         FrameDecoder().feed(bytes(wire))
+
+
+# --- sessions without payload checksum (NO_PAYLOAD_CRC, TLS only) ----------------------
+
+
+def test_without_payload_crc_the_field_is_zero_and_the_header_still_checksummed():
+    data = b"\x5a" * PAGE_SIZE
+    pages = RamPages(3, 0, page_indices([1]), page_indices([]), data)
+    header = bytes(encode_frame(pages, sequence=4, payload_crc=False)[0])
+    *_, length, crc, header_crc = HEADER.unpack(header)
+    assert (length, crc) == (14 + PAGE_SIZE, 0)
+    assert header_crc == zlib.crc32(header[:32])
+
+
+@given(frames=st.lists(payloads, max_size=8), cuts=st.lists(st.integers(min_value=0), max_size=40))
+def test_round_trip_without_payload_crc_under_arbitrary_chunking(frames, cuts):
+    wire = _wire(frames, payload_crc=False)
+    decoder = _decoder(payload_crc=False)
+    decoded = [f for chunk in _chunks(wire, cuts) for f in decoder.feed(chunk)]
+    assert [f.payload for f in decoded] == frames
+    assert decoder.at_frame_boundary
+
+
+@settings(max_examples=300)
+@given(payload=payloads, data=st.data())
+def test_without_payload_crc_any_header_bit_flip_is_still_rejected(payload, data):
+    wire = bytearray(_wire([payload], payload_crc=False))
+    bit = data.draw(st.integers(min_value=0, max_value=HEADER_SIZE * 8 - 1))
+    wire[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(TransactionError):
+        _decoder(payload_crc=False).feed(bytes(wire))
+
+
+def test_a_checking_decoder_refuses_frames_sent_without_payload_crc():
+    """Both ends must agree: a frame without checksum meets a checking end as corrupt."""
+    wire = _wire([DeviceState(1, b"state")], payload_crc=False)
+    with pytest.raises(TransactionError, match="DEVICE_STATE payload checksum mismatch"):
+        FrameDecoder().feed(wire)
+
+
+def test_a_decoder_without_payload_crc_ignores_the_field_but_not_the_layout():
+    wire = bytearray(_wire([DeviceState(1, b"state"), Commit(1, 0, 0, 5)]))
+    wire[31] ^= 0xFF  # the first frame's payload crc: not checked (its header crc is)
+    wire[32:36] = zlib.crc32(wire[:32]).to_bytes(4, "big")
+    assert [f.payload for f in _decoder(payload_crc=False).feed(bytes(wire))] == [
+        DeviceState(1, b"state"),
+        Commit(1, 0, 0, 5),
+    ]
+    truncated = bytearray(_wire([Commit(1, 0, 0, 5)], payload_crc=False))
+    truncated[27] -= 1  # one byte shorter, header crc repaired: the payload layout is wrong
+    truncated[32:36] = zlib.crc32(truncated[:32]).to_bytes(4, "big")
+    with pytest.raises(TransactionError, match="COMMIT payload is truncated"):
+        _decoder(payload_crc=False).feed(bytes(truncated[:-1]))
 
 
 def test_wrong_magic_is_refused_from_the_first_byte():

@@ -31,6 +31,7 @@ from kemari.stream.format import PAGE_SIZE
 from kemari.transaction.transport import Transport, TransportClosed
 from kemari.transaction.wire import (
     MAX_PAYLOAD,
+    NO_PAYLOAD_CRC,
     NONCE_LEN,
     PROTOCOL_VERSION,
     RUN_ID_LEN,
@@ -309,6 +310,10 @@ class FrameWriter:
                 f"{self.send_timeout:g} s (send deadline; the peer stopped reading?)"
             ) from exc
 
+    def drop_payload_crc(self) -> None:
+        """Send frames without payload checksum from now on (NO_PAYLOAD_CRC in force)."""
+        self._encoder.payload_crc = False
+
 
 class FrameReader:
     """Receives validated frames, one at a time.
@@ -335,6 +340,10 @@ class FrameReader:
         """Accept RAM_PAGES_ZSTD frames from now on (the session negotiated them)."""
         self._decoder.zstd_pages = True
 
+    def drop_payload_crc(self) -> None:
+        """Check no payload checksum from now on (NO_PAYLOAD_CRC in force)."""
+        self._decoder.payload_crc = False
+
     async def receive(self) -> Frame:
         """The next frame; :class:`TransportClosed` if the stream ends."""
         while True:
@@ -355,7 +364,11 @@ class FrameReader:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """What a host says about itself in HELLO / HELLO_ACK."""
+    """What a host says about itself in HELLO / HELLO_ACK.
+
+    ``capabilities`` are the configured ones; the handshake adds
+    :data:`NO_PAYLOAD_CRC` on TLS transports and never offers it on plain TCP.
+    """
 
     vm_name: str
     config_digest: bytes
@@ -454,7 +467,7 @@ class PrimarySession:
             Role.PRIMARY,
             identity.vm_name,
             identity.config_digest,
-            identity.capabilities,
+            _supported(identity, transport),
             nonce=secrets.token_bytes(NONCE_LEN),
             run_id=run.run_id,
             run_epoch=base,
@@ -465,10 +478,11 @@ class PrimarySession:
             case Refuse(reason=reason, message=message):
                 raise PeerRefused(reason, message)
             case HelloAck(role=Role.STANDBY) as ack:
-                _check_ack(ack, identity, transport.peer)
+                _check_ack(ack, hello, transport.peer)
                 await writer.send(Confirm(session_binding(hello, ack)))
                 transport.established()
                 reader.max_payload = MAX_PAYLOAD
+                _use_capabilities(ack.capabilities, writer, reader)
                 return cls(transport, writer, reader, ack, run=run, run_base=base)
         got = frame.payload.TYPE.name
         raise TransactionError(f"expected HELLO_ACK of a standby from {transport.peer}, got {got}")
@@ -682,7 +696,14 @@ class StandbySession:
             raise TransactionError(
                 f"refused primary {transport.peer} ({refusal.reason.name}): {refusal.message}"
             )
-        shared = tuple(c for c in identity.capabilities if c in hello.capabilities)
+        supported = _supported(identity, transport)
+        shared = tuple(c for c in supported if c in hello.capabilities)
+        if NO_PAYLOAD_CRC in hello.capabilities and NO_PAYLOAD_CRC not in supported:
+            log.warning(
+                "primary %s offered %r over plain TCP: ignored, payload checksums stay on",
+                transport.peer,
+                NO_PAYLOAD_CRC,
+            )
         ack = HelloAck(
             Role.STANDBY,
             identity.vm_name,
@@ -713,6 +734,7 @@ class StandbySession:
         reader.max_payload = MAX_PAYLOAD
         if ZSTD_PAGES in shared:
             reader.accept_zstd_pages()
+        _use_capabilities(shared, writer, reader)
         return cls(transport, writer, reader, hello, shared, idle_timeout=idle_timeout)
 
     async def receive(self) -> StandbyEvent:
@@ -782,18 +804,37 @@ class StandbySession:
             await self.transport.close()
 
 
-def _check_ack(ack: HelloAck, identity: Identity, peer: str) -> None:
+def _supported(identity: Identity, transport: Transport) -> tuple[str, ...]:
+    """The capabilities this end offers on ``transport``: the configured ones, plus
+    NO_PAYLOAD_CRC exactly when TLS 1.3's AEAD protects every byte."""
+    configured = tuple(c for c in identity.capabilities if c != NO_PAYLOAD_CRC)
+    return (*configured, NO_PAYLOAD_CRC) if transport.tls else configured
+
+
+def _use_capabilities(shared: tuple[str, ...], writer: FrameWriter, reader: FrameReader) -> None:
+    """Put the negotiated frame-level capabilities in force, from the first frame after
+    CONFIRM in both directions."""
+    if NO_PAYLOAD_CRC in shared:
+        writer.drop_payload_crc()
+        reader.drop_payload_crc()
+
+
+def _check_ack(ack: HelloAck, hello: Hello, peer: str) -> None:
     """The standby checked our HELLO; check that it also describes the same VM."""
     if ack.protocol_version != PROTOCOL_VERSION:
         raise TransactionError(
             f"standby {peer} speaks protocol {ack.protocol_version}, primary {PROTOCOL_VERSION}"
         )
-    if ack.vm_name != identity.vm_name or ack.config_digest != identity.config_digest:
+    if ack.vm_name != hello.vm_name or ack.config_digest != hello.config_digest:
         raise TransactionError(
             f"standby {peer} accepted but protects VM {ack.vm_name!r} with another config"
         )
-    if not set(ack.capabilities) <= set(identity.capabilities):
-        raise TransactionError(f"standby {peer} claims capabilities the primary never offered")
+    unoffered = sorted(set(ack.capabilities) - set(hello.capabilities))
+    if unoffered:
+        raise TransactionError(
+            f"standby {peer} claims capabilities the primary never offered on this "
+            f"transport: {', '.join(unoffered)}"
+        )
 
 
 async def refuse_busy(transport: Transport, message: str, timeout: float) -> None:

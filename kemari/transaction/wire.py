@@ -7,10 +7,12 @@ A frame is a fixed 36-byte big-endian header followed by its payload
     | payload length u32 | payload crc32 u32 | header crc32 u32
 
 The header checksum covers the 32 bytes before it, so a corrupted length is caught
-before anything is allocated for the payload.  Sequence numbers start at 0 and grow by
-exactly one per frame in each direction of a session; the decoder rejects gaps and
-replays.  Transaction frames carry their transaction's epoch in the header; session
-frames (hello, heartbeat, goodbye) carry epoch 0.
+before anything is allocated for the payload; on sessions that negotiated
+:data:`NO_PAYLOAD_CRC` (TLS only) the payload crc32 is sent as 0 and not checked.
+Sequence numbers start at 0 and grow by exactly one per frame in each direction of a
+session; the decoder rejects gaps and replays.  Transaction frames carry their
+transaction's epoch in the header; session frames (hello, heartbeat, goodbye) carry
+epoch 0.
 
 Everything here is pure (no I/O).  Page data travels as one buffer per batch and
 page indices as one ``array`` per batch: no Python object per page.
@@ -67,6 +69,10 @@ _REFUSE_HEAD = struct.Struct(">H")
 # The session capability that allows RAM_PAGES_ZSTD frames (docs/protocol.md, "Page
 # compression"); the primary offers it when its page_compression setting is zstd.
 ZSTD_PAGES = "zstd-pages"
+# The session capability that drops the payload crc32 (docs/protocol.md, "Payload
+# checksums"): offered and accepted only on TLS sessions, where TLS 1.3's AEAD already
+# authenticates every byte; the session handshake adds it, never the configuration.
+NO_PAYLOAD_CRC = "no-payload-crc"
 # zstd level -1..1 compresses guest pages at 2-4 GB/s here; higher levels gain a few
 # percent of size for several times the CPU, inside the guest's pause.
 ZSTD_LEVEL = 1
@@ -889,7 +895,8 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class FrameHeader:
-    """A validated header: the payload that follows has ``length`` bytes and ``crc``."""
+    """A validated header: the payload that follows has ``length`` bytes and, on a
+    session with payload checksums, ``crc``."""
 
     frame_type: FrameType
     epoch: int
@@ -898,8 +905,11 @@ class FrameHeader:
     crc: int
 
 
-def encode_frame(payload: Payload, sequence: int) -> list[Buffer]:
-    """The buffers of one frame (header first), in order; page data is not copied."""
+def encode_frame(payload: Payload, sequence: int, *, payload_crc: bool = True) -> list[Buffer]:
+    """The buffers of one frame (header first), in order; page data is not copied.
+
+    Without ``payload_crc`` (a :data:`NO_PAYLOAD_CRC` session) the payload checksum
+    field is 0; the header checksum is always computed."""
     epoch = frame_epoch(payload)
     if not 0 <= epoch < 1 << 64:
         raise TransactionError(f"epoch {epoch} does not fit in 64 bits")
@@ -912,7 +922,8 @@ def encode_frame(payload: Payload, sequence: int) -> list[Buffer]:
     crc = 0
     for part in parts:
         length += len(part)
-        crc = zlib.crc32(part, crc)
+        if payload_crc:
+            crc = zlib.crc32(part, crc)
     if length > MAX_PAYLOAD:
         raise TransactionError(
             f"{payload.TYPE.name} payload of {length} bytes exceeds {MAX_PAYLOAD}"
@@ -927,10 +938,12 @@ class FrameEncoder:
 
     def __init__(self) -> None:
         self.next_sequence = 0
+        # False once the session negotiated NO_PAYLOAD_CRC.
+        self.payload_crc = True
 
     def encode(self, payload: Payload) -> list[Buffer]:
         """The buffers of the next frame; its sequence number is used up only on success."""
-        parts = encode_frame(payload, self.next_sequence)
+        parts = encode_frame(payload, self.next_sequence, payload_crc=self.payload_crc)
         self.next_sequence += 1
         return parts
 
@@ -938,7 +951,8 @@ class FrameEncoder:
 class FrameDecoder:
     """Turns any chunking of one direction's byte stream into validated frames.
 
-    Invariants: a frame is returned only when its header and payload checksums, type,
+    Invariants: a frame is returned only when its header checksum, its payload checksum
+    (unless :attr:`payload_crc` is off: a NO_PAYLOAD_CRC session over TLS), type,
     flags, epoch rule, sequence number and payload layout all check out; the header is
     validated as soon as its 36 bytes are in, so an oversized length is refused before
     any payload byte is buffered; a wrong magic is refused from the first differing
@@ -958,6 +972,8 @@ class FrameDecoder:
         self.max_payload = max_payload
         # RAM_PAGES_ZSTD frames are accepted only once the session negotiated ZSTD_PAGES.
         self.zstd_pages = False
+        # Payload checksums are checked unless the session negotiated NO_PAYLOAD_CRC.
+        self.payload_crc = True
         self.next_sequence = 0
         self._buffer = bytearray()
         self._header: FrameHeader | None = None
@@ -1025,7 +1041,7 @@ class FrameDecoder:
                     return frames
                 payload = memoryview(bytes(self._buffer))
                 self._buffer.clear()
-            frames.append(_decode_payload(header, payload))
+            frames.append(_decode_payload(header, payload, self.payload_crc))
             self._header = None
 
     def _parse_header(self, raw: memoryview) -> FrameHeader:
@@ -1075,8 +1091,8 @@ def _check_magic_prefix(received: Buffer) -> None:
         )
 
 
-def _decode_payload(header: FrameHeader, payload: memoryview) -> Frame:
-    if zlib.crc32(payload) != header.crc:
+def _decode_payload(header: FrameHeader, payload: memoryview, check_crc: bool) -> Frame:
+    if check_crc and zlib.crc32(payload) != header.crc:
         raise TransactionError(
             f"{header.frame_type.name} payload checksum mismatch (corrupted stream)"
         )

@@ -18,8 +18,9 @@ from kemari.transaction.wire import FrameDecoder
 def TestOneInput(data: bytes) -> None:
     """Entry point under the name atheris expects.
 
-    The first byte picks a chunk size (low 6 bits) and whether compressed page frames
-    were negotiated (bit 6); the rest is fed in chunks of that size, and every decoded
+    The first byte picks a chunk size (low 6 bits), whether compressed page frames were
+    negotiated (bit 6) and whether payload checksums were dropped (bit 7, a TLS session
+    with NO_PAYLOAD_CRC); the rest is fed in chunks of that size, and every decoded
     frame goes through the standby's transaction state machine.
     """
     if not data:
@@ -27,6 +28,7 @@ def TestOneInput(data: bytes) -> None:
     step = data[0] % 64 + 1
     decoder = FrameDecoder(max_payload=1 << 16)
     decoder.zstd_pages = bool(data[0] & 0x40)
+    decoder.payload_crc = not data[0] & 0x80
     transactions = TransactionTracker()
     body = data[1:]
     try:
