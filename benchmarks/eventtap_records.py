@@ -7,7 +7,9 @@ starts with the monitor's ``migrate -d``; in a third namespace, for each count N
 records as fast as they can for ``--seconds``.  Printed per mode and client count: requests/s
 and its ratio to the unprotected row of the same count, client request latency p50/p99, the
 event-tap's output-commit latency (held → released, over its last 4,096 outputs) p50/p99,
-checkpoints/s and the checkpoint pause p50.
+checkpoints/s and the checkpoint pause p50.  Mode ``event+periodic-100-sync`` is
+``event+periodic-100`` with ``--checkpoints-in-flight 0`` (the synchronous protocol), so
+one run compares the pipeline with the synchronous protocol on the same host.
 
 Also printed, to see where output-commit time goes: the checkpoint pause p50
 (VMSTATE_SEND → LOADED, over the source's recent checkpoints), the pages and device-state
@@ -35,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kemari.config import DEFAULT_CHECKPOINTS_IN_FLIGHT
 from kemari.image.disk import create_data_disk
 from kemari.testbed.topology import Topology
 from kemari.testbed.vm import AgentProcess
@@ -45,13 +48,15 @@ STANDBY_IP = "10.213.0.12"
 CLIENT_IP = "10.213.0.100"
 GUEST_MAC = "52:54:00:e7:00:02"
 PORT = 7100
-# name: (sync policy, epoch ms); "unprotected" runs no standby.
-MODES: dict[str, tuple[str, int]] = {
-    "unprotected": ("event+periodic", 100),
-    "event": ("event", 100),
-    "periodic-20": ("periodic", 20),
-    "periodic-50": ("periodic", 50),
-    "event+periodic-100": ("event+periodic", 100),
+# name: (sync policy, epoch ms, checkpoints in flight); "unprotected" runs no standby.
+MODES: dict[str, tuple[str, int, int]] = {
+    "unprotected": ("event+periodic", 100, DEFAULT_CHECKPOINTS_IN_FLIGHT),
+    "event": ("event", 100, DEFAULT_CHECKPOINTS_IN_FLIGHT),
+    "periodic-20": ("periodic", 20, DEFAULT_CHECKPOINTS_IN_FLIGHT),
+    "periodic-50": ("periodic", 50, DEFAULT_CHECKPOINTS_IN_FLIGHT),
+    "event+periodic-100": ("event+periodic", 100, DEFAULT_CHECKPOINTS_IN_FLIGHT),
+    # The same with the synchronous protocol: the guest waits for every acknowledgement.
+    "event+periodic-100-sync": ("event+periodic", 100, 0),
 }
 
 # N closed-loop clients, one connection each (the records protocol: docs/guest.md); every
@@ -111,7 +116,13 @@ def wait_for(predicate: Any, what: str, timeout: float) -> None:
 
 
 def run_mode(
-    name: str, sync: str, epoch_ms: int, seconds: float, clients: list[int], workdir: Path
+    name: str,
+    sync: str,
+    epoch_ms: int,
+    in_flight: int,
+    seconds: float,
+    clients: list[int],
+    workdir: Path,
 ) -> dict[int, dict[str, Any]]:
     """One mode on a fresh testbed and fresh agents; its numbers per client count."""
     with Topology() as lab:
@@ -124,6 +135,7 @@ def run_mode(
             "--workload", "records", "--accel", "tcg", "--guest-ip", f"{GUEST_IP}/24",
             "--disk", str(disk), "--nic", f"mac={GUEST_MAC},tap=kt-bench0,bridge=br0",
             "--sync", sync, "--epoch-ms", str(epoch_ms),
+            "--checkpoints-in-flight", str(in_flight),
         ]  # fmt: skip
         replica = Path(f"/dev/shm/kemari-bench-{os.getpid()}-{name}")
         agents = [AgentProcess("bench", workdir, args, namespace=primary_ns, label=f"{name}-p")]
@@ -204,9 +216,9 @@ def main() -> int:
     results: dict[tuple[str, int], dict[str, Any]] = {}
     try:
         for mode in modes:
-            sync, epoch_ms = MODES[mode]
+            sync, epoch_ms, in_flight = MODES[mode]
             for count, result in run_mode(
-                mode, sync, epoch_ms, args.seconds, clients, workdir
+                mode, sync, epoch_ms, in_flight, args.seconds, clients, workdir
             ).items():
                 results[mode, count] = result
                 print(f"{mode} x{count}: {json.dumps(result)}", file=sys.stderr, flush=True)
