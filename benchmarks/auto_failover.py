@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/support
-from support.fsck import check_crashed_disk
 from support.ha_pair import HaLab, HaPair, Takeover, kill_and_take_over
 
 from kemari.config import StorageMode
@@ -77,10 +76,7 @@ def run_mode(lab: HaLab, storage: StorageMode, rounds: int) -> list[Takeover]:
         pair.agents[active_host].stop()
     finally:
         pair.close()
-    scratch = workdir / "fsck"
-    scratch.mkdir()
-    for image in sorted(set(pair.images.values())):
-        check_crashed_disk(image, scratch)
+    pair.check_images()
     print(f"[{storage.value}] {acked} records acknowledged, all stored in order; e2fsck clean")
     return results
 

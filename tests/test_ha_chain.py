@@ -15,7 +15,6 @@ image the pair wrote passes a journal replay and ``e2fsck -fn``.
 from __future__ import annotations
 
 import pytest
-from support.fsck import check_crashed_disk
 from support.ha_pair import HaLab, HaPair, kill_and_take_over, protected_pair
 
 from kemari.config import StorageMode
@@ -57,7 +56,4 @@ def test_chain_of_takeovers_back_and_forth(
         assert active.stop() == 0
     finally:
         pair.close()
-    scratch = workdir / "fsck"
-    scratch.mkdir()
-    for image in sorted(set(pair.images.values())):
-        check_crashed_disk(image, scratch)
+    pair.check_images()

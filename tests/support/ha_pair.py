@@ -41,6 +41,7 @@ from kemari.testbed.records import LOOP_TIMEOUT_S
 from kemari.testbed.topology import Namespace, Topology
 from kemari.testbed.vm import AgentProcess
 from kemari.testbed.wait import wait_for
+from support.fsck import check_crashed_disk
 from support.soak import GUEST_IP, GUEST_MAC, records_agent_args
 
 # The records guest of tests/support/soak.py (its address is in the shared arguments).
@@ -215,6 +216,14 @@ class HaPair:
             agent.stop()
         for path in Path("/dev/shm").glob(f"{self._replica_prefix}*"):
             shutil.rmtree(path, ignore_errors=True)
+
+    def check_images(self) -> None:
+        """After :meth:`close`: every image the pair wrote replays its journal and passes
+        ``e2fsck -fn`` (ImageError otherwise)."""
+        scratch = self.workdir / "fsck"
+        scratch.mkdir()
+        for image in sorted(set(self.images.values())):
+            check_crashed_disk(image, scratch)
 
 
 def _is_active(agent: AgentProcess) -> bool:
