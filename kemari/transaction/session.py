@@ -59,6 +59,7 @@ from kemari.transaction.wire import (
     Refuse,
     RefuseReason,
     Role,
+    TransactionContent,
     VmDescription,
     ZstdRamPages,
 )
@@ -512,17 +513,7 @@ class PrimarySession:
         if self.failed is not None:
             raise TransactionError(f"session to {self.transport.peer} failed: {self.failed}")
 
-    async def send(
-        self,
-        payload: Begin
-        | RamBlocks
-        | RamPages
-        | ZstdRamPages
-        | DeviceState
-        | VmDescription
-        | Outputs
-        | Abort,
-    ) -> None:
+    async def send(self, payload: TransactionContent) -> None:
         """Send one transaction frame after checking it against the transaction rules."""
         self._check_alive()
         if isinstance(payload, ZstdRamPages) and ZSTD_PAGES not in self.capabilities:

@@ -829,18 +829,11 @@ class Abort:
 
 
 SessionPayload = Hello | HelloAck | Refuse | Goodbye | Confirm | Heartbeat | HeartbeatAck
-TransactionPayload = (
-    Begin
-    | RamBlocks
-    | RamPages
-    | ZstdRamPages
-    | DeviceState
-    | VmDescription
-    | Outputs
-    | Commit
-    | CommitAck
-    | Abort
+# What the primary sends inside a transaction besides COMMIT (PrimarySession.send).
+TransactionContent = (
+    Begin | RamBlocks | RamPages | ZstdRamPages | DeviceState | VmDescription | Outputs | Abort
 )
+TransactionPayload = TransactionContent | Commit | CommitAck
 Payload = SessionPayload | TransactionPayload
 
 _PAYLOAD_CLASSES: dict[FrameType, type[Payload]] = {
