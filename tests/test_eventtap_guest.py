@@ -25,13 +25,13 @@ receives the checkpoints over the LAN (host addresses on ``br0``, not loopback).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
 import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.pcap import capture, pcap_records
 
 from kemari.crashpoint import ENVIRONMENT_VARIABLE
 from kemari.image.disk import create_data_disk
@@ -57,6 +58,8 @@ PRIMARY_IP = "10.213.0.11"
 STANDBY_IP = "10.213.0.12"
 CLIENT_IP = "10.213.0.100"
 GUEST_MAC = "52:54:00:e7:00:01"
+# Every frame from the guest's MAC.
+guest_capture = functools.partial(capture, mac=GUEST_MAC)
 PORT = 7100
 ETH_P_RARP = 0x8035
 
@@ -194,36 +197,6 @@ class Client:
         return line.decode()
 
 
-@contextlib.contextmanager
-def capture(namespace: Namespace, interface: str, path: Path) -> Iterator[Path]:
-    """tcpdump of every frame from the guest's MAC on ``interface`` into ``path``."""
-    process = namespace.popen(
-        ["tcpdump", "-i", interface, "-U", "-w", str(path), "ether", "src", GUEST_MAC],
-        stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    process.stderr.readline()  # "listening on ...": the capture is armed
-    try:
-        yield path
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def pcap_frames(path: Path) -> list[bytes]:
-    """The frames of a classic pcap file (microsecond timestamps, Ethernet)."""
-    data = path.read_bytes()
-    magic = struct.unpack_from("<I", data)[0]
-    assert magic == 0xA1B2C3D4, hex(magic)
-    frames = []
-    position = 24
-    while position + 16 <= len(data):
-        captured = struct.unpack_from("<IIII", data, position)[2]
-        frames.append(data[position + 16 : position + 16 + captured])
-        position += 16 + captured
-    return frames
-
-
 def test_answers_leave_only_after_their_checkpoint_commits(tmp_path: Path, lab: Topology) -> None:
     primary, standby, client_ns, _ = start_pair(lab, tmp_path, "event")
     with primary, standby:
@@ -280,8 +253,10 @@ def test_failover_replays_the_answer_the_primary_never_released(
         protect(primary)
         qemu_pid = primary.status()["qemu_pid"]
         with (
-            capture(standby_ns, "kt-evt0", tmp_path / "standby-tap.pcap") as standby_pcap,
-            capture(client_ns, "eth0", tmp_path / "client.pcap") as client_pcap,
+            capture(
+                standby_ns, "kt-evt0", tmp_path / "standby-tap.pcap", GUEST_MAC
+            ) as standby_pcap,
+            guest_capture(client_ns, "eth0", tmp_path / "client.pcap") as client_pcap,
         ):
             client.send("PUT replayed")
             # The first commit carrying an output kills the primary before the release.
@@ -298,13 +273,13 @@ def test_failover_replays_the_answer_the_primary_never_released(
             # The replayed frames on the standby's tap, and QEMU's self-announce (RARP
             # rounds at 50 ms, then 100 ms steps) at the client; tcpdump -U writes each.
             wait_for(
-                lambda: len(pcap_frames(standby_pcap)) >= reply.data["replayed_frames"],
+                lambda: len(pcap_records(standby_pcap)) >= reply.data["replayed_frames"],
                 "the replayed frames on the standby's tap",
                 10,
             )
             wait_for(
                 lambda: any(
-                    f[12:14] == ETH_P_RARP.to_bytes(2, "big") for f in pcap_frames(client_pcap)
+                    f[12:14] == ETH_P_RARP.to_bytes(2, "big") for _, f in pcap_records(client_pcap)
                 ),
                 "QEMU's self-announce (RARP) at the client",
                 10,

@@ -34,6 +34,7 @@ At the end the acknowledged records must be exactly the first stored ones, in or
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -47,17 +48,20 @@ from support.ha_pair import (
     TAKEOVER_TIMEOUT_S,
     HaLab,
     HaPair,
-    capture,
-    pcap_records,
     protected_pair,
     quit_and_hand_over,
     status,
 )
+from support.pcap import capture, pcap_records
+from support.soak import GUEST_MAC
 
 from kemari.config import StorageMode
 from kemari.testbed.topology import LAN_BRIDGE
 from kemari.testbed.vm import AgentProcess
 from kemari.testbed.wait import wait_for
+
+# The guest's frames a host sent into its LAN port (-Q in: not the floods to it).
+host_capture = functools.partial(capture, mac=GUEST_MAC, inbound_only=True)
 
 pytestmark = [
     pytest.mark.guest,
@@ -159,9 +163,11 @@ def test_2_a_frozen_active_is_replaced_fences_itself_and_rejoins_as_standby(
     lan = pair.lab.lan
     workdir = pair.workdir
     with (
-        capture(pair.client_ns, "eth0", workdir / "client.pcap") as client_pcap,
-        capture(lan, "to-b", workdir / "old-host.pcap") as old_pcap,
-        capture(lan, "to-a", workdir / "new-host.pcap") as new_pcap,
+        capture(
+            pair.client_ns, "eth0", workdir / "client.pcap", GUEST_MAC, inbound_only=True
+        ) as client_pcap,
+        host_capture(lan, "to-b", workdir / "old-host.pcap") as old_pcap,
+        host_capture(lan, "to-a", workdir / "new-host.pcap") as new_pcap,
     ):
         stopped_at = time.monotonic()
         os.kill(old.process.pid, signal.SIGSTOP)
@@ -253,7 +259,9 @@ def test_3_partition_between_active_and_standby_with_etcd_reachable(pair: HaPair
     wait_for(lambda: protected_pair(active, standby), "b protected by a", PROTECT_TIMEOUT_S)
     lan = pair.lab.lan
     routes = [("a", HOST_IPS["b"]), ("b", HOST_IPS["a"])]
-    with capture(lan, "to-b", pair.workdir / "partitioned-old.pcap") as old_pcap:
+    with capture(
+        lan, "to-b", pair.workdir / "partitioned-old.pcap", GUEST_MAC, inbound_only=True
+    ) as old_pcap:
         for host, peer in routes:
             pair.hosts[host].run(["ip", "route", "add", "blackhole", f"{peer}/32"])
         try:
@@ -320,7 +328,9 @@ def test_4_an_isolated_active_is_replaced_and_rejoins_once_the_link_is_back(
     lan = pair.lab.lan
     port = ["ip", "link", "set", "to-a"]
     # -Q in on the port: what host a sends, cut off or not (the port stays up).
-    with capture(lan, "to-a", pair.workdir / "isolated-old.pcap") as old_pcap:
+    with capture(
+        lan, "to-a", pair.workdir / "isolated-old.pcap", GUEST_MAC, inbound_only=True
+    ) as old_pcap:
         cut_at = time.monotonic()
         lan.run([*port, "nomaster"])
         try:

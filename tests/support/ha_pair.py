@@ -24,11 +24,9 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -42,7 +40,7 @@ from kemari.testbed.topology import Namespace, Topology
 from kemari.testbed.vm import AgentProcess
 from kemari.testbed.wait import wait_for
 from support.fsck import check_crashed_disk
-from support.soak import GUEST_IP, GUEST_MAC, records_agent_args
+from support.soak import GUEST_IP, records_agent_args
 
 # The records guest of tests/support/soak.py (its address is in the shared arguments).
 SUBNET = GUEST_IP.rpartition(".")[0]
@@ -324,36 +322,3 @@ def quit_and_hand_over(pair: HaPair, active_host: str, standby_host: str) -> Han
     ack_s = time.monotonic() - asked
     exit_status = active.process.wait(TAKEOVER_TIMEOUT_S)
     return HandOver(active_ms, ack_s, exit_status, str(status(standby)["ha"]["last_change"]))
-
-
-def pcap_records(path: Path) -> list[tuple[float, bytes]]:
-    """(wall-clock time, frame) of each frame in a classic pcap file."""
-    data = path.read_bytes()
-    if len(data) < 24:
-        return []
-    assert struct.unpack_from("<I", data)[0] == 0xA1B2C3D4
-    frames = []
-    position = 24
-    while position + 16 <= len(data):
-        seconds, micros, captured, _ = struct.unpack_from("<IIII", data, position)
-        frames.append((seconds + micros / 1e6, data[position + 16 : position + 16 + captured]))
-        position += 16 + captured
-    return frames
-
-
-@contextlib.contextmanager
-def capture(namespace: Namespace, interface: str, path: Path) -> Iterator[Path]:
-    """tcpdump --immediate-mode of every frame from the guest's MAC arriving on
-    ``interface`` (``-Q in``: on a LAN port, what that host sent, not the floods to it)."""
-    process = namespace.popen(
-        ["tcpdump", "--immediate-mode", "-Q", "in", "-i", interface, "-U", "-w", str(path),
-         "ether", "src", GUEST_MAC],
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
-    process.stderr.readline()  # "listening on ...": the capture is armed
-    try:
-        yield path
-    finally:
-        process.terminate()
-        process.wait(10)
