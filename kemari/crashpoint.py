@@ -7,9 +7,10 @@ are done).  Unset, every check is one comparison against None.  The points:
 - ``journal-bytes=N``: after N bytes of a checkpoint's journal are written, counted in
   write order (header, tables, pages, device state, commit record; padding not counted);
 - ``journal-complete``: the commit record is written, nothing applied yet;
-- ``apply-pages=N``: after N journaled pages/fills were applied in place;
+- ``apply-pages=N``: after the journaled frame that brings the pages applied in place to N;
 - ``state-written``: the new state file is renamed into place, journal not yet marked;
-- ``initial-pages=N``: after N pages of the first (unjournaled) checkpoint were written.
+- ``initial-pages=N``: after the frame that brings the pages written in the first
+  (unjournaled) checkpoint to N.
 
 Points of the active host's agent, one per protocol phase of checkpoint N:
 

@@ -1,23 +1,31 @@
-"""The replica's redo journal: one checkpoint's pages, fills and device state, then a commit record.
+"""The replica's redo journal: one checkpoint's page frames and device state, then a commit record.
 
 File layout (little-endian; one file, reused and overwritten in place, never truncated, so
 tmpfs keeps its pages allocated and a journal write is a plain memory copy)::
 
-    0      header, 64 bytes   magic "KMRJ", state, version, entry count, nonce, epoch,
-                              base epoch, commit time, device-state length, page count
-    64     offsets            entry count x u64: byte offset inside the block
-    ..     descriptors        entry count x u64: block index | kind << 32 | fill << 40
-    P      pages              page count x 4096 (P = first 4096-aligned byte after the table)
+    0      header, 64 bytes   magic "KMRJ", state, version, frame count, nonce, epoch,
+                              base epoch, commit time, device-state length, data page count
+    64     frame table        frame count x 16 bytes: block index, fill byte, zero count,
+                              data count (u32 each)
+    ..     page numbers       per frame, its zero then its data page numbers (u32 each)
+    P      pages              data page count x 4096: every frame's data back to back
+                              (P = first 4096-aligned byte after the page numbers)
     ..     device state       device-state length bytes
     R      commit record      magic "KMRC", crc32, nonce, R (24 bytes)
 
-The crc32 covers header bytes 8..64, both tables, the device state and the record's nonce
-and offset.  Page bytes are not in the checksum (hashing 4 MiB per checkpoint would cost
-more than writing it); they are protected by ordering instead: the record is stored after
-every page, so a process crash that leaves a complete record left every page before it,
-and on persistent storage the pages are msync'ed before the record is written.  The
-random nonce, present in the header and in the record, means a record left over from an
-earlier checkpoint at the same place can never complete a newer, half-written journal.
+A frame is a RAM_PAGES batch as the standby received it (kemari.replica.frames): the
+table, the page numbers and the data are written a frame at a time, straight from the
+frame's arrays (``tobytes``) and buffer, and a redo applies the frames in order (zero
+pages, then data pages), so a page given twice ends with its last content.
+
+The crc32 covers header bytes 8..64, the frame table, the page numbers, the device state
+and the record's nonce and offset.  Page bytes are not in the checksum (hashing 4 MiB per
+checkpoint would cost more than writing it); they are protected by ordering instead: the
+record is stored after every page, so a process crash that leaves a complete record left
+every page before it, and on persistent storage the pages are msync'ed before the record
+is written.  The random nonce, present in the header and in the record, means a record
+left over from an earlier checkpoint at the same place can never complete a newer,
+half-written journal.
 
 ``state`` (bytes 4..8, outside the checksum) says whether the journal still has to be
 applied: WRITING (set before anything else is written), APPLIED or DROPPED.  A journal in
@@ -29,7 +37,8 @@ own header and commit record do the frame's work.  Its version is bound to the r
 layout's (``replica.json``, a persist frame read first): a replica whose layout this build
 reads has a journal in this layout, so a header with another magic or version is damage
 or a write cut short, and is dropped like any incomplete journal, never applied.  A new
-journal layout must bump the layout format's version.
+journal layout must bump the layout format's version (version 1 kept a table entry per
+page; version 2 keeps the frames).
 """
 
 import array
@@ -45,24 +54,19 @@ from pathlib import Path
 
 from kemari import crashpoint
 from kemari.errors import ReplicaError
+from kemari.replica.frames import PAGE_NUMBER_TYPECODE, PageFrame
 from kemari.replica.ramfile import PAGE_SIZE, reserve
 
 HEADER_MAGIC = b"KMRJ"
 RECORD_MAGIC = b"KMRC"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<4sIIIQQQdQI4x")
+_FRAME = struct.Struct("<IIII")  # block index, fill, zero count, data count
 _RECORD = struct.Struct("<4sIQQ")
 _STATE = struct.Struct("<I")
 _STATE_OFFSET = 4
 _GROWTH = 1 << 20
-
-KIND_PAGE = 1
-KIND_FILL = 2
-
-# Page data kept by reference: immutable bytes, or a 1-D byte view of immutable bytes.
-PageData = bytes | memoryview
-# (block index, byte offset in the block, page data or the fill byte of a filled page)
-Entry = tuple[int, int, PageData | int]
+_BIG_ENDIAN = sys.byteorder == "big"
 
 
 class JournalState(enum.IntEnum):
@@ -89,17 +93,18 @@ class JournalRecord:
     base_epoch: int
     committed_at: float
     device_state: bytes
-    entries: Sequence[Entry]
+    frames: Sequence[PageFrame]
 
 
 def _round_up(value: int, unit: int) -> int:
     return (value + unit - 1) // unit * unit
 
 
-def _little_endian(values: "array.array[int]") -> bytes:
-    if sys.byteorder != "little":
-        values.byteswap()
-    return values.tobytes()
+def _little_endian(numbers: "array.array[int]") -> bytes:
+    if _BIG_ENDIAN:
+        numbers = array.array(numbers.typecode, numbers)
+        numbers.byteswap()
+    return numbers.tobytes()
 
 
 class Journal:
@@ -132,25 +137,28 @@ class Journal:
         """Write ``record`` and its commit record; when this returns, the checkpoint is committed.
 
         Ordering: state WRITING first (an interrupted write is never mistaken for the
-        previous, applied journal), then header, tables, pages, device state, and the
-        commit record last.  On persistent storage everything before the record is
-        msync'ed before the record is written, and the record after.
+        previous, applied journal), then header, frame table, page numbers, pages, device
+        state, and the commit record last.  On persistent storage everything before the
+        record is msync'ed before the record is written, and the record after.  Each
+        frame's page numbers and data go in with one copy each.
         """
-        entries = record.entries
-        count = len(entries)
-        offsets = array.array("Q", [entry[1] for entry in entries])
-        descriptors = array.array(
-            "Q",
+        frames = record.frames
+        table = b"".join(
             [
-                index
-                | (KIND_FILL << 32 | value << 40 if isinstance(value, int) else KIND_PAGE << 32)
-                for index, _, value in entries
-            ],
+                _FRAME.pack(frame.block, frame.fill, len(frame.zero_pages), len(frame.data_pages))
+                for frame in frames
+            ]
         )
-        page_data = [value for _, _, value in entries if not isinstance(value, int)]
-        table = _little_endian(offsets) + _little_endian(descriptors)
-        pages_at = _round_up(_HEADER.size + len(table), PAGE_SIZE)
-        device_at = pages_at + len(page_data) * PAGE_SIZE
+        numbers = [
+            _little_endian(pages)
+            for frame in frames
+            for pages in (frame.zero_pages, frame.data_pages)
+        ]
+        numbers_size = sum(len(piece) for piece in numbers)
+        page_count = sum(len(frame.data_pages) for frame in frames)
+        numbers_at = _HEADER.size + len(table)
+        pages_at = _round_up(numbers_at + numbers_size, PAGE_SIZE)
+        device_at = pages_at + page_count * PAGE_SIZE
         record_at = device_at + len(record.device_state)
         total = record_at + _RECORD.size
         nonce = int.from_bytes(os.urandom(8), "little")
@@ -158,29 +166,38 @@ class Journal:
             HEADER_MAGIC,
             JournalState.WRITING,
             VERSION,
-            count,
+            len(frames),
             nonce,
             record.epoch,
             record.base_epoch,
             record.committed_at,
             len(record.device_state),
-            len(page_data),
+            page_count,
         )
-        crc = zlib.crc32(header[8:])
-        crc = zlib.crc32(table, crc)
+        crc = zlib.crc32(table, zlib.crc32(header[8:]))
+        for piece in numbers:
+            crc = zlib.crc32(piece, crc)
         crc = zlib.crc32(record.device_state, crc)
         crc = zlib.crc32(struct.pack("<QQ", nonce, record_at), crc)
         commit = _RECORD.pack(RECORD_MAGIC, crc, nonce, record_at)
 
+        pieces: list[tuple[int, bytes | memoryview]] = [(0, header), (_HEADER.size, table)]
+        position = numbers_at
+        for piece in numbers:
+            pieces.append((position, piece))
+            position += len(piece)
+        position = pages_at
+        for frame in frames:
+            if frame.data_pages:
+                pieces.append((position, frame.data))
+                position += len(frame.data)
+        pieces.append((device_at, record.device_state))
+
         journal = self._ensure_capacity(total)
         journal[_STATE_OFFSET : _STATE_OFFSET + _STATE.size] = _STATE.pack(JournalState.WRITING)
-        pieces: list[tuple[int, PageData]] = [(0, header), (_HEADER.size, table)]
-        pieces += [(pages_at + i * PAGE_SIZE, data) for i, data in enumerate(page_data)]
-        pieces.append((device_at, record.device_state))
         byte_limit = crashpoint.limit("journal-bytes")
         if byte_limit is not None:
-            pieces.append((record_at, commit))
-            self._write_until_crash(journal, pieces, byte_limit)
+            self._write_until_crash(journal, [*pieces, (record_at, commit)], byte_limit)
         for position, data in pieces:
             journal[position : position + len(data)] = data
         if self.durable:
@@ -192,7 +209,7 @@ class Journal:
 
     @staticmethod
     def _write_until_crash(
-        journal: mmap.mmap, pieces: list[tuple[int, PageData]], byte_limit: int
+        journal: mmap.mmap, pieces: list[tuple[int, bytes | memoryview]], byte_limit: int
     ) -> None:
         """Crash hook: write the first ``byte_limit`` journal bytes in order, then SIGKILL."""
         written = 0
@@ -207,7 +224,8 @@ class Journal:
         """Find whether a committed checkpoint still has to be (re)applied.
 
         Every length is checked against the file before use; anything that does not add
-        up is an incomplete journal.  Page data are copied out of the mapping.
+        up is an incomplete journal.  Page data are copied out of the mapping, a frame at
+        a time.
         """
         journal = self._map
         if journal is None or self._capacity < _HEADER.size:
@@ -216,7 +234,7 @@ class Journal:
             magic,
             state,
             version,
-            count,
+            frame_count,
             nonce,
             epoch,
             base_epoch,
@@ -228,10 +246,16 @@ class Journal:
             return (ScanResult.NOTHING if magic == HEADER_MAGIC else ScanResult.INCOMPLETE), None
         if state != JournalState.WRITING or version != VERSION:
             return ScanResult.INCOMPLETE, None
-        table_size = 16 * count
-        if page_count > count or _HEADER.size + table_size > self._capacity:
+        numbers_at = _HEADER.size + _FRAME.size * frame_count
+        if numbers_at > self._capacity:
             return ScanResult.INCOMPLETE, None
-        pages_at = _round_up(_HEADER.size + table_size, PAGE_SIZE)
+        table = journal[_HEADER.size : numbers_at]
+        counts = _numbers(table)
+        zero_total, data_total = sum(counts[2::4]), sum(counts[3::4])
+        numbers_end = numbers_at + 4 * (zero_total + data_total)
+        if data_total != page_count or numbers_end > self._capacity:
+            return ScanResult.INCOMPLETE, None
+        pages_at = _round_up(numbers_end, PAGE_SIZE)
         device_at = pages_at + page_count * PAGE_SIZE
         record_at = device_at + device_length
         if record_at + _RECORD.size > self._capacity:
@@ -241,37 +265,36 @@ class Journal:
         )
         if record_magic != RECORD_MAGIC or record_nonce != nonce or record_offset != record_at:
             return ScanResult.INCOMPLETE, None
-        table = journal[_HEADER.size : _HEADER.size + table_size]
+        page_numbers = journal[numbers_at:numbers_end]
         device_state = journal[device_at:record_at]
         crc = zlib.crc32(journal[8 : _HEADER.size])
         crc = zlib.crc32(table, crc)
+        crc = zlib.crc32(page_numbers, crc)
         crc = zlib.crc32(device_state, crc)
         crc = zlib.crc32(struct.pack("<QQ", nonce, record_at), crc)
         if crc != record_crc:
             return ScanResult.INCOMPLETE, None
-        offsets = array.array("Q", table[: 8 * count])
-        descriptors = array.array("Q", table[8 * count :])
-        if sys.byteorder != "little":
-            offsets.byteswap()
-            descriptors.byteswap()
-        entries: list[Entry] = []
-        page_index = 0
-        for offset, descriptor in zip(offsets, descriptors, strict=True):
-            kind = descriptor >> 32 & 0xFF
-            if kind == KIND_PAGE and page_index < page_count:
-                at = pages_at + page_index * PAGE_SIZE
-                entries.append((descriptor & 0xFFFFFFFF, offset, journal[at : at + PAGE_SIZE]))
-                page_index += 1
-            elif kind == KIND_FILL:
-                entries.append((descriptor & 0xFFFFFFFF, offset, descriptor >> 40 & 0xFF))
-            else:
-                raise ReplicaError(
-                    f"journal {self.path} is committed but entry kind {kind} is invalid"
+        numbers = _numbers(page_numbers)
+        frames: list[PageFrame] = []
+        number_at = data_at = 0
+        for at in range(0, len(counts), 4):
+            block, fill, zeros, datas = counts[at : at + 4]
+            if fill > 0xFF:
+                raise ReplicaError(f"journal {self.path} is committed but a fill {fill} is no byte")
+            data_end = data_at + datas * PAGE_SIZE
+            frames.append(
+                PageFrame(
+                    block,
+                    fill,
+                    numbers[number_at : number_at + zeros],
+                    numbers[number_at + zeros : number_at + zeros + datas],
+                    journal[pages_at + data_at : pages_at + data_end],
                 )
-        if page_index != page_count:
-            raise ReplicaError(f"journal {self.path} is committed but its page count disagrees")
+            )
+            number_at += zeros + datas
+            data_at = data_end
         return ScanResult.COMPLETE, JournalRecord(
-            epoch, base_epoch, committed_at, device_state, entries
+            epoch, base_epoch, committed_at, device_state, frames
         )
 
     def mark(self, state: JournalState) -> None:
@@ -292,3 +315,11 @@ class Journal:
             self._map = None
         os.close(self._fd)
         self._fd = -1
+
+
+def _numbers(data: bytes) -> "array.array[int]":
+    """Little-endian u32s as an array of this host's order."""
+    numbers = array.array(PAGE_NUMBER_TYPECODE, data)
+    if _BIG_ENDIAN:
+        numbers.byteswap()
+    return numbers

@@ -22,6 +22,7 @@ Invariants:
   restored by discard() and open().
 """
 
+import array
 import enum
 import fcntl
 import json
@@ -37,7 +38,8 @@ from typing import Any, Self
 
 from kemari import crashpoint, persist
 from kemari.errors import PersistError, ReplicaError
-from kemari.replica.journal import Entry, Journal, JournalRecord, JournalState, PageData, ScanResult
+from kemari.replica.frames import NO_PAGES, PAGE_NUMBER_TYPECODE, PageFrame, write_frame
+from kemari.replica.journal import Journal, JournalRecord, JournalState, ScanResult
 from kemari.replica.ramfile import PAGE_SIZE, RamFile
 from kemari.stream.writer import FailoverPage
 
@@ -61,13 +63,14 @@ _HANDED_OVER_FIELDS = struct.Struct("<Q")  # the epoch handed over
 
 # The replica's small files (kemari.persist frames).  A layout of MAX_BLOCKS blocks with
 # 255-byte names takes well under 1 MiB of JSON.  The layout's version also stands for the
-# journal's layout (kemari.replica.journal.VERSION): change one, bump the layout's.
-LAYOUT_FORMAT = persist.Format("replica layout", b"KMR:LAYT", 1, 4 << 20)
+# journal's layout (kemari.replica.journal.VERSION): change one, bump the layout's.  Layout
+# 2 goes with journal 2 (page frames); a layout 1 replica is refused as "older" (a standby
+# starts with a new initial sync anyway).
+LAYOUT_FORMAT = persist.Format("replica layout", b"KMR:LAYT", 2, 4 << 20)
 STATE_FORMAT = persist.Format(
     "replica state", b"KMR:STAT", 1, _STATE_FIELDS.size + MAX_DEVICE_STATE
 )
 HANDED_OVER_FORMAT = persist.Format("hand-over marker", b"KMR:HAND", 1, _HANDED_OVER_FIELDS.size)
-_FILLED_PAGES = [bytes([fill]) * PAGE_SIZE for fill in range(256)]
 
 
 class RecoveryAction(enum.Enum):
@@ -163,10 +166,22 @@ def _read_state(path: Path) -> tuple[int, float, bytes]:
     return epoch, committed_at, payload[_STATE_FIELDS.size :]
 
 
-class StagedCheckpoint:
-    """One checkpoint being received: pages, fills and device state, kept apart until commit().
+def _page_numbers(numbers: Sequence[int], pages: int, block: str) -> "array.array[int]":
+    """``numbers`` as the frame's own u32 array, each checked to lie in ``0..pages-1``."""
+    if numbers and not (min(numbers) >= 0 and max(numbers) < pages):
+        raise ReplicaError(f"a page of {block!r} lies outside its {pages} pages")
+    if type(numbers) is array.array and numbers.typecode == PAGE_NUMBER_TYPECODE:
+        return numbers[:]
+    return array.array(PAGE_NUMBER_TYPECODE, numbers)
 
-    Use as a context manager: leaving the block without commit() discards it.
+
+class StagedCheckpoint:
+    """One checkpoint being received: page frames and device state, kept apart until commit().
+
+    Each put_pages() batch is kept whole as one frame (kemari.replica.frames), a single
+    put_page()/put_zero() as a frame of one page; the journal and the apply take the
+    frames in order.  Use as a context manager: leaving the block without commit()
+    discards it.
     """
 
     def __init__(self, replica: "Replica", epoch: int, *, direct: bool) -> None:
@@ -175,8 +190,9 @@ class StagedCheckpoint:
         # direct: the first checkpoint, written straight into the (all-zero) RAM files.
         self.direct = direct
         self.state = StageState.OPEN
-        self._entries: dict[tuple[int, int], PageData | int] = {}
-        self._direct_pages = 0
+        self._frames: list[PageFrame] = []
+        self._pages = 0
+        self._guest_pages = sum(info.size for info in replica.blocks) // PAGE_SIZE
         self._device_state: bytes | None = None
 
     def __enter__(self) -> Self:
@@ -193,8 +209,8 @@ class StagedCheckpoint:
 
     @property
     def page_count(self) -> int:
-        """Distinct pages staged so far (pages and fills)."""
-        return self._direct_pages if self.direct else len(self._entries)
+        """Pages (data and zero) staged so far; a page given twice may count twice."""
+        return self._pages
 
     def _locate(self, block: str, offset: int) -> BlockInfo:
         if self.state is not StageState.OPEN:
@@ -211,7 +227,7 @@ class StagedCheckpoint:
     def put_page(self, block: str, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Stage one 4096-byte page of ``block`` at byte ``offset``."""
         info = self._locate(block, offset)
-        page: PageData
+        page: bytes | memoryview
         # Immutable bytes are kept by reference (the parser hands out byte views of its
         # immutable input chunks); anything mutable is copied now.  The two common
         # shapes are checked first: this runs once per dirty page.
@@ -230,14 +246,8 @@ class StagedCheckpoint:
             if not view.c_contiguous:
                 raise ReplicaError(f"page {block!r}@{offset:#x} is not a contiguous buffer")
             page = view.cast("B") if isinstance(view.obj, bytes) else bytes(view)
-        if self.direct:
-            self._replica.ram_file(info.index).map[offset : offset + PAGE_SIZE] = page
-            self._direct_pages += 1
-            limit = crashpoint.limit("initial-pages")
-            if limit is not None and self._direct_pages >= limit:
-                crashpoint.kill()
-            return
-        self._entries[(info.index, offset)] = page
+        numbers = array.array(PAGE_NUMBER_TYPECODE, (offset // PAGE_SIZE,))
+        self._stage(PageFrame(info.index, 0, NO_PAGES, numbers, page))
 
     def put_pages(
         self,
@@ -249,50 +259,74 @@ class StagedCheckpoint:
         """Stage a batch of ``block`` by page number: the zero pages, then the data pages
         (``data`` holds them back to back), as if each had been put one by one.
 
-        The checkpoints after the first stage a frame with one check of its pages and
-        at most one copy of ``data`` (none when it is immutable bytes); the first
-        checkpoint writes its pages one by one.
+        The batch is kept whole, as one frame: one range check of its page numbers, one
+        copy of the number arrays (``array('I')`` as RAM_PAGES decodes them) and at most
+        one copy of ``data`` (none when it is immutable bytes or a view of them).
         """
         if len(data) != len(data_pages) * PAGE_SIZE:
             raise ReplicaError(
                 f"{len(data)} bytes of page data for {len(data_pages)} pages of {block!r}"
             )
-        if self.direct:
-            for page in zero_pages:
-                self.put_zero(block, page * PAGE_SIZE)
-            view = memoryview(data)
-            for n, page in enumerate(data_pages):
-                self.put_page(block, page * PAGE_SIZE, view[n * PAGE_SIZE : (n + 1) * PAGE_SIZE])
-            return
         info = self._locate(block, 0)
         pages = info.size // PAGE_SIZE
-        for numbers in (zero_pages, data_pages):
-            if numbers and not (min(numbers) >= 0 and max(numbers) < pages):
-                raise ReplicaError(f"a page of {block!r} lies outside its {pages} pages")
+        zeros = _page_numbers(zero_pages, pages, block)
+        datas = _page_numbers(data_pages, pages, block)
         view = memoryview(data)
         if type(view.obj) is not bytes or view.format != "B" or not view.c_contiguous:
             view = memoryview(bytes(view))  # mutable or odd-shaped: one copy of the batch
-        index = info.index
-        entries = self._entries
-        for page in zero_pages:
-            entries[(index, page * PAGE_SIZE)] = 0
-        entries.update(
-            ((index, page * PAGE_SIZE), view[n * PAGE_SIZE : (n + 1) * PAGE_SIZE])
-            for n, page in enumerate(data_pages)
-        )
+        if zeros or datas:
+            self._stage(PageFrame(info.index, 0, zeros, datas, view))
 
     def put_zero(self, block: str, offset: int, fill: int = 0) -> None:
         """Stage a page of ``block`` at ``offset`` whose every byte is ``fill``."""
         info = self._locate(block, offset)
         if isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill <= 255:
             raise ReplicaError(f"fill {fill!r} for {block!r}@{offset:#x} is not a byte")
+        numbers = array.array(PAGE_NUMBER_TYPECODE, (offset // PAGE_SIZE,))
+        self._stage(PageFrame(info.index, fill, numbers, NO_PAGES, b""))
+
+    def _stage(self, frame: PageFrame) -> None:
+        self._pages += frame.page_count
         if self.direct:
-            self._replica.ram_file(info.index).map[offset : offset + PAGE_SIZE] = _FILLED_PAGES[
-                fill
-            ]
-            self._direct_pages += 1
+            # The first checkpoint: straight into the RAM file, a run of pages at a time.
+            write_frame(self._replica.ram_file(frame.block).map, frame)
+            limit = crashpoint.limit("initial-pages")
+            if limit is not None and self._pages >= limit:
+                crashpoint.kill()
             return
-        self._entries[(info.index, offset)] = fill
+        self._frames.append(frame)
+        if self._pages > 2 * self._guest_pages:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Keep each staged page's last write only, in one frame per block and kind.
+
+        A primary that repeats pages cannot make the staging hold more than twice the
+        guest's RAM, nor the journal more than once (commit() compacts beyond that).
+        QEMU sends each dirty page once per checkpoint, so this runs only for one that
+        does not.
+        """
+        last: dict[tuple[int, int], int | memoryview] = {}
+        for frame in self._frames:
+            for page in frame.zero_pages:
+                last[(frame.block, page)] = frame.fill
+            data = memoryview(frame.data)
+            for n, page in enumerate(frame.data_pages):
+                last[(frame.block, page)] = data[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
+        groups: dict[tuple[int, int], tuple[array.array[int], list[memoryview]]] = {}
+        for (block, page), value in last.items():
+            fill = value if isinstance(value, int) else -1  # -1: the block's data pages
+            numbers, views = groups.setdefault((block, fill), (array.array("I"), []))
+            numbers.append(page)
+            if not isinstance(value, int):
+                views.append(value)
+        self._frames = [
+            PageFrame(block, fill, numbers, NO_PAGES, b"")
+            if fill >= 0
+            else PageFrame(block, 0, NO_PAGES, numbers, b"".join(views))
+            for (block, fill), (numbers, views) in groups.items()
+        ]
+        self._pages = len(last)
 
     def set_device_state(self, data: bytes | bytearray | memoryview) -> None:
         """Stage the checkpoint's device-state buffer (opaque to the replica)."""
@@ -315,10 +349,11 @@ class StagedCheckpoint:
             raise ReplicaError(f"checkpoint {self.epoch} is already {self.state.value}")
         if self._device_state is None:
             raise ReplicaError(f"checkpoint {self.epoch} has no device state; cannot commit")
-        entries: list[Entry] = [(key[0], key[1], value) for key, value in self._entries.items()]
-        self._entries = {}
+        if self._pages > self._guest_pages:
+            self._compact()
+        frames, self._frames = self._frames, []
         try:
-            self._replica._commit(self, entries, self._device_state, defer_apply=defer_apply)
+            self._replica._commit(self, frames, self._device_state, defer_apply=defer_apply)
         except BaseException:
             # Either nothing was committed (journal cut short), or the commit point was
             # passed and only the apply failed (the replica then demands a reopen).
@@ -331,7 +366,7 @@ class StagedCheckpoint:
         if self.state is not StageState.OPEN:
             raise ReplicaError(f"checkpoint {self.epoch} is already {self.state.value}")
         self.state = StageState.DISCARDED
-        self._entries = {}
+        self._frames = []
         self._replica._discard(self)
 
 
@@ -561,13 +596,19 @@ class Replica:
                     f"journal of epoch {record.epoch} (based on {record.base_epoch}) does not "
                     f"follow the replica's committed epoch {self.committed_epoch}"
                 )
-            for index, offset, _ in record.entries:
-                if (
-                    index >= len(self.blocks)
-                    or offset % PAGE_SIZE
-                    or offset >= self.blocks[index].size
-                ):
-                    raise ReplicaError(f"journal entry {index}@{offset:#x} is outside the blocks")
+            for frame in record.frames:
+                pages = (
+                    self.blocks[frame.block].size // PAGE_SIZE
+                    if frame.block < len(self.blocks)
+                    else 0
+                )
+                if any(
+                    numbers and max(numbers) >= pages
+                    for numbers in (frame.zero_pages, frame.data_pages)
+                ) or (pages == 0):
+                    raise ReplicaError(
+                        f"journal frame of block {frame.block} has pages outside the blocks"
+                    )
             self._pending = record
             self.apply_pending()
             self.recovery = RecoveryAction.REPLAYED
@@ -601,7 +642,7 @@ class Replica:
     def _commit(
         self,
         staged: StagedCheckpoint,
-        entries: list[Entry],
+        frames: list[PageFrame],
         device_state: bytes,
         *,
         defer_apply: bool,
@@ -622,7 +663,7 @@ class Replica:
                 raise
             return
         record = JournalRecord(
-            staged.epoch, self.committed_epoch, committed_at, device_state, entries
+            staged.epoch, self.committed_epoch, committed_at, device_state, frames
         )
         try:
             self._journal.write(record)
@@ -663,18 +704,13 @@ class Replica:
         try:
             maps = [ram.map for ram in self._ram]
             limit = crashpoint.limit("apply-pages")
-            if limit is None:
-                for index, offset, value in record.entries:
-                    maps[index][offset : offset + PAGE_SIZE] = (
-                        _FILLED_PAGES[value] if isinstance(value, int) else value
-                    )
-            else:
-                for done, (index, offset, value) in enumerate(record.entries):
+            done = 0
+            for frame in record.frames:
+                write_frame(maps[frame.block], frame)
+                if limit is not None:
+                    done += frame.page_count
                     if done >= limit:
                         crashpoint.kill()
-                    maps[index][offset : offset + PAGE_SIZE] = (
-                        _FILLED_PAGES[value] if isinstance(value, int) else value
-                    )
             if self.durable:
                 for ram in self._ram:
                     ram.flush()
