@@ -245,3 +245,21 @@ def test_a_replica_of_the_per_page_journal_is_refused_in_one_line(tmp_path):
         Replica.open(tmp_path / "r")
     assert "\n" not in str(caught.value)
     assert isinstance(caught.value.__cause__, persist.OlderVersionError)
+
+
+@pytest.mark.parametrize("owned", [False, True])
+def test_a_mutable_frame_buffer_is_copied_unless_handed_over(tmp_path, owned):
+    """Without ``owned`` a bytearray is copied when staged; with it (the receiver's fresh
+    frame buffer, never written again) it is kept by reference, with no copy."""
+    with Replica.create(tmp_path / "r", BLOCKS) as replica:
+        committed_first(replica)
+        buffer = bytearray(page_content(2, 3) + page_content(2, 4))
+        with replica.begin(2) as staged:
+            staged.put_pages("pc.ram", [], [3, 4], buffer, owned=owned)
+            buffer[:PAGE] = page_content(9, 9)
+            staged.set_device_state(b"two")
+            staged.commit()
+        assert replica.read_page("pc.ram", 3 * PAGE) == (
+            page_content(9, 9) if owned else page_content(2, 3)
+        )
+        assert replica.read_page("pc.ram", 4 * PAGE) == page_content(2, 4)

@@ -468,9 +468,15 @@ class ReplicaApplier:
         zero_pages: Sequence[int],
         data_pages: Sequence[int],
         data: bytes | bytearray | memoryview,
+        *,
+        owned: bool = False,
     ) -> None:
-        """A RAM_PAGES batch by page number: zero pages first, then the data pages."""
-        self._require_open().put_pages(block, zero_pages, data_pages, data)
+        """A RAM_PAGES batch by page number: zero pages first, then the data pages.
+
+        Kept whole; ``owned``: the caller never changes ``data`` again, so even a mutable
+        buffer is kept without a copy (StagedCheckpoint.put_pages).
+        """
+        self._require_open().put_pages(block, zero_pages, data_pages, data, owned=owned)
 
     def put_records(self, batch: Sequence[PageRecord]) -> None:
         """Page records as the stream parser emits them."""

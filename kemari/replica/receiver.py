@@ -341,8 +341,11 @@ class StandbyReceiver:
             name = self._block_names[pages.block_index]
         except IndexError as exc:  # the session's tracker checked it; be explicit anyway
             raise TransactionError(f"RAM_PAGES of unknown block {pages.block_index}") from exc
-        # Zero pages before data pages: the order RAM_PAGES defines for one frame.
-        self.applier.put_pages(name, pages.zero_pages, pages.data_pages, pages.data)
+        # Zero pages before data pages: the order RAM_PAGES defines for one frame.  The
+        # data is a view of the frame's own receive buffer (a fresh bytearray nobody
+        # writes again, kemari.transaction.wire.FrameDecoder) or decompressed bytes: the
+        # replica keeps it without a copy.
+        self.applier.put_pages(name, pages.zero_pages, pages.data_pages, pages.data, owned=True)
 
     async def _commit(self, session: StandbySession, committed: Committed) -> None:
         device_state = b"".join(self._device_state)

@@ -255,13 +255,17 @@ class StagedCheckpoint:
         zero_pages: Sequence[int],
         data_pages: Sequence[int],
         data: bytes | bytearray | memoryview,
+        *,
+        owned: bool = False,
     ) -> None:
         """Stage a batch of ``block`` by page number: the zero pages, then the data pages
         (``data`` holds them back to back), as if each had been put one by one.
 
         The batch is kept whole, as one frame: one range check of its page numbers, one
         copy of the number arrays (``array('I')`` as RAM_PAGES decodes them) and at most
-        one copy of ``data`` (none when it is immutable bytes or a view of them).
+        one copy of ``data``: none when it is immutable bytes or a view of them, or when
+        ``owned`` says the caller hands a mutable buffer over and never changes it again
+        (a received frame's fresh buffer).
         """
         if len(data) != len(data_pages) * PAGE_SIZE:
             raise ReplicaError(
@@ -272,7 +276,7 @@ class StagedCheckpoint:
         zeros = _page_numbers(zero_pages, pages, block)
         datas = _page_numbers(data_pages, pages, block)
         view = memoryview(data)
-        if type(view.obj) is not bytes or view.format != "B" or not view.c_contiguous:
+        if not (owned or type(view.obj) is bytes) or view.format != "B" or not view.c_contiguous:
             view = memoryview(bytes(view))  # mutable or odd-shaped: one copy of the batch
         if zeros or datas:
             self._stage(PageFrame(info.index, 0, zeros, datas, view))
