@@ -5,8 +5,10 @@ ticker firmware (tests/ticker_rom.py: it dirties ``pages`` pages about every mil
 under Kemari's patched QEMU and protects it through the real path: CheckpointSource →
 TransactionSender → PrimarySession over mutually authenticated TLS on loopback →
 StandbyReceiver with a ReplicaApplier in another process (its replica in a temporary
-directory).  After the initial sync it takes ``--checkpoints`` back-to-back on-demand
-checkpoints and prints one row per configuration:
+directory under ``--replica-base``, default /dev/shm like the agent's default replica
+directory: tmpfs, so no msync/fsync; a directory on a disk measures the durable replica).
+After the initial sync it takes ``--checkpoints`` back-to-back on-demand checkpoints and
+prints one row per configuration:
 
   pause      QMP STOP -> RESUME (what the guest sees), p50 / p99
   kemari     VMSTATE_SEND received -> VMSTATE_LOADED sent (Kemari's share), p50
@@ -16,6 +18,8 @@ checkpoints and prints one row per configuration:
   pages      page records per checkpoint; stream KiB per checkpoint (QEMU's stream)
   wire       page bytes on the wire per dirty page byte (below 1 with zstd-pages)
   cpu        the primary process's CPU ms per checkpoint (parse, frames, TLS)
+  sb cpu     the standby process's CPU ms per checkpoint (TLS, staging, journal, apply;
+             /proc/PID/stat, all its threads)
 
 Goals (issue 11): pause p50 <= 1 ms at <= 200 dirty pages and <= 2 ms at 1,000; it grows
 <= 1 ms per 1,000 pages and stays flat in guest size.
@@ -86,6 +90,13 @@ def _standby_main(
     asyncio.run(serve())
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
+    # Fields after the ")" closing the command name: state is the first, utime the 12th.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _p(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -96,7 +107,13 @@ def _p(values: Sequence[float], q: float) -> float:
 
 
 async def measure_one(
-    binary: Path, workdir: Path, creds: TlsCreds, memory: int, pages: int, args: argparse.Namespace
+    binary: Path,
+    workdir: Path,
+    replica: Path,
+    creds: TlsCreds,
+    memory: int,
+    pages: int,
+    args: argparse.Namespace,
 ) -> str:
     """One configuration: boot, protect, take the checkpoints; the table row."""
     capabilities = tuple(args.capabilities)
@@ -104,7 +121,7 @@ async def measure_one(
     parent, child = ctx.Pipe()
     standby = ctx.Process(
         target=_standby_main,
-        args=(str(workdir / "replica"), str(creds.directory), capabilities, child),
+        args=(str(replica), str(creds.directory), capabilities, child),
     )
     standby.start()
     try:
@@ -141,12 +158,14 @@ async def measure_one(
                     recorder.take()
                     requests: list[float] = []
                     page_bytes, wire_bytes = sender.page_bytes, sender.page_wire_bytes
-                    cpu = time.process_time()
+                    assert standby.pid is not None
+                    cpu, standby_cpu = time.process_time(), _cpu_s(standby.pid)
                     for _ in range(args.checkpoints):
                         asked = time.monotonic()
                         await trigger.checkpoint()
                         requests.append(time.monotonic() - asked)
                     cpu = (time.process_time() - cpu) / args.checkpoints
+                    standby_cpu = (_cpu_s(standby.pid) - standby_cpu) / args.checkpoints
                     wire = (sender.page_wire_bytes - wire_bytes) / max(
                         sender.page_bytes - page_bytes, 1
                     )
@@ -166,17 +185,18 @@ async def measure_one(
         f"{_p([r.stop_s for r in records], 0.5):5.2f} "
         f"{_p([r.transfer_s for r in records], 0.5):5.2f} "
         f"{_p([r.commit_s for r in records], 0.5):5.2f} | "
-        f"{count:6.0f} {stream:7.0f} | {wire:5.3f} {cpu * 1e3:6.2f} | {sync.duration_s:5.1f}"
+        f"{count:6.0f} {stream:7.0f} | {wire:5.3f} {cpu * 1e3:6.2f} {standby_cpu * 1e3:6.2f} | "
+        f"{sync.duration_s:5.1f}"
     )
 
 
 HEADER = (
     "   MiB  pages |  pause p50/p99 ms | kemari | commit p50/p99 ms |  stop  xfer   ack |"
-    "  pages  KiB/ck |  wire cpu ms | sync s"
+    "  pages  KiB/ck |  wire cpu ms sb cpu | sync s"
 )
 
 
-async def measure(args: argparse.Namespace, binary: Path, root: Path) -> None:
+async def measure(args: argparse.Namespace, binary: Path, root: Path, replicas: Path) -> None:
     make_credentials(root / "pki", f"kemari-{VM}")
     creds = TlsCreds(root / "pki", f"kemari-{VM}")
     print(HEADER, flush=True)
@@ -184,7 +204,9 @@ async def measure(args: argparse.Namespace, binary: Path, root: Path) -> None:
         for pages in args.pages:
             workdir = root / f"{memory}-{pages}"
             workdir.mkdir()
-            print(await measure_one(binary, workdir, creds, memory, pages, args), flush=True)
+            replica = replicas / f"{memory}-{pages}"
+            row = await measure_one(binary, workdir, replica, creds, memory, pages, args)
+            print(row, flush=True)
 
 
 def _int_list(text: str) -> list[int]:
@@ -212,6 +234,12 @@ def main() -> int:
         default=[],
         help="session capability both sides offer (e.g. zstd-pages); repeatable",
     )
+    parser.add_argument(
+        "--replica-base",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="where the standby's replica directories go (default /dev/shm)",
+    )
     args = parser.parse_args()
     override = os.environ.get("KEMARI_PATCHED_QEMU")
     patched = patched_qemu()
@@ -225,10 +253,16 @@ def main() -> int:
     print(f"QEMU: {qemu_version(binary)} ({binary})")
     print(
         f"standby in another process over TLS on loopback; {args.checkpoints} on-demand "
-        f"checkpoints per row after {args.warmup}; capabilities {args.capabilities or 'none'}"
+        f"checkpoints per row after {args.warmup}; capabilities {args.capabilities or 'none'}; "
+        f"replica under {args.replica_base}"
     )
-    with tempfile.TemporaryDirectory(prefix="kemari-cost-") as tmp:
-        asyncio.run(measure(args, binary, Path(tmp)))
+    with (
+        tempfile.TemporaryDirectory(prefix="kemari-cost-") as tmp,
+        tempfile.TemporaryDirectory(
+            prefix="kemari-cost-replica-", dir=args.replica_base
+        ) as replicas,
+    ):
+        asyncio.run(measure(args, binary, Path(tmp), Path(replicas)))
     return 0
 
 
