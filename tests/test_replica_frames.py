@@ -24,6 +24,7 @@ from kemari import persist
 from kemari.errors import ReplicaError
 from kemari.replica import RecoveryAction, Replica, store
 from kemari.replica.frames import PageFrame, page_runs, write_frame
+from kemari.replica.journal import Journal, JournalRecord
 
 PAGE = 4096
 SHM = Path("/dev/shm")
@@ -263,3 +264,23 @@ def test_a_mutable_frame_buffer_is_copied_unless_handed_over(tmp_path, owned):
             page_content(9, 9) if owned else page_content(2, 3)
         )
         assert replica.read_page("pc.ram", 4 * PAGE) == page_content(2, 4)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        PageFrame(3, 0, page_numbers([0]), page_numbers([]), b""),  # no block 3
+        PageFrame(1, 0, page_numbers([]), page_numbers([3]), page_content(0, 3)),  # 3 pages
+    ],
+)
+def test_a_committed_journal_with_a_page_outside_the_blocks_is_refused(tmp_path, frame):
+    """The crc32 makes this a bug, never damage: open() refuses it in one line."""
+    directory = tmp_path / "r"
+    with Replica.create(directory, BLOCKS) as replica:
+        committed_first(replica)
+    journal = Journal(directory / "journal", durable=False)
+    journal.write(JournalRecord(2, 1, 0.0, b"two", [frame]))
+    journal.close()
+    with pytest.raises(ReplicaError, match="has pages outside the blocks") as caught:
+        Replica.open(directory)
+    assert "\n" not in str(caught.value)

@@ -320,7 +320,9 @@ class StagedCheckpoint:
         groups: dict[tuple[int, int], tuple[array.array[int], list[memoryview]]] = {}
         for (block, page), value in last.items():
             fill = value if isinstance(value, int) else -1  # -1: the block's data pages
-            numbers, views = groups.setdefault((block, fill), (array.array("I"), []))
+            numbers, views = groups.setdefault(
+                (block, fill), (array.array(PAGE_NUMBER_TYPECODE), [])
+            )
             numbers.append(page)
             if not isinstance(value, int):
                 views.append(value)
@@ -601,15 +603,10 @@ class Replica:
                     f"follow the replica's committed epoch {self.committed_epoch}"
                 )
             for frame in record.frames:
-                pages = (
-                    self.blocks[frame.block].size // PAGE_SIZE
-                    if frame.block < len(self.blocks)
-                    else 0
-                )
-                if any(
-                    numbers and max(numbers) >= pages
+                if frame.block >= len(self.blocks) or any(
+                    numbers and max(numbers) >= self.blocks[frame.block].size // PAGE_SIZE
                     for numbers in (frame.zero_pages, frame.data_pages)
-                ) or (pages == 0):
+                ):
                     raise ReplicaError(
                         f"journal frame of block {frame.block} has pages outside the blocks"
                     )
