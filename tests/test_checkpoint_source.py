@@ -185,6 +185,44 @@ async def ticks_advance(serial: Path, timeout: float = 30.0) -> None:
     await async_wait_for(advanced, f"a tick after {before} on {serial.name}", timeout, 0.02)
 
 
+# Every milestone of a checkpoint's pause, in causal order (kemari/checkpoint/timeline.py).
+PAUSE_MILESTONES = [
+    "reply",
+    "stop",
+    "vmstate_send",
+    "first_page",
+    "ram_end",
+    "vmstate_size",
+    "device_read",
+    "device_parsed",
+    "captured",
+    "loaded",
+    "resume",
+]
+
+
+async def assert_pause_timelines(source: CheckpointSource) -> None:
+    """Each committed checkpoint's timeline has every milestone, in causal order.
+
+    QEMU's STOP and RESUME come on the QMP socket, so the last RESUME may still be on
+    its way when the commit is seen; it is waited for, not assumed.
+    """
+
+    def resumes_placed() -> bool:
+        return all(r.timeline.resume_ms is not None for r in source.recent())
+
+    await async_wait_for(resumes_placed, "QEMU's RESUME placed on every checkpoint", 10.0, 0.01)
+    for record in source.recent():
+        milestones = record.timeline.milestones()
+        # A checkpoint that carried no page has no first page.
+        expected = [m for m in PAUSE_MILESTONES if record.pages or m != "first_page"]
+        assert [name for name, _ in milestones] == expected, record
+        offsets = [at for _, at in milestones]
+        assert offsets == sorted(offsets), milestones
+        pause = record.timeline.qemu_pause_ms
+        assert pause is not None and pause > 0
+
+
 def test_initial_sync_and_on_demand_checkpoints_track_the_guest(
     tmp_path: Path, patched_qemu_binary: Path
 ) -> None:
@@ -235,6 +273,7 @@ def test_initial_sync_and_on_demand_checkpoints_track_the_guest(
                 records = source.recent()
                 assert [r.epoch for r in records] == sink.committed
                 assert all(r.device_bytes > 0 and r.stream_bytes > 0 for r in records)
+                await assert_pause_timelines(source)
             # Closing the source leaves the guest running, unprotected.
             assert state_of(source) is SourceState.UNPROTECTED
             assert (await machine.query_status()).running

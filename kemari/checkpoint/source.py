@@ -54,14 +54,23 @@ from typing import Protocol
 
 from kemari import crashpoint
 from kemari.checkpoint.inflight import InflightWindow
+from kemari.checkpoint.timeline import (
+    RESUME_EVENT,
+    STOP_EVENT,
+    PauseMarks,
+    PauseTimeline,
+    attach_run_state_event,
+    monotonic_of,
+)
 from kemari.config import DEFAULT_CHECKPOINTS_IN_FLIGHT
 from kemari.errors import CheckpointError, KemariError
-from kemari.qemu.machine import QemuMachine, QmpCommandError
+from kemari.qemu.machine import EventSubscription, QemuMachine, QmpCommandError
 from kemari.stream import (
     ColoEvent,
     ColoMessage,
     Configuration,
     DeviceState,
+    LiveStateEnd,
     RamBlockList,
     RamPage,
     RamZeroPage,
@@ -93,6 +102,9 @@ _MAX_BANDWIDTH = 16 << 30
 _RELEASE_TIMEOUT_S = 10.0
 _RELEASE_POLL_S = 0.01
 RECENT_CHECKPOINTS = 256
+# Checkpoints whose QEMU STOP/RESUME events may still arrive (they come on the QMP socket,
+# after the stream work of the same moment); older events are no longer placed.
+_TIMED_CHECKPOINTS = 8
 # query-migrate statuses in which ``migrate_cancel`` ends the initial sync.
 _PRECOPY_STATUSES = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug"})
 _ENDED_STATUSES = frozenset({"none", "completed", "failed", "cancelled"})
@@ -195,6 +207,7 @@ class CheckpointRecord:
     stream_bytes: int  # bytes QEMU sent for this checkpoint, COLO messages included
     device_bytes: int
     committed_at: float  # time.monotonic() when the acknowledgement arrived
+    timeline: PauseTimeline  # the pause milestone by milestone (docs/checkpoint.md)
 
 
 @dataclasses.dataclass(slots=True)
@@ -209,13 +222,20 @@ class _Capture:
     device_bytes: int
     stopped_at: float
     commit_started_at: float
+    marks: PauseMarks
     resumed_at: float | None = None
     held_s: float = 0.0
     acked_at: float | None = None
 
+    @property
+    def settled(self) -> bool:
+        """The guest resumed from it and the standby committed it."""
+        return self.resumed_at is not None and self.acked_at is not None
+
     def record(self) -> CheckpointRecord | None:
         """The record, once the guest resumed from it and the standby committed it."""
-        if self.resumed_at is None or self.acked_at is None:
+        timeline = self.marks.timeline()
+        if self.resumed_at is None or self.acked_at is None or timeline is None:
             return None
         return CheckpointRecord(
             epoch=self.epoch,
@@ -228,6 +248,7 @@ class _Capture:
             stream_bytes=self.stream_bytes,
             device_bytes=self.device_bytes,
             committed_at=self.acked_at,
+            timeline=timeline,
         )
 
 
@@ -279,9 +300,12 @@ class CheckpointSource:
         self._requested_at = 0.0
         self._stopped_at = 0.0
         self._sync: SyncRecord | None = None
-        self._recent: collections.deque[CheckpointRecord] = collections.deque(
-            maxlen=RECENT_CHECKPOINTS
-        )
+        self._recent: collections.deque[_Capture] = collections.deque(maxlen=RECENT_CHECKPOINTS)
+        self._read_at = 0.0  # time.monotonic() when the stream read being handled returned
+        self._marks: PauseMarks | None = None  # the checkpoint being captured
+        self._timed: collections.deque[PauseMarks] = collections.deque(maxlen=_TIMED_CHECKPOINTS)
+        self._events_scope = contextlib.ExitStack()
+        self._run_state_events: EventSubscription | None = None
         # Replaced on every change; waiters hold the old one (cheap, no lock needed).
         self._progress = asyncio.Event()
 
@@ -340,7 +364,9 @@ class CheckpointSource:
 
     def recent(self) -> list[CheckpointRecord]:
         """The last :data:`RECENT_CHECKPOINTS` committed checkpoints, oldest first."""
-        return list(self._recent)
+        self._place_run_state_events()
+        records = (capture.record() for capture in self._recent)
+        return [record for record in records if record is not None]
 
     def sync_progress(self) -> dict[str, float] | None:
         """While the initial sync runs: stream bytes so far, guest RAM size and the rate.
@@ -407,9 +433,13 @@ class CheckpointSource:
                 {"x-checkpoint-delay": self.epoch_ms, "max-bandwidth": _MAX_BANDWIDTH},
             )
             await machine.pass_fd(FD_NAME, theirs.fileno())
+            self._run_state_events = self._events_scope.enter_context(
+                machine.subscribe(STOP_EVENT, RESUME_EVENT)
+            )
             self._started_at = time.monotonic()
             await machine.execute("migrate", {"uri": f"fd:{FD_NAME}"})
         except BaseException:
+            self._events_scope.close()
             ours.close()
             raise
         finally:
@@ -451,6 +481,15 @@ class CheckpointSource:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._place_run_state_events()
+        self._events_scope.close()
+
+    def _place_run_state_events(self) -> None:
+        """Put the QMP STOP/RESUME events that arrived so far on their checkpoints."""
+        if self._run_state_events is None:
+            return
+        for event in self._run_state_events.take_pending():
+            attach_run_state_event(self._timed, event.name, monotonic_of(event.timestamp))
 
     # -- the stream ----------------------------------------------------------------
 
@@ -475,10 +514,14 @@ class CheckpointSource:
         loop = asyncio.get_running_loop()
         while True:
             data = await loop.sock_recv(sock, _RECV_BYTES)
+            self._read_at = time.monotonic()
             if not data:
                 raise CheckpointError("QEMU closed the migration stream")
             self._received += len(data)
             await self._dispatch(self._parser.feed(data), sock)
+            marks = self._marks
+            if marks is not None and marks.first_page is None and self._pages:
+                marks.first_page = self._read_at
 
     async def _await_acks(self) -> None:
         """Await the standby's acknowledgements in epoch order; tell the listeners."""
@@ -534,8 +577,10 @@ class CheckpointSource:
             await self.sink.begin_sync(self._configuration, event)
         elif isinstance(event, VmDescription):
             await self._finish_sync(event.json, sock)
-        # Header, Command, SectionEnd and LiveStateEnd need no action: the parser
-        # has validated them and the sink learns what it needs from the others.
+        elif isinstance(event, LiveStateEnd) and self._marks is not None:
+            self._marks.ram_end = self._read_at
+        # Header, Command and SectionEnd need no action: the parser has validated them
+        # and the sink learns what it needs from the others.
 
     async def _finish_sync(self, vmdesc: bytes, sock: socket.socket) -> None:
         if not self._parser.colo_enabled:
@@ -571,6 +616,10 @@ class CheckpointSource:
             # the answer; QEMU stops the VM only after reading the REPLY.
             for listener in self._listeners:
                 await listener.checkpoint_requested(self._requested)
+            # Timeline marks are taken before the write: QEMU, on another core, may act on
+            # the message before this task runs again (placing STOP/RESUME relies on it).
+            self._marks = PauseMarks(reply=time.monotonic())
+            self._timed.append(self._marks)
             await asyncio.get_running_loop().sock_sendall(sock, _REPLY)
             self._signal_progress()
             await self.sink.begin(self._requested)
@@ -579,14 +628,26 @@ class CheckpointSource:
             # with the next checkpoint (the VM is stopped for this one).
             self._started += 1
             self._stopped_at = time.monotonic()
-        # VMSTATE_SIZE: the parser reads the buffer it announces.
+            if self._marks is not None:
+                self._marks.vmstate_send = self._read_at
+        elif message is ColoMessage.VMSTATE_SIZE and self._marks is not None:
+            # The parser reads the buffer it announces.
+            self._marks.vmstate_size = self._read_at
 
     async def _finish_checkpoint(self, device_state: bytes, sock: socket.socket) -> None:
         epoch = self._requested
         transferred_at = time.monotonic()
+        marks, self._marks = self._marks, None
+        if marks is None:  # the parser yields a checkpoint's device state only after REQUEST
+            raise CheckpointError(f"device state of checkpoint {epoch} without its request")
+        marks.device_read = self._read_at
+        marks.device_parsed = transferred_at
+        if marks.first_page is None and self._pages:
+            marks.first_page = self._read_at  # the pages came in this same read
         await self.sink.device_state(epoch, device_state)
         commit_started = time.monotonic()
         await self.sink.commit(epoch)
+        marks.captured = time.monotonic()
         stream_bytes = self._received - self._received_at_mark
         capture = _Capture(
             epoch=epoch,
@@ -597,6 +658,7 @@ class CheckpointSource:
             device_bytes=len(device_state),
             stopped_at=self._stopped_at,
             commit_started_at=commit_started,
+            marks=marks,
         )
         self._pages = 0
         self._received_at_mark = self._received
@@ -608,7 +670,8 @@ class CheckpointSource:
         held_from = time.monotonic()
         while not self._window.resume_allowed:
             await self._progress.wait()
-        capture.held_s = time.monotonic() - held_from
+        marks.loaded = time.monotonic()
+        capture.held_s = marks.loaded - held_from
         await asyncio.get_running_loop().sock_sendall(sock, _RECEIVED_LOADED)
         capture.resumed_at = time.monotonic()
         self._resumed = epoch
@@ -617,12 +680,14 @@ class CheckpointSource:
         if len(self._window) >= 2 and _armed(CRASH_TWO_IN_FLIGHT, epoch):
             crashpoint.kill()  # test hook: N-1 and N both await their acknowledgement
         self._record(capture)
+        # The guest is resuming: the QMP events of the last checkpoints go to their records
+        # now (this also keeps their queue short when nobody reads the records).
+        self._place_run_state_events()
         self._signal_progress()
 
     def _record(self, capture: _Capture) -> None:
-        record = capture.record()
-        if record is not None:
-            self._recent.append(record)
+        if capture.settled:
+            self._recent.append(capture)
 
     # -- losing protection ----------------------------------------------------------
 
