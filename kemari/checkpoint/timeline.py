@@ -36,6 +36,7 @@ class PauseTimeline:
     (yet) or when the checkpoint carried no RAM page.
     """
 
+    origin: float  # time.monotonic() of the origin (REPLY), to line up other clocks' events
     stop_ms: float | None  # QEMU's STOP event: the vCPUs are paused
     vmstate_send_ms: float  # the read that carried VMSTATE_SEND
     first_page_ms: float | None  # the read that carried the checkpoint's first RAM page
@@ -105,6 +106,7 @@ class PauseMarks:
             _ms(at, self.reply) for at in required
         )
         return PauseTimeline(
+            origin=self.reply,
             stop_ms=_optional_ms(self.stop, self.reply),
             vmstate_send_ms=send,
             first_page_ms=_optional_ms(self.first_page, self.reply),
