@@ -17,12 +17,15 @@ checkpoints and prints one row per configuration:
   wire       page bytes on the wire per dirty page byte (below 1 with zstd-pages)
   cpu        the primary process's CPU ms per checkpoint (parse, frames, TLS)
 
+With ``--timeline``, each row is followed by the pause step by step (the records'
+timelines, as benchmarks/checkpoint_pause.py prints them).
+
 Goals (issue 11): pause p50 <= 1 ms at <= 200 dirty pages and <= 2 ms at 1,000; it grows
 <= 1 ms per 1,000 pages and stays flat in guest size.
 
 Needs Kemari's patched QEMU (``kemari qemu build``; KEMARI_PATCHED_QEMU=PATH overrides).
 Usage: python benchmarks/checkpoint_cost.py [--memory 256,1024,2048] [--pages 100,1000,10000]
-       [--checkpoints 60] [--compression off|zstd]
+       [--checkpoints 60] [--capability zstd-pages] [--timeline]
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from checkpoint_pause import TICK_DELAY_TSC, PauseRecorder
+from checkpoint_pause import TICK_DELAY_TSC, PauseRecorder, report_timeline
 
-from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
+from kemari.checkpoint import CheckpointRecord, CheckpointSource, CheckpointTrigger, SourceState
 from kemari.checkpoint.sender import TransactionSender
 from kemari.config import TlsCreds
 from kemari.qemu.build import patched_qemu
@@ -97,8 +100,8 @@ def _p(values: Sequence[float], q: float) -> float:
 
 async def measure_one(
     binary: Path, workdir: Path, creds: TlsCreds, memory: int, pages: int, args: argparse.Namespace
-) -> str:
-    """One configuration: boot, protect, take the checkpoints; the table row."""
+) -> tuple[list[CheckpointRecord], str]:
+    """One configuration: boot, protect, take the checkpoints; its records and table row."""
     capabilities = tuple(args.capabilities)
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -159,7 +162,7 @@ async def measure_one(
         standby.join(30)
     count = statistics.mean(r.pages for r in records)
     stream = statistics.mean(r.stream_bytes for r in records) / 1024
-    return (
+    return records, (
         f"{memory:6d} {pages:6d} | {_p(pauses, 0.5):6.2f} {_p(pauses, 0.99):6.2f} | "
         f"{_p([r.pause_s for r in records], 0.5):6.2f} | "
         f"{_p(requests, 0.5):6.2f} {_p(requests, 0.99):6.2f} | "
@@ -184,7 +187,10 @@ async def measure(args: argparse.Namespace, binary: Path, root: Path) -> None:
         for pages in args.pages:
             workdir = root / f"{memory}-{pages}"
             workdir.mkdir()
-            print(await measure_one(binary, workdir, creds, memory, pages, args), flush=True)
+            records, row = await measure_one(binary, workdir, creds, memory, pages, args)
+            print(row, flush=True)
+            if args.timeline:
+                report_timeline(records)
 
 
 def _int_list(text: str) -> list[int]:
@@ -211,6 +217,11 @@ def main() -> int:
         action="append",
         default=[],
         help="session capability both sides offer (e.g. zstd-pages); repeatable",
+    )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="after each row, the pause step by step (checkpoint_pause.py's breakdown)",
     )
     args = parser.parse_args()
     override = os.environ.get("KEMARI_PATCHED_QEMU")
