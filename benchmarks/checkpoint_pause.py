@@ -159,8 +159,8 @@ QEMU_STEPS = (
     ("reply", "q_reply", "Kemari's REPLY reaches QEMU's COLO thread"),
     ("q_reply", "q_stopped", "QEMU: BQL, pause vCPUs, STOP, drain (vm_stop_force_state)"),
     ("q_stopped", "q_vmstate_send", "QEMU: replication checkpoint, VMSTATE_SEND"),
-    ("q_vmstate_send", "q_devices_saved", "QEMU: device state saved into its buffer"),
-    ("q_devices_saved", "q_sync_start", "QEMU: BQL taken for the RAM part (patch)"),
+    ("q_vmstate_send", "q_devices_saved", "QEMU: device state into its buffer, BQL again"),
+    ("q_devices_saved", "q_sync_start", "QEMU: into the RAM section's completion"),
     ("q_sync_start", "q_sync_end", "QEMU: dirty bitmap sync (+ TLB flush per vCPU)"),
     ("q_sync_end", "q_vmstate_size", "QEMU: pages + EOF written (as fast as Kemari reads)"),
     ("q_vmstate_size", "device_read", "device buffer written, Kemari's last read returns"),
@@ -195,7 +195,7 @@ def report_qemu_trace(
     """QEMU's steps and the hand-overs between QEMU and Kemari, p50 ms."""
     joint = []
     for record in records:
-        points = {name: at for name, at in record.timeline.milestones()}
+        points = dict(record.timeline.milestones())
         origin = record.timeline.origin
         for name, at in trace.get(record.epoch, {}).items():
             points[name] = (at - origin) * 1000
