@@ -83,6 +83,8 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
+        # The client's port, to find this connection in a capture.
+        self.local_port: int = writer.get_extra_info("sockname")[1]
 
     @classmethod
     async def open(cls, host: str, port: int, timeout_s: float) -> _Connection:
@@ -146,7 +148,8 @@ async def run_load(
                     await connection.put(f"load-{index}-{number}", reply_timeout_s)
                 except TimeoutError:
                     raise LoadError(
-                        f"connection {index}: PUT load-{index}-{number} got no reply within "
+                        f"connection {index} (client port {connection.local_port}): "
+                        f"PUT load-{index}-{number} got no reply within "
                         f"{reply_timeout_s:g} s, {time.monotonic() - started:.1f} s into the "
                         f"load; the other {clients - 1} connection(s) completed "
                         f"{len(latencies) - done_before} request(s) meanwhile"
