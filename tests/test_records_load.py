@@ -107,7 +107,7 @@ def test_a_missing_reply_names_its_connection_and_the_others_progress() -> None:
         asyncio.run(scripted_load(answer, clients=4, seconds=30, timeout_s=0.5))
     message = str(lost.value)
     assert re.match(
-        r"connection 2 \(client port \d+\): PUT load-2-3 got no reply within 0\.5 s", message
+        r"connection 2: PUT load-2-3 got no reply within 0\.5 s \(client port \d+\)", message
     )
     progress = re.search(r"the other 3 connection\(s\) completed (\d+) request", message)
     assert progress is not None and int(progress.group(1)) > 0, message

@@ -8,9 +8,10 @@ Used by the benchmarks from inside a client namespace::
 
     python -m kemari.testbed.records_load HOST[:PORT] --clients 16 [--seconds 10] [--check N]
 
-A reply missing for 60 s ends the load (exit 1) with one line naming
-the connection, its request and how many requests the other connections completed while
-it waited: none means the whole service stalled, some means that one connection did.
+A reply missing for 60 s ends the load (exit 1) with one line naming the connection, its
+request, its client port (to find it in a capture) and how many requests the other
+connections completed while it waited: none means the whole service stalled, some means
+that one connection did.
 
 ``--check N`` stores N records one by one before the load and fails (exit 1, one line)
 when any of them takes longer than ``--check-timeout`` seconds: a protected pair that
@@ -36,6 +37,10 @@ REPLY_TIMEOUT_S = 60.0
 
 class LoadError(Exception):
     """A reply was wrong or missing, or a check request was too slow."""
+
+
+class ReplyMissing(LoadError):
+    """A PUT got no reply within its timeout."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +89,7 @@ class _Connection:
         self._reader = reader
         self._writer = writer
         # The client's port, to find this connection in a capture.
-        self.local_port: int = writer.get_extra_info("sockname")[1]
+        self._local_port: int = writer.get_extra_info("sockname")[1]
 
     @classmethod
     async def open(cls, host: str, port: int, timeout_s: float) -> _Connection:
@@ -98,6 +103,11 @@ class _Connection:
         await self._writer.drain()
         try:
             line = await asyncio.wait_for(self._reader.readline(), timeout_s)
+        except TimeoutError:
+            raise ReplyMissing(
+                f"PUT {payload} got no reply within {timeout_s:g} s "
+                f"(client port {self._local_port})"
+            ) from None
         except ValueError:  # StreamReader's limit: no newline within MAX_REPLY_LINE bytes
             raise LoadError(f"PUT {payload} answered over {MAX_REPLY_LINE} bytes") from None
         if not line.startswith(b"OK ") or not line.endswith(b"\n"):
@@ -116,7 +126,7 @@ async def check(host: str, port: int, count: int, timeout_s: float) -> list[floa
             sent = time.monotonic()
             try:
                 await connection.put(f"check-{number}", timeout_s)
-            except TimeoutError as exc:
+            except ReplyMissing as exc:
                 raise LoadError(
                     f"check request {number + 1} of {count} got no reply within {timeout_s:g} s"
                 ) from exc
@@ -146,12 +156,10 @@ async def run_load(
                 done_before = len(latencies)
                 try:
                     await connection.put(f"load-{index}-{number}", reply_timeout_s)
-                except TimeoutError:
+                except ReplyMissing as missing:
                     raise LoadError(
-                        f"connection {index} (client port {connection.local_port}): "
-                        f"PUT load-{index}-{number} got no reply within "
-                        f"{reply_timeout_s:g} s, {time.monotonic() - started:.1f} s into the "
-                        f"load; the other {clients - 1} connection(s) completed "
+                        f"connection {index}: {missing}, {time.monotonic() - started:.1f} s "
+                        f"into the load; the other {clients - 1} connection(s) completed "
                         f"{len(latencies) - done_before} request(s) meanwhile"
                     ) from None
                 latencies.append(time.monotonic() - sent)
