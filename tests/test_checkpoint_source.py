@@ -94,8 +94,9 @@ class ReplicaSink:
     async def sync_pages(self, batch: PageBatch) -> None:
         self._check(self.configuration is not None and not self.synced, "sync pages out of order")
         self._take(batch, self.replica)
-        for record in batch:
-            self.sync_offsets.setdefault(record.block, set()).add(record.offset)
+        for run in batch:
+            pages = [*run.data_pages, *run.zero_pages]
+            self.sync_offsets.setdefault(run.block, set()).update(p * PAGE_SIZE for p in pages)
 
     async def end_sync(self, device_state: bytes, vmdesc: bytes) -> None:
         self._check(not self.synced and bool(device_state), "end_sync out of order or empty")
