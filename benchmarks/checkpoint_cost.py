@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
 import statistics
 import sys
 import tempfile
@@ -42,23 +41,18 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from checkpoint_pause import TICK_DELAY_TSC, PauseRecorder, report_timeline
+from checkpoint_pause import report_timeline
+from ticker_guest import PauseRecorder, patched_binary, ticker_machine, wait_protected
 
-from kemari.checkpoint import CheckpointRecord, CheckpointSource, CheckpointTrigger, SourceState
+from kemari.checkpoint import CheckpointRecord, CheckpointSource, CheckpointTrigger
 from kemari.checkpoint.sender import TransactionSender
 from kemari.config import TlsCreds
-from kemari.qemu.build import patched_qemu
-from kemari.qemu.cmdline import MachineSpec, MemoryFile
-from kemari.qemu.debian import qemu_version
 from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ReplicaApplier
 from kemari.replica.receiver import StandbyReceiver
 from kemari.transaction.pki import make_credentials
 from kemari.transaction.session import Identity, PrimarySession
 from kemari.transaction.transport import connect
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from ticker_rom import ticker_rom
 
 VM = "bench"
 IDENTITY = Identity(VM, bytes(32))
@@ -112,18 +106,7 @@ async def measure_one(
     standby.start()
     try:
         uri = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
-        spec = MachineSpec(
-            name="bench-primary",
-            accel="tcg",
-            qmp_socket=workdir / "qmp.sock",
-            memory_mib=memory,
-            bios=ticker_rom(
-                workdir / "ticker.rom", pages=pages, delay_tsc=TICK_DELAY_TSC, flush_tlb=True
-            ),
-            serial_log=workdir / "serial.log",
-            memory_file=MemoryFile(workdir / "ram"),
-        )
-        async with QemuMachine(spec, binary) as machine:
+        async with QemuMachine(ticker_machine(workdir, memory, pages), binary) as machine:
             transport = await connect(uri, 10, tls=creds)
             session = await PrimarySession.handshake(
                 transport, Identity(VM, bytes(32), capabilities), 10
@@ -131,11 +114,7 @@ async def measure_one(
             sender = TransactionSender(session, commit_timeout_s=30)
             source = CheckpointSource(machine, sender, epoch_ms=ON_DEMAND_EPOCH_MS)
             async with source, CheckpointTrigger(source) as trigger:
-                while source.state is SourceState.SYNCING:
-                    await source.wait_progress(1.0)
-                sync = source.sync
-                if source.state is not SourceState.PROTECTED or sync is None:
-                    raise SystemExit(f"protection failed: {source.state.value} {source.reason}")
+                sync = await wait_protected(source)
                 with machine.subscribe("STOP", "RESUME") as events:
                     recorder = PauseRecorder(events)
                     for _ in range(args.warmup):
@@ -224,16 +203,7 @@ def main() -> int:
         help="after each row, the pause step by step (checkpoint_pause.py's breakdown)",
     )
     args = parser.parse_args()
-    override = os.environ.get("KEMARI_PATCHED_QEMU")
-    patched = patched_qemu()
-    if override:
-        binary = Path(override)
-    elif patched is not None:
-        binary = patched.binary
-    else:
-        print("patched QEMU not built: run `kemari qemu build` first", file=sys.stderr)
-        return 2
-    print(f"QEMU: {qemu_version(binary)} ({binary})")
+    binary = patched_binary()
     print(
         f"standby in another process over TLS on loopback; {args.checkpoints} on-demand "
         f"checkpoints per row after {args.warmup}; capabilities {args.capabilities or 'none'}"

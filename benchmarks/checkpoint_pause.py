@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import re
 import statistics
 import sys
@@ -37,21 +35,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from kemari.checkpoint import (
-    CheckpointRecord,
-    CheckpointSource,
-    CheckpointTrigger,
-    PageBatch,
-    SourceState,
-)
-from kemari.qemu.build import patched_qemu
-from kemari.qemu.cmdline import MachineSpec, MemoryFile
-from kemari.qemu.debian import qemu_version
-from kemari.qemu.machine import EventSubscription, QemuMachine
-from kemari.stream import Configuration, RamBlockList
+from ticker_guest import PauseRecorder, patched_binary, ticker_machine, wait_protected
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from ticker_rom import ticker_rom
+from kemari.checkpoint import CheckpointRecord, CheckpointSource, CheckpointTrigger, PageBatch
+from kemari.qemu.machine import QemuMachine
+from kemari.stream import Configuration, RamBlockList
 
 PERIODS_MS = (200, 50, 20)
 # The steps of the pause, between two milestones of PauseTimeline, and who works in them.
@@ -68,7 +56,6 @@ PAUSE_STEPS = (
     ("loaded", "resume", "QEMU reads RECEIVED, LOADED, takes the BQL, vm_start"),
 )
 ON_DEMAND_EPOCH_MS = 60_000
-TICK_DELAY_TSC = 2_000_000  # about 1 ms of host TSC
 
 
 class HoldingSink:
@@ -109,33 +96,6 @@ def percentiles_ms(values: Sequence[float]) -> str:
     p50 = statistics.median(ordered)
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     return f"p50 {p50 * 1e3:6.2f} ms  p99 {p99 * 1e3:6.2f} ms"
-
-
-class PauseRecorder:
-    """STOP -> RESUME durations from QEMU's event timestamps, collected in the background."""
-
-    def __init__(self, events: EventSubscription) -> None:
-        self.pauses: list[float] = []
-        self._task = asyncio.create_task(self._collect(events))
-
-    async def _collect(self, events: EventSubscription) -> None:
-        stopped: float | None = None
-        async for event in events:
-            if event.name == "STOP":
-                stopped = event.timestamp
-            elif event.name == "RESUME" and stopped is not None:
-                self.pauses.append(event.timestamp - stopped)
-                stopped = None
-
-    def take(self) -> list[float]:
-        """The pauses recorded since the last call."""
-        taken, self.pauses = self.pauses, []
-        return taken
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
 
 # QEMU trace points of one checkpoint (migration/colo.c colo_do_checkpoint_transaction, in
@@ -269,19 +229,7 @@ def report(
 
 
 async def measure(args: argparse.Namespace, binary: Path, workdir: Path) -> None:
-    spec = MachineSpec(
-        name="bench-primary",
-        accel="tcg",
-        qmp_socket=workdir / "qmp.sock",
-        memory_mib=args.memory,
-        # invlpg before each store: without it TCG misses writes to TLB-resident pages
-        # (see docs/checkpoint.md) and checkpoints would carry no pages at all.
-        bios=ticker_rom(
-            workdir / "ticker.rom", pages=args.pages, delay_tsc=TICK_DELAY_TSC, flush_tlb=True
-        ),
-        serial_log=workdir / "serial.log",
-        memory_file=MemoryFile(workdir / "ram"),
-    )
+    spec = ticker_machine(workdir, args.memory, args.pages)
     trace_log = workdir / "qemu-trace.log"
     if args.qemu_trace:
         binary = traced_qemu(binary, trace_log, workdir / "qemu-traced")
@@ -291,11 +239,7 @@ async def measure(args: argparse.Namespace, binary: Path, workdir: Path) -> None
         await asyncio.sleep(0.5)
         source = CheckpointSource(machine, HoldingSink(), epoch_ms=ON_DEMAND_EPOCH_MS)
         async with source, CheckpointTrigger(source) as trigger:
-            while source.state is SourceState.SYNCING:
-                await source.wait_progress(1.0)
-            sync = source.sync
-            if source.state is not SourceState.PROTECTED or sync is None:
-                raise SystemExit(f"protection failed: {source.state.value} {source.reason}")
+            sync = await wait_protected(source)
             print(
                 f"initial sync: {sync.ram_bytes >> 20} MiB guest in {sync.duration_s:.2f} s "
                 f"({sync.ram_bytes / sync.duration_s / 2**20:.0f} MiB/s of guest RAM; "
@@ -363,16 +307,7 @@ def main() -> int:
         help="also log QEMU's checkpoint trace points and print its steps",
     )
     args = parser.parse_args()
-    override = os.environ.get("KEMARI_PATCHED_QEMU")
-    patched = patched_qemu()
-    if override:
-        binary = Path(override)
-    elif patched is not None:
-        binary = patched.binary
-    else:
-        print("patched QEMU not built: run `kemari qemu build` first", file=sys.stderr)
-        return 2
-    print(f"QEMU: {qemu_version(binary)} ({binary})")
+    binary = patched_binary()
     print(f"guest: {args.memory} MiB, ticker dirtying {args.pages} pages per ~1 ms tick")
     with tempfile.TemporaryDirectory(prefix="kemari-bench-") as tmp:
         asyncio.run(measure(args, binary, Path(tmp)))

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from stream_model import normalize
 from support import prerequisites
 from ticker_rom import ticker_rom, ticks
 
@@ -28,7 +29,7 @@ from kemari.checkpoint import CheckpointSource, CheckpointTrigger, PageBatch, So
 from kemari.errors import CheckpointError
 from kemari.qemu.cmdline import MachineSpec, MemoryFile
 from kemari.qemu.machine import QemuMachine
-from kemari.stream import Configuration, RamBlock, RamBlockList, RamPage
+from kemari.stream import Configuration, RamBlock, RamBlockList
 from kemari.stream.format import PAGE_SIZE
 from kemari.testbed.wait import async_wait_for
 
@@ -68,19 +69,22 @@ class ReplicaSink:
             raise AssertionError(what)
 
     def _take(self, batch: PageBatch, into: dict[Key, bytes]) -> None:
-        for record in batch:
-            block = self.blocks.get(record.block)
-            self._check(block is not None, f"page of unknown block {record.block}")
+        for record in normalize(list(batch)):
+            assert isinstance(record, tuple)
+            name, offset = record[1], record[2]
+            block = self.blocks.get(name)
+            self._check(block is not None, f"page of unknown block {name}")
             assert block is not None
             self._check(
-                record.offset % PAGE_SIZE == 0 and record.offset < block.used_length,
-                f"page {record.block}+{record.offset:#x} outside its block",
+                offset % PAGE_SIZE == 0 and offset < block.used_length,
+                f"page {name}+{offset:#x} outside its block",
             )
-            if isinstance(record, RamPage):
-                self._check(len(record.data) == PAGE_SIZE, "short page")
-                into[record.block, record.offset] = bytes(record.data)
+            if record[0] == "page":
+                data = record[3]
+                self._check(len(data) == PAGE_SIZE, "short page")
+                into[name, offset] = data
             else:
-                into[record.block, record.offset] = bytes([record.fill]) * PAGE_SIZE
+                into[name, offset] = bytes(PAGE_SIZE)
 
     async def begin_sync(self, configuration: Configuration, blocks: RamBlockList) -> None:
         self._check(self.configuration is None, "second begin_sync")
@@ -90,8 +94,9 @@ class ReplicaSink:
     async def sync_pages(self, batch: PageBatch) -> None:
         self._check(self.configuration is not None and not self.synced, "sync pages out of order")
         self._take(batch, self.replica)
-        for record in batch:
-            self.sync_offsets.setdefault(record.block, set()).add(record.offset)
+        for run in batch:
+            pages = [*run.data_pages, *run.zero_pages]
+            self.sync_offsets.setdefault(run.block, set()).update(p * PAGE_SIZE for p in pages)
 
     async def end_sync(self, device_state: bytes, vmdesc: bytes) -> None:
         self._check(not self.synced and bool(device_state), "end_sync out of order or empty")

@@ -72,8 +72,7 @@ from kemari.stream import (
     DeviceState,
     LiveStateEnd,
     RamBlockList,
-    RamPage,
-    RamZeroPage,
+    RamPageRun,
     StreamEvent,
     StreamParser,
     VmDescription,
@@ -83,9 +82,7 @@ from kemari.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-PageRecord = RamPage | RamZeroPage
-PageBatch = Sequence[PageRecord]
-_PAGE_TYPES = (RamPage, RamZeroPage)
+PageBatch = Sequence[RamPageRun]
 
 FD_NAME = "kemari_colo"
 # Test hooks (kemari/crashpoint.py): die before answering checkpoint N's REQUEST; die
@@ -122,7 +119,7 @@ _RECEIVED_LOADED = encode_colo_message(ColoMessage.VMSTATE_RECEIVED) + encode_co
 class CheckpointSink(Protocol):
     """Where the source delivers the guest's state; every call may raise to mean "standby lost".
 
-    Page records hold memoryviews into immutable input chunks, so a sink may keep them.
+    Page runs hold memoryviews into immutable input chunks, so a sink may keep them.
     Calls come strictly in the order described in the module docstring.
     """
 
@@ -541,9 +538,9 @@ class CheckpointSource:
             self._signal_progress()
 
     async def _dispatch(self, events: list[StreamEvent], sock: socket.socket) -> None:
-        batch: list[PageRecord] = []
+        batch: list[RamPageRun] = []
         for event in events:
-            if isinstance(event, _PAGE_TYPES):
+            if type(event) is RamPageRun:
                 batch.append(event)
                 continue
             if batch:
@@ -553,8 +550,8 @@ class CheckpointSource:
         if batch:
             await self._deliver_pages(batch)
 
-    async def _deliver_pages(self, batch: list[PageRecord]) -> None:
-        self._pages += len(batch)
+    async def _deliver_pages(self, batch: list[RamPageRun]) -> None:
+        self._pages += sum(run.page_count for run in batch)
         if self._state is SourceState.SYNCING:
             await self.sink.sync_pages(batch)
         else:
