@@ -51,8 +51,8 @@ PAUSE_STEPS = (
     ("ram_end", "vmstate_size", "QEMU: EOF, then VMSTATE_SIZE"),
     ("vmstate_size", "device_read", "QEMU writes the device buffer, Kemari reads it"),
     ("device_read", "device_parsed", "Kemari parses the last read, forwards its pages"),
-    ("device_parsed", "captured", "Kemari: sink device_state() + commit()"),
-    ("captured", "loaded", "Kemari: in-flight window; then RECEIVED + LOADED written"),
+    ("device_parsed", "captured", "Kemari: the capture recorded"),
+    ("captured", "loaded", "Kemari: in-flight window (full: forwards N first); LOADED"),
     ("loaded", "resume", "QEMU reads RECEIVED, LOADED, takes the BQL, vm_start"),
 )
 ON_DEMAND_EPOCH_MS = 60_000

@@ -312,7 +312,39 @@ def test_checkpoints_carry_writes_to_tlb_resident_pages(
     run(scenario)
 
 
-def test_guest_stays_paused_until_commit_returns(tmp_path: Path, patched_qemu_binary: Path) -> None:
+def test_the_guest_runs_while_its_checkpoint_is_forwarded(
+    tmp_path: Path, patched_qemu_binary: Path
+) -> None:
+    """LOADED goes once the checkpoint is read and held; the sink gets it after that, so
+    the guest runs (and ticks) while ``commit(N)`` has not returned, and N is reported
+    committed only after it did."""
+
+    async def scenario() -> None:
+        sink = ReplicaSink()
+        seen: list[tuple[int, int]] = []
+        async with ticker_primary(tmp_path, patched_qemu_binary) as machine:
+            source = CheckpointSource(machine, sink, epoch_ms=60_000)
+
+            async def commit_while_the_guest_runs(epoch: int) -> None:
+                await ticks_advance(tmp_path / "serial.log")
+                seen.append((epoch, source.committed_epoch))
+
+            sink.on_commit = commit_while_the_guest_runs
+            async with source, CheckpointTrigger(source) as trigger:
+                await wait_state(source, SourceState.PROTECTED, SourceState.UNPROTECTED)
+                for expected in (1, 2, 3):
+                    assert await trigger.checkpoint() == expected
+                assert source.state is SourceState.PROTECTED, source.reason
+        assert seen == [(1, 0), (2, 1), (3, 2)]
+        assert sink.violations == []
+
+    run(scenario)
+
+
+def test_a_window_of_0_keeps_the_guest_paused_until_commit_returns(
+    tmp_path: Path, patched_qemu_binary: Path
+) -> None:
+    """``in_flight=0``, the synchronous protocol: N goes to the sink before LOADED."""
 
     async def scenario() -> None:
         sink = ReplicaSink()
@@ -327,7 +359,7 @@ def test_guest_stays_paused_until_commit_returns(tmp_path: Path, patched_qemu_bi
                 seen.append((epoch, before.status, before.running or after.running))
 
             sink.on_commit = slow_commit
-            source = CheckpointSource(machine, sink, epoch_ms=60_000)
+            source = CheckpointSource(machine, sink, epoch_ms=60_000, in_flight=0)
             async with source, CheckpointTrigger(source) as trigger:
                 await wait_state(source, SourceState.PROTECTED, SourceState.UNPROTECTED)
                 for _ in range(3):

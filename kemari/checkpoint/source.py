@@ -7,25 +7,30 @@ Everything QEMU sends goes to a :class:`CheckpointSink` (the ft-transaction send
 
     initial sync   begin_sync(config, blocks) → sync_pages(batch)… → end_sync(device, vmdesc)
                    then Kemari sends CHECKPOINT_READY and the guest runs (protected)
-    checkpoint N   REQUEST → Kemari answers REPLY (QEMU stops the VM) → begin(N) →
-                   pages(batch)… → device_state(N, data) → commit(N) (queued) →
-                   Kemari answers RECEIVED + LOADED (QEMU resumes the VM)
+    checkpoint N   REQUEST → Kemari answers REPLY (QEMU stops the VM) → the pages and the
+                   device state are read and held → Kemari answers RECEIVED + LOADED
+                   (QEMU resumes the VM) → begin(N) → pages(batch)… →
+                   device_state(N, data) → commit(N) (queued)
     in background  acknowledged(N) → listeners' checkpoint_committed(N), in epoch order
 
 Pipelining (docs/protocol.md, "Pipelined checkpoints"): checkpoint N is *captured* once
-``commit(N)`` returned (its state, outputs and COMMIT are queued to the standby); the
-guest resumes at once unless the :class:`~kemari.checkpoint.inflight.InflightWindow` is
-over its bounds, in which case LOADED waits until enough acknowledgements arrived.  One
+its whole stream is read and parsed, its pages held as views of the chunks they came
+in; the guest resumes at once unless the
+:class:`~kemari.checkpoint.inflight.InflightWindow` is over its bounds, in which case
+LOADED waits until enough acknowledgements arrived.  Only then does the sink get N, so
+framing and encrypting it overlap with the guest running instead of pausing it.  One
 background task awaits the acknowledgements in epoch order.
 
 Invariants:
 
 * CHECKPOINT_READY is sent only after ``end_sync`` returned (the standby holds epoch 0).
-  VMSTATE_LOADED(N) is sent only after ``commit(N)`` returned and while the window is
-  within its bounds, so the guest never runs more than the window ahead of the standby.
-* Listeners hear ``checkpoint_committed(N)`` only after ``acknowledged(N)`` returned, once
-  per epoch, in increasing order: an output tagged N is released only after the standby
-  committed N.
+  VMSTATE_LOADED(N) is sent only once N is captured and while the window (N included)
+  is within its bounds, so the guest never runs more than the window ahead of the standby.
+  N goes to the sink right after LOADED, or before it when the guest must wait for
+  acknowledgements anyway (with a window of 0, for N's own).
+* Listeners hear ``checkpoint_committed(N)`` only after ``commit(N)`` and then
+  ``acknowledged(N)`` returned, once per epoch, in increasing order: an output tagged N
+  is released only after the standby committed N.
 * A checkpoint requested at time *t* is served by the first checkpoint whose REQUEST Kemari
   had not yet seen at *t*: QEMU stops the VM only after Kemari's REPLY, hence after *t*.
 * Output tagging (docs/protocol.md, "Event-tap"): :attr:`output_epoch` is the checkpoint
@@ -197,7 +202,7 @@ class CheckpointRecord:
     epoch: int
     stop_s: float  # CHECKPOINT_REQUEST received → VMSTATE_SEND received (QEMU stops the VM)
     pause_s: float  # VMSTATE_SEND received → VMSTATE_LOADED sent (the VM is stopped)
-    transfer_s: float  # VMSTATE_SEND → device state received (RAM and devices forwarded)
+    transfer_s: float  # VMSTATE_SEND → device state received (RAM and devices read)
     held_s: float  # part of the pause LOADED waited for the in-flight window
     commit_s: float  # commit() called → acknowledged() returned (the commit round trip)
     pages: int  # page records (data and zero pages)
@@ -218,9 +223,9 @@ class _Capture:
     stream_bytes: int
     device_bytes: int
     stopped_at: float
-    commit_started_at: float
     marks: PauseMarks
     resumed_at: float | None = None
+    commit_started_at: float | None = None
     held_s: float = 0.0
     acked_at: float | None = None
 
@@ -232,7 +237,12 @@ class _Capture:
     def record(self) -> CheckpointRecord | None:
         """The record, once the guest resumed from it and the standby committed it."""
         timeline = self.marks.timeline()
-        if self.resumed_at is None or self.acked_at is None or timeline is None:
+        if (
+            self.resumed_at is None
+            or self.commit_started_at is None
+            or self.acked_at is None
+            or timeline is None
+        ):
             return None
         return CheckpointRecord(
             epoch=self.epoch,
@@ -289,6 +299,9 @@ class CheckpointSource:
         self._listeners: list[SourceListener] = []
         self._resumed = 0  # checkpoints captured and resumed from (LOADED sent)
         self._committed = 0  # checkpoints the standby acknowledged (listeners told)
+        self._forwarded = 0  # checkpoints whose commit() returned (queued to the standby)
+        # The page batches of the checkpoint being captured, for the sink after LOADED.
+        self._held_pages: list[list[RamPageRun]] = []
         self._window: InflightWindow[_Capture] = InflightWindow(in_flight)
         self._pages = 0  # page records of the sync / checkpoint in progress
         self._received = 0  # stream bytes so far
@@ -525,7 +538,7 @@ class CheckpointSource:
         while True:
             progress = self._progress
             epoch = self._window.oldest
-            if epoch is None:
+            if epoch is None or epoch > self._forwarded:
                 await progress.wait()
                 continue
             await self.sink.acknowledged(epoch)
@@ -555,7 +568,7 @@ class CheckpointSource:
         if self._state is SourceState.SYNCING:
             await self.sink.sync_pages(batch)
         else:
-            await self.sink.pages(batch)
+            self._held_pages.append(batch)
 
     async def _handle(self, event: StreamEvent, sock: socket.socket) -> None:
         if isinstance(event, ColoEvent):
@@ -619,7 +632,6 @@ class CheckpointSource:
             self._timed.append(self._marks)
             await asyncio.get_running_loop().sock_sendall(sock, _REPLY)
             self._signal_progress()
-            await self.sink.begin(self._requested)
         elif message is ColoMessage.VMSTATE_SEND:
             # Ordering: counted before any await, so outputs read from now on are tagged
             # with the next checkpoint (the VM is stopped for this one).
@@ -641,10 +653,6 @@ class CheckpointSource:
         marks.device_parsed = transferred_at
         if marks.first_page is None and self._pages:
             marks.first_page = self._read_at  # the pages came in this same read
-        await self.sink.device_state(epoch, device_state)
-        commit_started = time.monotonic()
-        await self.sink.commit(epoch)
-        marks.captured = time.monotonic()
         stream_bytes = self._received - self._received_at_mark
         capture = _Capture(
             epoch=epoch,
@@ -654,21 +662,32 @@ class CheckpointSource:
             stream_bytes=stream_bytes,
             device_bytes=len(device_state),
             stopped_at=self._stopped_at,
-            commit_started_at=commit_started,
             marks=marks,
         )
         self._pages = 0
         self._received_at_mark = self._received
-        # Captured: from now on the acknowledgement task awaits the standby's ack of it.
+        # Captured: held in memory; it counts in the window from now on.
+        marks.captured = time.monotonic()
         self._window.add(epoch, stream_bytes, capture)
         self._signal_progress()
-        # Ordering: LOADED (QEMU resumes the guest) only while the window is within its
-        # bounds; otherwise the guest stays stopped until enough acks arrived.
+        if self._window.resume_allowed:
+            await self._resume(epoch, capture, sock)
+            # Only now does the sink get N: framing and encrypting it overlap with the
+            # guest running.  QEMU sends nothing more until Kemari answers its next REQUEST.
+            await self._forward(epoch, capture, device_state)
+        else:
+            # The guest waits for acknowledgements anyway (N's own, with a window of 0):
+            # forward N meanwhile.
+            await self._forward(epoch, capture, device_state)
+            await self._resume(epoch, capture, sock)
+
+    async def _resume(self, epoch: int, capture: _Capture, sock: socket.socket) -> None:
+        """Write LOADED once the window is within its bounds: QEMU resumes the guest."""
         held_from = time.monotonic()
         while not self._window.resume_allowed:
             await self._progress.wait()
-        marks.loaded = time.monotonic()
-        capture.held_s = marks.loaded - held_from
+        capture.marks.loaded = time.monotonic()
+        capture.held_s = capture.marks.loaded - held_from
         await asyncio.get_running_loop().sock_sendall(sock, _RECEIVED_LOADED)
         capture.resumed_at = time.monotonic()
         self._resumed = epoch
@@ -680,6 +699,19 @@ class CheckpointSource:
         # The guest is resuming: the QMP events of the last checkpoints go to their records
         # now (this also keeps their queue short when nobody reads the records).
         self._place_run_state_events()
+        self._signal_progress()
+
+    async def _forward(self, epoch: int, capture: _Capture, device_state: bytes) -> None:
+        """Hand checkpoint N to the sink, which queues it to the standby; from then on the
+        acknowledgement task awaits the standby's ack of it."""
+        held, self._held_pages = self._held_pages, []
+        await self.sink.begin(epoch)
+        for batch in held:
+            await self.sink.pages(batch)
+        await self.sink.device_state(epoch, device_state)
+        capture.commit_started_at = time.monotonic()
+        await self.sink.commit(epoch)
+        self._forwarded = epoch
         self._signal_progress()
 
     def _record(self, capture: _Capture) -> None:

@@ -44,7 +44,7 @@ class PauseTimeline:
     vmstate_size_ms: float  # the read that carried VMSTATE_SIZE
     device_read_ms: float  # the read that completed the device-state buffer
     device_parsed_ms: float  # that buffer parsed and handed to the sink
-    captured_ms: float  # the sink's commit() returned: the checkpoint is queued
+    captured_ms: float  # the checkpoint is read and held (it counts in the in-flight window)
     loaded_ms: float  # VMSTATE_RECEIVED + VMSTATE_LOADED about to be written
     resume_ms: float | None  # QEMU's RESUME event: vm_start begins
 
