@@ -21,12 +21,15 @@ prints one row per configuration:
   sb cpu     the standby process's CPU ms per checkpoint (TLS, staging, journal, apply;
              /proc/PID/stat, all its threads)
 
+With ``--timeline``, each row is followed by the pause step by step (the records'
+timelines, as benchmarks/checkpoint_pause.py prints them).
+
 Goals (issue 11): pause p50 <= 1 ms at <= 200 dirty pages and <= 2 ms at 1,000; it grows
 <= 1 ms per 1,000 pages and stays flat in guest size.
 
 Needs Kemari's patched QEMU (``kemari qemu build``; KEMARI_PATCHED_QEMU=PATH overrides).
 Usage: python benchmarks/checkpoint_cost.py [--memory 256,1024,2048] [--pages 100,1000,10000]
-       [--checkpoints 60] [--compression off|zstd]
+       [--checkpoints 60] [--capability zstd-pages] [--timeline]
 """
 
 from __future__ import annotations
@@ -43,23 +46,18 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from checkpoint_pause import TICK_DELAY_TSC, PauseRecorder
+from checkpoint_pause import report_timeline
+from ticker_guest import PauseRecorder, patched_binary, ticker_machine, wait_protected
 
-from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
+from kemari.checkpoint import CheckpointRecord, CheckpointSource, CheckpointTrigger
 from kemari.checkpoint.sender import TransactionSender
 from kemari.config import TlsCreds
-from kemari.qemu.build import patched_qemu
-from kemari.qemu.cmdline import MachineSpec, MemoryFile
-from kemari.qemu.debian import qemu_version
 from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ReplicaApplier
 from kemari.replica.receiver import StandbyReceiver
 from kemari.transaction.pki import make_credentials
 from kemari.transaction.session import Identity, PrimarySession
 from kemari.transaction.transport import connect
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from ticker_rom import ticker_rom
 
 VM = "bench"
 IDENTITY = Identity(VM, bytes(32))
@@ -114,8 +112,8 @@ async def measure_one(
     memory: int,
     pages: int,
     args: argparse.Namespace,
-) -> str:
-    """One configuration: boot, protect, take the checkpoints; the table row."""
+) -> tuple[list[CheckpointRecord], str]:
+    """One configuration: boot, protect, take the checkpoints; its records and table row."""
     capabilities = tuple(args.capabilities)
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -126,18 +124,7 @@ async def measure_one(
     standby.start()
     try:
         uri = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
-        spec = MachineSpec(
-            name="bench-primary",
-            accel="tcg",
-            qmp_socket=workdir / "qmp.sock",
-            memory_mib=memory,
-            bios=ticker_rom(
-                workdir / "ticker.rom", pages=pages, delay_tsc=TICK_DELAY_TSC, flush_tlb=True
-            ),
-            serial_log=workdir / "serial.log",
-            memory_file=MemoryFile(workdir / "ram"),
-        )
-        async with QemuMachine(spec, binary) as machine:
+        async with QemuMachine(ticker_machine(workdir, memory, pages), binary) as machine:
             transport = await connect(uri, 10, tls=creds)
             session = await PrimarySession.handshake(
                 transport, Identity(VM, bytes(32), capabilities), 10
@@ -145,11 +132,7 @@ async def measure_one(
             sender = TransactionSender(session, commit_timeout_s=30)
             source = CheckpointSource(machine, sender, epoch_ms=ON_DEMAND_EPOCH_MS)
             async with source, CheckpointTrigger(source) as trigger:
-                while source.state is SourceState.SYNCING:
-                    await source.wait_progress(1.0)
-                sync = source.sync
-                if source.state is not SourceState.PROTECTED or sync is None:
-                    raise SystemExit(f"protection failed: {source.state.value} {source.reason}")
+                sync = await wait_protected(source)
                 with machine.subscribe("STOP", "RESUME") as events:
                     recorder = PauseRecorder(events)
                     for _ in range(args.warmup):
@@ -178,7 +161,7 @@ async def measure_one(
         standby.join(30)
     count = statistics.mean(r.pages for r in records)
     stream = statistics.mean(r.stream_bytes for r in records) / 1024
-    return (
+    return records, (
         f"{memory:6d} {pages:6d} | {_p(pauses, 0.5):6.2f} {_p(pauses, 0.99):6.2f} | "
         f"{_p([r.pause_s for r in records], 0.5):6.2f} | "
         f"{_p(requests, 0.5):6.2f} {_p(requests, 0.99):6.2f} | "
@@ -205,8 +188,10 @@ async def measure(args: argparse.Namespace, binary: Path, root: Path, replicas: 
             workdir = root / f"{memory}-{pages}"
             workdir.mkdir()
             replica = replicas / f"{memory}-{pages}"
-            row = await measure_one(binary, workdir, replica, creds, memory, pages, args)
+            records, row = await measure_one(binary, workdir, replica, creds, memory, pages, args)
             print(row, flush=True)
+            if args.timeline:
+                report_timeline(records)
 
 
 def _int_list(text: str) -> list[int]:
@@ -240,17 +225,13 @@ def main() -> int:
         default=Path("/dev/shm"),
         help="where the standby's replica directories go (default /dev/shm)",
     )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="after each row, the pause step by step (checkpoint_pause.py's breakdown)",
+    )
     args = parser.parse_args()
-    override = os.environ.get("KEMARI_PATCHED_QEMU")
-    patched = patched_qemu()
-    if override:
-        binary = Path(override)
-    elif patched is not None:
-        binary = patched.binary
-    else:
-        print("patched QEMU not built: run `kemari qemu build` first", file=sys.stderr)
-        return 2
-    print(f"QEMU: {qemu_version(binary)} ({binary})")
+    binary = patched_binary()
     print(
         f"standby in another process over TLS on loopback; {args.checkpoints} on-demand "
         f"checkpoints per row after {args.warmup}; capabilities {args.capabilities or 'none'}; "

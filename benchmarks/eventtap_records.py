@@ -4,8 +4,9 @@ For each mode a primary ``kemari run`` (records guest, TCG) and, when protected,
 ``kemari run --incoming`` are started in two host namespaces of a testbed LAN; protection
 starts with the monitor's ``migrate -d``; in a third namespace, for each count N of
 ``--clients`` (in order, on the same pair), N closed-loop clients on N TCP connections store
-records as fast as they can for ``--seconds``.  Printed per mode and client count: requests/s
-and its ratio to the unprotected row of the same count, client request latency p50/p99, the
+records as fast as they can for ``--seconds`` (kemari/testbed/records_load.py).  Printed per
+mode and client count: requests/s and its ratio to the unprotected row of the same count,
+client request latency p50/p99/max and stalls (requests that waited over 1 s), the
 event-tap's output-commit latency (held → released, over its last 4,096 outputs) p50/p99,
 checkpoints/s and the checkpoint pause p50.  Mode ``event+periodic-100-sync`` is
 ``event+periodic-100`` with ``--checkpoints-in-flight 0`` (the synchronous protocol), so
@@ -38,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from kemari.config import DEFAULT_CHECKPOINTS_IN_FLIGHT
+from kemari.errors import KemariError
 from kemari.image.disk import create_data_disk
 from kemari.testbed.topology import Topology
 from kemari.testbed.vm import AgentProcess
+from kemari.testbed.wait import wait_for
 
 GUEST_IP = "10.213.0.2"
 PRIMARY_IP = "10.213.0.11"
@@ -58,61 +61,6 @@ MODES: dict[str, tuple[str, int, int]] = {
     # The same with the synchronous protocol: the guest waits for every acknowledgement.
     "event+periodic-100-sync": ("event+periodic", 100, 0),
 }
-
-# N closed-loop clients, one connection each (the records protocol: docs/guest.md); every
-# client connects and stores a warm-up record before the clock starts.
-LOAD_SCRIPT = """
-import asyncio, json, statistics, sys, time
-from kemari.testbed.records import RECORDS_PORT
-host, seconds, clients = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-
-async def put(connection, payload):
-    reader, writer = connection
-    writer.write(f"PUT {payload}\\n".encode())
-    line = await asyncio.wait_for(reader.readline(), 60)
-    if not line.startswith(b"OK "):
-        raise SystemExit(f"PUT answered {line!r}")
-
-async def warm_up(n):
-    connection = await asyncio.open_connection(host, RECORDS_PORT)
-    await put(connection, f"warmup-{n}")
-    return connection
-
-async def run(n, connection, deadline, latencies):
-    count = 0
-    while time.monotonic() < deadline:
-        sent = time.monotonic()
-        await put(connection, f"bench-{n}-{count}")
-        latencies.append(time.monotonic() - sent)
-        count += 1
-    connection[1].close()
-
-async def main():
-    connections = await asyncio.gather(*(warm_up(n) for n in range(clients)))
-    latencies = []
-    started = time.monotonic()
-    await asyncio.gather(
-        *(run(n, c, started + seconds, latencies) for n, c in enumerate(connections))
-    )
-    elapsed = time.monotonic() - started
-    latencies.sort()
-    print(json.dumps({
-        "requests": len(latencies),
-        "per_s": len(latencies) / elapsed,
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-    }))
-
-asyncio.run(main())
-"""
-
-
-def wait_for(predicate: Any, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def run_mode(
@@ -159,9 +107,12 @@ def run_mode(
                 before = primary.status()
                 started = time.monotonic()
                 load = client_ns.run(
-                    [sys.executable, "-c", LOAD_SCRIPT, GUEST_IP, str(seconds), str(count)],
+                    [
+                        sys.executable, "-m", "kemari.testbed.records_load", GUEST_IP,
+                        "--clients", str(count), "--seconds", str(seconds),
+                    ],
                     timeout=seconds + 120,
-                )
+                )  # fmt: skip
                 elapsed = time.monotonic() - started
                 after = primary.status()
                 results[count] = numbers(json.loads(load.stdout), before, after, elapsed)
@@ -222,6 +173,9 @@ def main() -> int:
             ).items():
                 results[mode, count] = result
                 print(f"{mode} x{count}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    except KemariError as exc:  # a load that failed (a missing reply) or an agent that did
+        print(f"eventtap_records: {exc}", file=sys.stderr)
+        return 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -229,16 +183,16 @@ def main() -> int:
         return "-" if value is None else f"{value:.1f}"
 
     print(
-        "| mode | clients | requests/s | latency p50 / p99 ms | output-commit p50 / p99 ms "
-        "| checkpoints/s | pause p50 ms | pages (last checkpoint) |"
+        "| mode | clients | requests/s | latency p50 / p99 / max ms | stalls > 1 s "
+        "| output-commit p50 / p99 ms | checkpoints/s | pause p50 ms | pages (last checkpoint) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (mode, count), r in results.items():
         base = results.get(("unprotected", count), {}).get("per_s")
         ratio = f" ({r['per_s'] / base:.2f}x)" if base else ""
         print(
             f"| {mode} | {count} | {r['per_s']:.0f}{ratio} | "
-            f"{cell(r['p50_ms'])} / {cell(r['p99_ms'])} | "
+            f"{cell(r['p50_ms'])} / {cell(r['p99_ms'])} / {cell(r['max_ms'])} | {r['stalls']} | "
             f"{cell(r['commit_p50_ms'])} / {cell(r['commit_p99_ms'])} | "
             f"{r['checkpoints_per_s']:.1f} | {cell(r['pause_p50_ms'])} | {r['pages_last'] or '-'} |"
         )

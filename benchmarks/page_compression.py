@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 from kemari.checkpoint import CheckpointSource, PageBatch, SourceState
@@ -34,7 +35,7 @@ from kemari.image.builder import default_image
 from kemari.qemu.build import patched_qemu
 from kemari.qemu.cmdline import MachineSpec, MemoryFile
 from kemari.qemu.machine import QemuMachine
-from kemari.stream import Configuration, RamBlockList, RamPage
+from kemari.stream import Configuration, RamBlockList, RamPageRun
 from kemari.testbed.wait import async_wait_for
 from kemari.transaction.wire import FrameDecoder, FrameEncoder, RamPages, ZstdRamPages
 
@@ -42,12 +43,12 @@ MIB = 1 << 20
 
 
 class KeepingSink:
-    """Keeps a copy of each checkpoint's page records; commits at once."""
+    """Keeps a copy of each checkpoint's data pages; commits at once."""
 
     def __init__(self) -> None:
         self.blocks: dict[str, int] = {}
         self.block_pages: list[int] = []
-        self.checkpoints: list[list[RamPage]] = []
+        self.checkpoints: list[list[RamPageRun]] = []
 
     async def begin_sync(self, configuration: Configuration, blocks: RamBlockList) -> None:
         self.blocks = {block.name: i for i, block in enumerate(blocks.blocks)}
@@ -64,9 +65,11 @@ class KeepingSink:
 
     async def pages(self, batch: PageBatch) -> None:
         self.checkpoints[-1].extend(
-            RamPage(r.block, r.offset, memoryview(bytes(r.data)))
-            for r in batch
-            if isinstance(r, RamPage)
+            RamPageRun(
+                run.block, run.data_pages, [memoryview(bytes(d)) for d in run.data], array("I")
+            )
+            for run in batch
+            if run.data_pages
         )
 
     async def device_state(self, epoch: int, data: bytes) -> None:

@@ -44,8 +44,9 @@ checkpoint or the 3 s compare timeout); a pair failing the check is restarted, u
 ``--attempts`` times, and every failed attempt is reported.
 
 Printed, one row per mode and load: requests/s, ratio to unprotected, request latency
-p50/p99, checkpoints/s and guest pause p50/max during the load (COLO: the primary's QMP
-STOP/RESUME events; Kemari: its status), and Kemari's output-commit p50/p99 (held ->
+p50/p99 and max, stalls (requests that waited over 1 s for their reply: a lone stall moves
+no percentile), checkpoints/s and guest pause p50/max during the load (COLO: the primary's
+QMP STOP/RESUME events; Kemari: its status), and Kemari's output-commit p50/p99 (held ->
 released, over the event-tap's last 4,096 outputs).  Needs root, the guest image, the
 patched QEMU and ``qemu-img``.  Usage::
 
@@ -145,6 +146,8 @@ class LoadRow:
     per_s: float
     p50_ms: float
     p99_ms: float
+    max_ms: float
+    stalls: int
     checkpoints_per_s: float | None = None
     pause_p50_ms: float | None = None
     pause_max_ms: float | None = None
@@ -382,7 +385,8 @@ async def measure_loads(
         started = time.monotonic()
         load = await run_load(client, clients, seconds, check=check and clients == LOADS[0])
         extra = {} if sample is None else await sample(time.monotonic() - started)
-        rows.append(LoadRow(mode, clients, load["per_s"], load["p50_ms"], load["p99_ms"], **extra))
+        measured = {key: load[key] for key in ("per_s", "p50_ms", "p99_ms", "max_ms", "stalls")}
+        rows.append(LoadRow(mode, clients, **measured, **extra))
     return rows
 
 
@@ -637,15 +641,16 @@ def cell(value: float | None, digits: int = 1) -> str:
 def print_table(rows: list[LoadRow]) -> None:
     base = {row.clients: row.per_s for row in rows if row.mode == "unprotected"}
     print(
-        "| mode | clients | requests/s | ratio | latency p50 / p99 ms "
+        "| mode | clients | requests/s | ratio | latency p50 / p99 / max ms | stalls > 1 s "
         "| checkpoints/s | pause p50 / max ms | output-commit p50 / p99 ms |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in sorted(rows, key=lambda r: r.clients):
         ratio = f"{row.per_s / base[row.clients]:.2f}" if base.get(row.clients) else "-"
         print(
             f"| {row.mode} | {row.clients} | {row.per_s:.0f} | {ratio} "
-            f"| {cell(row.p50_ms)} / {cell(row.p99_ms)} | {cell(row.checkpoints_per_s)} "
+            f"| {cell(row.p50_ms)} / {cell(row.p99_ms)} / {cell(row.max_ms)} | {row.stalls} "
+            f"| {cell(row.checkpoints_per_s)} "
             f"| {cell(row.pause_p50_ms)} / {cell(row.pause_max_ms)} "
             f"| {cell(row.commit_p50_ms)} / {cell(row.commit_p99_ms)} |"
         )

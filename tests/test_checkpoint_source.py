@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from stream_model import normalize
 from support import prerequisites
 from ticker_rom import ticker_rom, ticks
 
@@ -28,7 +29,7 @@ from kemari.checkpoint import CheckpointSource, CheckpointTrigger, PageBatch, So
 from kemari.errors import CheckpointError
 from kemari.qemu.cmdline import MachineSpec, MemoryFile
 from kemari.qemu.machine import QemuMachine
-from kemari.stream import Configuration, RamBlock, RamBlockList, RamPage
+from kemari.stream import Configuration, RamBlock, RamBlockList
 from kemari.stream.format import PAGE_SIZE
 from kemari.testbed.wait import async_wait_for
 
@@ -68,19 +69,22 @@ class ReplicaSink:
             raise AssertionError(what)
 
     def _take(self, batch: PageBatch, into: dict[Key, bytes]) -> None:
-        for record in batch:
-            block = self.blocks.get(record.block)
-            self._check(block is not None, f"page of unknown block {record.block}")
+        for record in normalize(list(batch)):
+            assert isinstance(record, tuple)
+            name, offset = record[1], record[2]
+            block = self.blocks.get(name)
+            self._check(block is not None, f"page of unknown block {name}")
             assert block is not None
             self._check(
-                record.offset % PAGE_SIZE == 0 and record.offset < block.used_length,
-                f"page {record.block}+{record.offset:#x} outside its block",
+                offset % PAGE_SIZE == 0 and offset < block.used_length,
+                f"page {name}+{offset:#x} outside its block",
             )
-            if isinstance(record, RamPage):
-                self._check(len(record.data) == PAGE_SIZE, "short page")
-                into[record.block, record.offset] = bytes(record.data)
+            if record[0] == "page":
+                data = record[3]
+                self._check(len(data) == PAGE_SIZE, "short page")
+                into[name, offset] = data
             else:
-                into[record.block, record.offset] = bytes([record.fill]) * PAGE_SIZE
+                into[name, offset] = bytes(PAGE_SIZE)
 
     async def begin_sync(self, configuration: Configuration, blocks: RamBlockList) -> None:
         self._check(self.configuration is None, "second begin_sync")
@@ -90,8 +94,9 @@ class ReplicaSink:
     async def sync_pages(self, batch: PageBatch) -> None:
         self._check(self.configuration is not None and not self.synced, "sync pages out of order")
         self._take(batch, self.replica)
-        for record in batch:
-            self.sync_offsets.setdefault(record.block, set()).add(record.offset)
+        for run in batch:
+            pages = [*run.data_pages, *run.zero_pages]
+            self.sync_offsets.setdefault(run.block, set()).update(p * PAGE_SIZE for p in pages)
 
     async def end_sync(self, device_state: bytes, vmdesc: bytes) -> None:
         self._check(not self.synced and bool(device_state), "end_sync out of order or empty")
@@ -185,6 +190,44 @@ async def ticks_advance(serial: Path, timeout: float = 30.0) -> None:
     await async_wait_for(advanced, f"a tick after {before} on {serial.name}", timeout, 0.02)
 
 
+# Every milestone of a checkpoint's pause, in causal order (kemari/checkpoint/timeline.py).
+PAUSE_MILESTONES = [
+    "reply",
+    "stop",
+    "vmstate_send",
+    "first_page",
+    "ram_end",
+    "vmstate_size",
+    "device_read",
+    "device_parsed",
+    "captured",
+    "loaded",
+    "resume",
+]
+
+
+async def assert_pause_timelines(source: CheckpointSource) -> None:
+    """Each committed checkpoint's timeline has every milestone, in causal order.
+
+    QEMU's STOP and RESUME come on the QMP socket, so the last RESUME may still be on
+    its way when the commit is seen; it is waited for, not assumed.
+    """
+
+    def resumes_placed() -> bool:
+        return all(r.timeline.resume_ms is not None for r in source.recent())
+
+    await async_wait_for(resumes_placed, "QEMU's RESUME placed on every checkpoint", 10.0, 0.01)
+    for record in source.recent():
+        milestones = record.timeline.milestones()
+        # A checkpoint that carried no page has no first page.
+        expected = [m for m in PAUSE_MILESTONES if record.pages or m != "first_page"]
+        assert [name for name, _ in milestones] == expected, record
+        offsets = [at for _, at in milestones]
+        assert offsets == sorted(offsets), milestones
+        pause = record.timeline.qemu_pause_ms
+        assert pause is not None and pause > 0
+
+
 def test_initial_sync_and_on_demand_checkpoints_track_the_guest(
     tmp_path: Path, patched_qemu_binary: Path
 ) -> None:
@@ -235,6 +278,7 @@ def test_initial_sync_and_on_demand_checkpoints_track_the_guest(
                 records = source.recent()
                 assert [r.epoch for r in records] == sink.committed
                 assert all(r.device_bytes > 0 and r.stream_bytes > 0 for r in records)
+                await assert_pause_timelines(source)
             # Closing the source leaves the guest running, unprotected.
             assert state_of(source) is SourceState.UNPROTECTED
             assert (await machine.query_status()).running
@@ -268,7 +312,39 @@ def test_checkpoints_carry_writes_to_tlb_resident_pages(
     run(scenario)
 
 
-def test_guest_stays_paused_until_commit_returns(tmp_path: Path, patched_qemu_binary: Path) -> None:
+def test_the_guest_runs_while_its_checkpoint_is_forwarded(
+    tmp_path: Path, patched_qemu_binary: Path
+) -> None:
+    """LOADED goes once the checkpoint is read and held; the sink gets it after that, so
+    the guest runs (and ticks) while ``commit(N)`` has not returned, and N is reported
+    committed only after it did."""
+
+    async def scenario() -> None:
+        sink = ReplicaSink()
+        seen: list[tuple[int, int]] = []
+        async with ticker_primary(tmp_path, patched_qemu_binary) as machine:
+            source = CheckpointSource(machine, sink, epoch_ms=60_000)
+
+            async def commit_while_the_guest_runs(epoch: int) -> None:
+                await ticks_advance(tmp_path / "serial.log")
+                seen.append((epoch, source.committed_epoch))
+
+            sink.on_commit = commit_while_the_guest_runs
+            async with source, CheckpointTrigger(source) as trigger:
+                await wait_state(source, SourceState.PROTECTED, SourceState.UNPROTECTED)
+                for expected in (1, 2, 3):
+                    assert await trigger.checkpoint() == expected
+                assert source.state is SourceState.PROTECTED, source.reason
+        assert seen == [(1, 0), (2, 1), (3, 2)]
+        assert sink.violations == []
+
+    run(scenario)
+
+
+def test_a_window_of_0_keeps_the_guest_paused_until_commit_returns(
+    tmp_path: Path, patched_qemu_binary: Path
+) -> None:
+    """``in_flight=0``, the synchronous protocol: N goes to the sink before LOADED."""
 
     async def scenario() -> None:
         sink = ReplicaSink()
@@ -283,7 +359,7 @@ def test_guest_stays_paused_until_commit_returns(tmp_path: Path, patched_qemu_bi
                 seen.append((epoch, before.status, before.running or after.running))
 
             sink.on_commit = slow_commit
-            source = CheckpointSource(machine, sink, epoch_ms=60_000)
+            source = CheckpointSource(machine, sink, epoch_ms=60_000, in_flight=0)
             async with source, CheckpointTrigger(source) as trigger:
                 await wait_state(source, SourceState.PROTECTED, SourceState.UNPROTECTED)
                 for _ in range(3):

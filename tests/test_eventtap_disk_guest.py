@@ -29,13 +29,13 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.fsck import check_diskload_disk
 
-from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
+from kemari.checkpoint import CheckpointSource, CheckpointTrigger, PageBatch, SourceState
 from kemari.config import StorageMode
 from kemari.eventtap.disk import OverlayBackend, hold_in
 from kemari.eventtap.diskcopy import DiskCopier
@@ -49,7 +49,7 @@ from kemari.qemu.cmdline import MachineSpec, NbdDisk
 from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ReplicaApplier
 from kemari.replica.disks import StandbyDisks
-from kemari.stream import Configuration, RamBlockList, RamPage, RamZeroPage
+from kemari.stream import Configuration, RamBlockList
 from kemari.testbed.wait import async_wait_for
 
 pytestmark = pytest.mark.guest
@@ -91,7 +91,7 @@ class DiskSink:
     async def begin_sync(self, configuration: Configuration, blocks: RamBlockList) -> None:
         await self.applier.begin_sync(configuration, blocks)
 
-    async def sync_pages(self, batch: Sequence[RamPage | RamZeroPage]) -> None:
+    async def sync_pages(self, batch: PageBatch) -> None:
         await self.applier.sync_pages(batch)
 
     async def end_sync(self, device_state: bytes, vmdesc: bytes) -> None:
@@ -100,7 +100,7 @@ class DiskSink:
     async def begin(self, epoch: int) -> None:
         await self.applier.begin(epoch)
 
-    async def pages(self, batch: Sequence[RamPage | RamZeroPage]) -> None:
+    async def pages(self, batch: PageBatch) -> None:
         await self.applier.pages(batch)
 
     async def device_state(self, epoch: int, data: bytes) -> None:

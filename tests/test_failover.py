@@ -31,21 +31,21 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from support import prerequisites
 from ticker_rom import ticker_rom
 
-from kemari.checkpoint import CheckpointSource, CheckpointTrigger, SourceState
+from kemari.checkpoint import CheckpointSource, CheckpointTrigger, PageBatch, SourceState
 from kemari.errors import FailoverError, KemariError
 from kemari.failover import fail_over
 from kemari.image.builder import GuestImage
 from kemari.qemu.cmdline import MachineSpec
 from kemari.qemu.machine import QemuMachine
 from kemari.replica.applier import ApplierState, ReplicaApplier
-from kemari.stream import Configuration, RamBlockList, RamPage, RamZeroPage
+from kemari.stream import Configuration, RamBlockList
 from kemari.testbed.wait import async_wait_for
 
 pytestmark = pytest.mark.guest
@@ -105,7 +105,7 @@ class ObservedApplier:
     async def begin_sync(self, configuration: Configuration, blocks: RamBlockList) -> None:
         await self.applier.begin_sync(configuration, blocks)
 
-    async def sync_pages(self, batch: Sequence[RamPage | RamZeroPage]) -> None:
+    async def sync_pages(self, batch: PageBatch) -> None:
         await self.applier.sync_pages(batch)
         if self.refusal is None:
             # In the middle of the initial sync: nothing is committed, failover must refuse.
@@ -123,7 +123,7 @@ class ObservedApplier:
     async def begin(self, epoch: int) -> None:
         await self.applier.begin(epoch)
 
-    async def pages(self, batch: Sequence[RamPage | RamZeroPage]) -> None:
+    async def pages(self, batch: PageBatch) -> None:
         await self.applier.pages(batch)
 
     async def device_state(self, epoch: int, data: bytes) -> None:

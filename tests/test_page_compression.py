@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from array import array
 
 import pytest
 import zstandard
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 from kemari.checkpoint.sender import page_frames
 from kemari.errors import TransactionError
-from kemari.stream import RamPage, RamZeroPage
+from kemari.stream import RamPageRun
 from kemari.stream.format import PAGE_SIZE
 from kemari.transaction.session import TransactionTracker
 from kemari.transaction.wire import (
@@ -146,15 +147,16 @@ def test_the_tracker_counts_compressed_pages_like_plain_ones():
 
 def test_the_sender_compresses_only_what_pays():
     blocks, block_pages = {"pc.ram": 0}, [64]
-    compressible = [RamPage("pc.ram", n * PAGE_SIZE, memoryview(_page(b"ab"))) for n in range(4)]
-    random = [
-        RamPage("pc.ram", n * PAGE_SIZE, memoryview(os.urandom(PAGE_SIZE))) for n in range(4, 8)
+    compressible = [
+        RamPageRun("pc.ram", page_indices(range(4)), [memoryview(_page(b"ab"))] * 4, array("I"))
     ]
+    noise = [memoryview(os.urandom(PAGE_SIZE)) for _ in range(4)]
+    random = [RamPageRun("pc.ram", page_indices(range(4, 8)), noise, array("I"))]
     (small,) = page_frames(1, compressible, blocks, block_pages, compress=True)
     assert isinstance(small, ZstdRamPages)
     assert len(small.compressed) < PAGE_SIZE
     frames = list(page_frames(1, random, blocks, block_pages, compress=True))
     assert all(isinstance(frame, RamPages) for frame in frames)
-    zero_only = [RamZeroPage("pc.ram", 9 * PAGE_SIZE, 0)]
+    zero_only = [RamPageRun("pc.ram", array("I"), [], page_indices([9]))]
     (zeros,) = page_frames(1, zero_only, blocks, block_pages, compress=True)
     assert isinstance(zeros, RamPages)

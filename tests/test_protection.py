@@ -22,7 +22,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -30,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.agents import free_port
 
 from kemari.cache import cache_dir
 from kemari.errors import KemariError, MonitorError
@@ -41,13 +41,6 @@ pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu
 TICK_RE = re.compile(r"^tick (\d+)\r?$", re.MULTILINE)
 BOOT_MARKERS = ("Linux version", "kemari-guest:")
 ROUNDS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def ticks(agent: AgentProcess) -> list[int]:

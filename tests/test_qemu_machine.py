@@ -22,7 +22,7 @@ from kemari.errors import ConfigError, QemuError
 from kemari.qemu.binary import qemu_binary
 from kemari.qemu.cmdline import MachineSpec, NbdDisk
 from kemari.qemu.machine import MachineExit, QemuMachine, QmpCommandError, RunState
-from kemari.testbed.wait import wait_for
+from kemari.testbed.wait import async_wait_for, wait_for
 
 QEMU = qemu_binary("tcg").path
 
@@ -88,6 +88,31 @@ def test_paused_start_events_and_clean_shutdown(tmp_path: Path) -> None:
         assert state(machine) is RunState.EXITED
         assert not spec.qmp_socket.exists()
         assert not process_alive(pid)
+
+    run(scenario)
+
+
+def test_pending_events_are_taken_without_waiting(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with QemuMachine(paused_spec(tmp_path), QEMU) as machine:
+            with machine.subscribe("STOP", "RESUME") as events:
+                assert events.take_pending() == []
+                await machine.execute("cont")
+                await machine.execute("stop")
+                taken: list[str] = []
+
+                def both_taken() -> bool:
+                    taken.extend(event.name for event in events.take_pending())
+                    return len(taken) >= 2
+
+                await async_wait_for(both_taken, "RESUME and STOP taken", 10.0, 0.01)
+                assert taken == ["RESUME", "STOP"]
+                assert events.take_pending() == []
+                await machine.execute("quit")
+                await machine.wait()
+                # QEMU has exited: nothing is pending, and iteration has ended.
+                assert events.take_pending() == []
+                assert [event async for event in events] == []
 
     run(scenario)
 

@@ -6,7 +6,7 @@ import asyncio
 import re
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kemari.image import default_image
-from kemari.testbed.records_load import LoadError, check, main, percentile, run_load
+from kemari.testbed.records_load import (
+    STALL_S,
+    LoadError,
+    LoadResult,
+    check,
+    main,
+    percentile,
+    run_load,
+)
 
 
 @given(
@@ -33,6 +41,84 @@ def test_percentile_is_a_member_and_grows_with_the_fraction(
 
 def test_percentile_of_nothing_is_zero() -> None:
     assert percentile([], 0.5) == 0.0
+
+
+@given(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False)))
+def test_the_summary_counts_every_stall_and_keeps_the_slowest(latencies: list[float]) -> None:
+    summary = LoadResult(len(latencies), 1.0, tuple(latencies)).summary()
+    assert summary["stalls"] == len([latency for latency in latencies if latency > STALL_S])
+    assert summary["max_ms"] == max(latencies, default=0.0) * 1000
+    assert summary["p99_ms"] <= summary["max_ms"]
+
+
+# When the scripted server below answers a PUT: "now", after a delay in seconds, or never.
+Answer = Callable[[str], float | None]
+
+
+async def scripted_load(
+    answer: Answer, clients: int, seconds: float, timeout_s: float
+) -> LoadResult:
+    """run_load against a loopback records server that sends each ``OK`` one byte per
+    segment (TCP_NODELAY, a drain between bytes), when ``answer`` says."""
+    sequence = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sequence
+        writer.transport.get_extra_info("socket").setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+        )
+        while line := await reader.readline():
+            delay = answer(line.decode().removeprefix("PUT ").strip())
+            if delay is None:
+                continue  # this request is never answered; none after it on this connection
+            if delay:
+                await asyncio.sleep(delay)  # the slow reply under test, not a synchronisation
+            sequence += 1
+            for byte in f"OK {sequence}\n".encode():
+                writer.write(bytes([byte]))
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        return await run_load("127.0.0.1", port, clients, seconds, reply_timeout_s=timeout_s)
+
+
+def test_replies_split_across_segments_are_read_whole() -> None:
+    result = asyncio.run(scripted_load(lambda payload: 0.0, clients=3, seconds=0.5, timeout_s=5))
+    assert result.requests > 0 and result.stalls == 0
+
+
+def test_a_lone_slow_reply_is_reported_as_a_stall() -> None:
+    def answer(payload: str) -> float:
+        return STALL_S + 0.2 if payload == "load-1-0" else 0.0
+
+    summary = asyncio.run(scripted_load(answer, clients=4, seconds=1.5, timeout_s=5)).summary()
+    assert summary["stalls"] == 1
+    assert summary["max_ms"] >= (STALL_S + 0.2) * 1000 > summary["p99_ms"]
+
+
+def test_a_missing_reply_names_its_connection_and_the_others_progress() -> None:
+    def answer(payload: str) -> float | None:
+        return None if payload == "load-2-3" else 0.0
+
+    with pytest.raises(LoadError) as lost:
+        asyncio.run(scripted_load(answer, clients=4, seconds=30, timeout_s=0.5))
+    message = str(lost.value)
+    assert re.match(
+        r"connection 2: PUT load-2-3 got no reply within 0\.5 s \(client port \d+\)", message
+    )
+    progress = re.search(r"the other 3 connection\(s\) completed (\d+) request", message)
+    assert progress is not None and int(progress.group(1)) > 0, message
+
+
+def test_a_stalled_service_shows_no_progress_on_the_other_connections() -> None:
+    def answer(payload: str) -> float | None:
+        return None if payload.startswith("load-") else 0.0
+
+    with pytest.raises(LoadError, match=r"the other 1 connection\(s\) completed 0 request"):
+        asyncio.run(scripted_load(answer, clients=2, seconds=30, timeout_s=0.5))
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from array import array
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,7 @@ from kemari.stream import (
     DeviceState,
     RamBlock,
     RamBlockList,
-    RamPage,
-    RamZeroPage,
+    RamPageRun,
     StreamParser,
     VmDescription,
 )
@@ -51,11 +51,19 @@ def page(fill: int) -> bytes:
     return bytes([fill]) * PAGE_SIZE
 
 
+def run(block: str, pages: dict[int, bytes], zero_pages: tuple[int, ...] = ()) -> RamPageRun:
+    """A page run as the stream parser emits it (page numbers increase)."""
+    views = [memoryview(data) for data in pages.values()]
+    return RamPageRun(block, array("I", pages), views, array("I", zero_pages))
+
+
 def sync(applier: ReplicaApplier, fill: int, state: bytes = b"") -> None:
     applier.start_sync(CONFIG, BLOCKS)
-    applier.put_records(
-        [RamPage("pc.ram", i * PAGE_SIZE, memoryview(page(fill))) for i in range(16)]
-        + [RamZeroPage("pc.bios", 0, fill), RamPage("pc.bios", PAGE_SIZE, memoryview(page(7)))]
+    applier.put_runs(
+        [
+            run("pc.ram", {i: page(fill) for i in range(16)}),
+            run("pc.bios", {0: page(fill), 1: page(7)}),
+        ]
     )
     applier.finish_sync(state or device("dev0"), VMDESC)
 
@@ -222,7 +230,12 @@ def test_hand_over_discards_the_open_checkpoint_and_builds_the_stream(tmp_path: 
         ("pc.bios", 2 * PAGE_SIZE),
     ]
     assert block_list.section_id == BLOCKS.section_id
-    pages = {(e.block, e.offset): bytes(e.data) for e in events if isinstance(e, RamPage)}
+    pages = {
+        (e.block, page * PAGE_SIZE): bytes(data)
+        for e in events
+        if isinstance(e, RamPageRun)
+        for page, data in zip(e.data_pages, e.data, strict=True)
+    }
     assert pages == {("pc.bios", 0): page(1), ("pc.bios", PAGE_SIZE): page(7)}
     assert next(e for e in events if isinstance(e, DeviceState)).data == device("dev1")
     assert next(e for e in events if isinstance(e, VmDescription)).json == VMDESC
@@ -241,10 +254,10 @@ def test_checkpoint_sink_protocol_defers_the_apply(tmp_path: Path) -> None:
     async def scenario() -> None:
         with ReplicaApplier(tmp_path) as applier:
             await applier.begin_sync(CONFIG, BLOCKS)
-            await applier.sync_pages([RamPage("pc.ram", 0, memoryview(page(1)))])
+            await applier.sync_pages([run("pc.ram", {0: page(1)})])
             await applier.end_sync(b"d0", VMDESC)
             await applier.begin(1)
-            await applier.pages([RamZeroPage("pc.ram", 0, 0)])
+            await applier.pages([run("pc.ram", {}, zero_pages=(0,))])
             await applier.device_state(1, b"d1")
             await applier.commit(1)
             assert applier.committed_epoch == 1

@@ -14,32 +14,18 @@ alternating; each folder is measured when its next standby is protected.
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import signal
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.agents import kill_agent_and_qemu, protect, start_standby, ticks
 
 from kemari.testbed.vm import AgentProcess, wait_for
 
 pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu")]
 
-TICK_RE = re.compile(r"^tick (\d+)\r?$", re.MULTILINE)
 COMMON = ["--workload", "ticks", "--accel", "tcg", "--memory", "128M"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def ticks(agent: AgentProcess) -> list[int]:
-    return [int(value) for value in TICK_RE.findall(agent.serial_text())]
 
 
 def generations(folder: Path) -> list[str]:
@@ -57,34 +43,18 @@ def folders() -> Iterator[dict[str, Path]]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def kill(agent: AgentProcess) -> None:
-    """SIGKILL the agent and its QEMU: no cleanup runs."""
-    qemu_pid = agent.status()["qemu_pid"]
-    os.kill(agent.process.pid, signal.SIGKILL)
-    os.kill(qemu_pid, signal.SIGKILL)
-    agent.process.wait(30)
-
-
 def test_chained_kill_and_failover_rounds_do_not_grow_the_replica_folders(
     tmp_path: Path, folders: dict[str, Path]
 ) -> None:
     agents: list[AgentProcess] = []
 
     def standby(host: str, label: str) -> tuple[AgentProcess, str]:
-        uri = f"kemari:tcp:127.0.0.1:{free_port()}"
-        args = [*COMMON, "--incoming", uri, "--replica-dir", str(folders[host])]
-        agent = AgentProcess("reclaim", tmp_path, args, label=label)
+        agent, uri = start_standby("reclaim", tmp_path, COMMON, folders[host], label)
         agents.append(agent)
-        agent.wait_monitor()
         return agent, uri
 
-    def protect(active: AgentProcess, uri: str) -> None:
-        active.monitor("migrate", "-d", uri)
-        wait_for(lambda: active.status()["protection"] == "protected", "protection", 120)
-        active.monitor("checkpoint")
-
     def fail_over(dead: AgentProcess, survivor: AgentProcess) -> None:
-        kill(dead)
+        kill_agent_and_qemu(dead)
         survivor.monitor("failover")
         wait_for(lambda: len(ticks(survivor)) >= 2, "ticks after the failover", 60)
 
@@ -98,6 +68,7 @@ def test_chained_kill_and_failover_rounds_do_not_grow_the_replica_folders(
         for number in range(1, 4):
             survivor, uri = standby(host, f"{host}{number}")
             protect(active, uri)
+            active.monitor("checkpoint")
             measured[host].append((generations(folders[host]), size(folders[host])))
             if number == 1:
                 fail_over(active, survivor)

@@ -18,33 +18,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
-import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.agents import kill_agent_and_qemu, protect, start_standby, ticks
 
 from kemari.errors import KemariError
 from kemari.image.disk import create_data_disk
 from kemari.testbed.vm import AgentProcess, wait_for
 
 pytestmark = [pytest.mark.guest, pytest.mark.usefixtures("image_and_patched_qemu")]
-
-TICK_RE = re.compile(r"^tick (\d+)\r?$", re.MULTILINE)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def ticks(agent: AgentProcess) -> list[int]:
-    return [int(value) for value in TICK_RE.findall(agent.serial_text())]
 
 
 def lines(agent: AgentProcess, marker: str) -> list[str]:
@@ -66,11 +51,6 @@ def unprotected(active: AgentProcess) -> bool:
     return bool(active.status()["protection"] == "unprotected")
 
 
-def protect(active: AgentProcess, uri: str) -> None:
-    active.monitor("migrate", "-d", uri)
-    wait_for(lambda: active.status()["protection"] == "protected", "protection", 120)
-
-
 def test_a_deleted_standby_image_ends_protection_and_a_new_sync_resets_it(
     tmp_path: Path,
 ) -> None:
@@ -81,27 +61,15 @@ def test_a_deleted_standby_image_ends_protection_and_a_new_sync_resets_it(
     os.truncate(standby_image, 16 << 20)
     common = ["--workload", "ticks", "--accel", "tcg", "--memory", "128M"]
     common += ["--storage", "replicated"]
-    uri = f"kemari:tcp:127.0.0.1:{free_port()}"
     replica_dir = Path("/dev/shm") / f"kemari-test-health-{os.getpid()}"
     active = AgentProcess("gone", tmp_path, [*common, "--disk", str(primary_image)], label="a")
-    standby = AgentProcess(
-        "gone",
-        tmp_path,
-        [
-            *common,
-            "--disk",
-            str(standby_image),
-            "--incoming",
-            uri,
-            "--replica-dir",
-            str(replica_dir),
-        ],
-        label="b",
-    )
+    agents = [active]
     try:
+        standby_args = [*common, "--disk", str(standby_image)]
+        standby, uri = start_standby("gone", tmp_path, standby_args, replica_dir, "b")
+        agents.append(standby)
         active.wait_serial(r"tick 2\b")
         active.wait_monitor()
-        standby.wait_monitor()
         protect(active, uri)
         standby_image.unlink()
         # The old code stayed "protected" and went on applying epochs.
@@ -126,8 +94,8 @@ def test_a_deleted_standby_image_ends_protection_and_a_new_sync_resets_it(
         assert standby.status()["standby"]["health"] == "ok"
         assert active.monitor("checkpoint").data["epoch"] >= 1
     finally:
-        active.stop()
-        standby.stop()
+        for agent in agents:
+            agent.stop()
 
 
 @pytest.fixture
@@ -162,16 +130,14 @@ def test_a_full_replica_file_system_keeps_the_last_replica_for_failover(
     tmp_path: Path, small_tmpfs: Path
 ) -> None:
     common = ["--workload", "ticks", "--accel", "tcg", "--memory", "128M"]
-    uri = f"kemari:tcp:127.0.0.1:{free_port()}"
     replica_dir = small_tmpfs / "replica"
     active = AgentProcess("full", tmp_path, common, label="a")
-    standby = AgentProcess(
-        "full", tmp_path, [*common, "--incoming", uri, "--replica-dir", str(replica_dir)], label="b"
-    )
+    agents = [active]
     try:
+        standby, uri = start_standby("full", tmp_path, common, replica_dir, "b")
+        agents.append(standby)
         active.wait_serial(r"tick 2\b")
         active.wait_monitor()
-        standby.wait_monitor()
         protect(active, uri)
         active.monitor("checkpoint")
         filler = fill(small_tmpfs)
@@ -201,15 +167,12 @@ def test_a_full_replica_file_system_keeps_the_last_replica_for_failover(
         # acknowledged epoch, on the full file system.
         fill(small_tmpfs)
         wait_for(lambda: unprotected(active), "protection dropped again", 30)
-        qemu_pid = active.status()["qemu_pid"]
-        os.kill(active.process.pid, signal.SIGKILL)
-        os.kill(qemu_pid, signal.SIGKILL)
-        active.process.wait(30)
+        kill_agent_and_qemu(active)
         last = ticks(active)[-1]
         reply = standby.monitor("failover")
         assert reply.data["epoch"] >= acked
         wait_for(lambda: len(ticks(standby)) >= 3, "ticks after the failover", 60)
         assert ticks(standby)[0] <= last + 1
     finally:
-        active.stop()
-        standby.stop()
+        for agent in agents:
+            agent.stop()

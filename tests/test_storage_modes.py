@@ -21,12 +21,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.agents import kill_agent_and_qemu, start_standby
 from support.fsck import check_diskload_disk
 
 from kemari.errors import KemariError
@@ -48,15 +47,16 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def synced(agent: AgentProcess) -> list[int]:
     return [int(seq) for seq in SYNCED_RE.findall(agent.serial_text())]
+
+
+def start_disk_standby(
+    name: str, workdir: Path, common: list[str], image: Path, replica: str
+) -> tuple[AgentProcess, str]:
+    """The standby agent on ``image``, its replica in /dev/shm (removed by ``workdir``)."""
+    replica_dir = f"/dev/shm/kemari-storage-{os.getpid()}-{replica}"
+    return start_standby(name, workdir, [*common, "--disk", str(image)], replica_dir, "standby")
 
 
 @pytest.mark.parametrize("storage", ["shared", "replicated"])
@@ -69,42 +69,28 @@ def test_diskload_survives_kill_and_failover(workdir: Path, storage: str) -> Non
         with standby_image.open("wb") as handle:  # empty: the initial copy fills it
             handle.truncate(DISK_MIB << 20)
     common = ["--workload", "diskload", "--accel", "tcg", "--storage", storage]
-    port = free_port()
     active = AgentProcess("disks", workdir, [*common, "--disk", str(primary_image)], label="active")
     agents = [active]
     try:
         active.wait_serial(r"diskload: seq \d+ synced")
         active.wait_monitor()
-        standby = AgentProcess(
-            "disks",
-            workdir,
-            [
-                *common, "--disk", str(standby_image),
-                "--incoming", f"kemari:tcp:127.0.0.1:{port}",
-                "--replica-dir", f"/dev/shm/kemari-storage-{os.getpid()}-{storage}",
-            ],
-            label="standby",
-        )  # fmt: skip
+        standby, uri = start_disk_standby("disks", workdir, common, standby_image, storage)
         agents.append(standby)
-        standby.wait_monitor()
         if storage == "replicated":
             # Through the CLI without -d: it draws the RAM sync, then the disk copy, and
             # returns once the standby has the whole image.
-            follow = active.migrate_following(f"kemari:tcp:127.0.0.1:{port}")
+            follow = active.migrate_following(uri)
             assert "disks copied: the standby can take over" in follow, follow
             assert "copied to the standby" in active.agent_output()
             assert all(copy["done"] for copy in active.status()["disk_copy"])
         else:
-            active.monitor("migrate", "-d", f"kemari:tcp:127.0.0.1:{port}")
+            active.monitor("migrate", "-d", uri)
         wait_for(lambda: active.status()["protection"] == "protected", "protection", 120)
         # Let the guest write through some committed checkpoints, then kill the primary.
         before = synced(active)[-1]
         wait_for(lambda: synced(active)[-1] >= before + 2048, "diskload progress", 120)
         epoch = active.monitor("checkpoint").data["epoch"]
-        qemu_pid = active.status()["qemu_pid"]
-        os.kill(active.process.pid, signal.SIGKILL)
-        os.kill(qemu_pid, signal.SIGKILL)
-        active.process.wait(30)
+        kill_agent_and_qemu(active)
         last_printed = synced(active)[-1]
         reply = standby.monitor("failover")
         assert reply.data["epoch"] >= epoch
@@ -133,23 +119,14 @@ def test_replicated_is_protected_only_once_the_disks_are_copied(workdir: Path) -
     with standby_image.open("wb") as handle:
         handle.truncate(disk_mib << 20)
     common = ["--workload", "ticks", "--accel", "tcg", "--storage", "replicated"]
-    port = free_port()
     active = AgentProcess("copy", workdir, [*common, "--disk", str(primary_image)], label="active")
-    standby = AgentProcess(
-        "copy",
-        workdir,
-        [
-            *common, "--disk", str(standby_image),
-            "--incoming", f"kemari:tcp:127.0.0.1:{port}",
-            "--replica-dir", f"/dev/shm/kemari-storage-{os.getpid()}-copy",
-        ],
-        label="standby",
-    )  # fmt: skip
+    agents = [active]
     try:
+        standby, uri = start_disk_standby("copy", workdir, common, standby_image, "copy")
+        agents.append(standby)
         active.wait_serial(r"tick 3\b")
         active.wait_monitor()
-        standby.wait_monitor()
-        active.monitor("migrate", "-d", f"kemari:tcp:127.0.0.1:{port}")
+        active.monitor("migrate", "-d", uri)
         seen: list[tuple[str, bool]] = []
         refused = ""
         texts: list[str] = []
@@ -182,5 +159,5 @@ def test_replicated_is_protected_only_once_the_disks_are_copied(workdir: Path) -
         assert standby.status()["standby"]["epoch"] >= 1
         assert "copying-disks" in texts[0], texts
     finally:
-        active.stop()
-        standby.stop()
+        for agent in agents:
+            agent.stop()

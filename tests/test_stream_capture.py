@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from bare_qemu import bare_qemu, load_stream, wait_migration
+from stream_model import normalize
 
 from kemari.stream import (
     Configuration,
@@ -18,8 +19,7 @@ from kemari.stream import (
     ParserState,
     RamBlock,
     RamBlockList,
-    RamPage,
-    RamZeroPage,
+    RamPageRun,
     StreamParser,
     VmDescription,
     failover_stream,
@@ -62,7 +62,7 @@ def test_parser_reads_a_real_qemu_migration_stream(tmp_path: Path, ignore_shared
         assert by_name["pc.ram"].gpa == 0
         assert all(b.gpa is not None for b in blocks)
 
-    touched = {e.block for e in events if isinstance(e, RamPage | RamZeroPage)}
+    touched = {e.block for e in events if isinstance(e, RamPageRun)}
     assert ("pc.ram" in touched) is not ignore_shared
     assert touched <= set(by_name)
 
@@ -79,7 +79,7 @@ def test_parser_reads_a_real_qemu_migration_stream(tmp_path: Path, ignore_shared
     for start in range(0, len(data), 7919):
         again += chunked.feed(data[start : start + 7919])
     chunked.finish()
-    assert [type(e) for e in again] == [type(e) for e in events]
+    assert normalize(again) == normalize(events)
 
 
 async def _load_failover_stream(
@@ -101,11 +101,9 @@ def test_fresh_qemu_loads_the_failover_stream(tmp_path: Path) -> None:
     events = parser.feed(data)
     parser.finish()
     pages: dict[tuple[str, int], bytes] = {}
-    for event in events:
-        if isinstance(event, RamPage):
-            pages[event.block, event.offset] = bytes(event.data)
-        elif isinstance(event, RamZeroPage):
-            pages[event.block, event.offset] = bytes([event.fill]) * PAGE_SIZE
+    for record in normalize(events):
+        if isinstance(record, tuple):
+            pages[record[1], record[2]] = record[3] if record[0] == "page" else bytes(PAGE_SIZE)
     gpas = {"pc.ram": 0, "pc.bios": 0xFFFC0000, "pc.rom": 0xC0000}
     blocks = [RamBlock(b.name, b.used_length, gpas.get(b.name, 0)) for b in parser.blocks.values()]
     with (tmp_path / "ram").open("r+b") as ram:

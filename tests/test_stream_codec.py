@@ -4,12 +4,13 @@ import struct
 from pathlib import Path
 
 import pytest
-from fuzz.fuzz_stream import TestOneInput, feed_two_phase
+from fuzz.fuzz_stream import TestOneInput
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stream_model import (
     RAM_SECTION_ID,
     Device,
+    Expected,
     Model,
     Record,
     build,
@@ -29,7 +30,7 @@ from kemari.stream import (
     ParserState,
     RamBlock,
     RamBlockList,
-    RamPage,
+    RamPageRun,
     StreamParser,
     UnsupportedStreamError,
     VmDescription,
@@ -98,7 +99,13 @@ def record(flags: int, offset: int = 0, block: str | None = "pc.ram") -> bytes:
     return head + bytes([len(block)]) + block.encode()
 
 
-def parse_all(data: bytes) -> list[object]:
+def feed_two_phase(parser: StreamParser, data: bytes, split: int) -> list[Expected]:
+    """Feed ``data`` as two bursts, like a primary that pauses after the initial vmdesc;
+    return the events normalized."""
+    return normalize(parser.feed(data[:split])) + normalize(parser.feed(data[split:]))
+
+
+def parse_all(data: bytes) -> list[Expected]:
     parser = StreamParser()
     return normalize(parser.feed(data))
 
@@ -119,9 +126,38 @@ def test_page_data_is_a_view_into_the_input_chunk() -> None:
     page = b"\xab" * PAGE_SIZE
     data = ram_start([PC_RAM]) + part(record(RamFlag.PAGE, 2 * PAGE_SIZE) + page)
     events = StreamParser().feed(data)
-    pages = [e for e in events if isinstance(e, RamPage)]
-    assert len(pages) == 1 and pages[0].offset == 2 * PAGE_SIZE
-    assert pages[0].data.obj is data and pages[0].data == page
+    (run,) = [e for e in events if isinstance(e, RamPageRun)]
+    assert list(run.data_pages) == [2] and not run.zero_pages
+    assert run.data[0].obj is data and run.data[0] == page
+
+
+def test_a_pass_over_one_block_is_one_run_and_a_repeat_starts_another() -> None:
+    big = RamBlock("pc.ram", 64 * PAGE_SIZE)
+    page = b"\xcd" * PAGE_SIZE
+    records = record(RamFlag.PAGE, 0) + page
+    for n in range(1, 40):  # QEMU's bitmap walk: increasing pages, CONTINUE records
+        if n % 3:
+            records += record(RamFlag.PAGE | RamFlag.CONTINUE, n * PAGE_SIZE, None) + page
+        else:
+            records += record(RamFlag.ZERO | RamFlag.CONTINUE, n * PAGE_SIZE, None) + b"\x00"
+    records += record(RamFlag.ZERO | RamFlag.CONTINUE, 5 * PAGE_SIZE, None) + b"\x00"
+    events = StreamParser().feed(ram_start([big]) + part(records))
+    first, second = [e for e in events if isinstance(e, RamPageRun)]
+    assert list(first.data_pages) == [n for n in range(40) if n % 3 or n == 0]
+    assert list(first.zero_pages) == [n for n in range(1, 40) if not n % 3]
+    assert len(first.data) == len(first.data_pages) and first.page_count == 40
+    assert list(second.zero_pages) == [5] and not second.data_pages
+
+
+def test_a_zero_page_with_another_fill_byte_is_refused() -> None:
+    data = ram_start([PC_RAM]) + part(record(RamFlag.ZERO, PAGE_SIZE) + b"\x07")
+    with pytest.raises(UnsupportedStreamError, match="fill byte 0x07"):
+        StreamParser().feed(data)
+    continued = (
+        record(RamFlag.ZERO, 0) + b"\x00" + record(RamFlag.ZERO | RamFlag.CONTINUE, PAGE_SIZE, None)
+    )
+    with pytest.raises(UnsupportedStreamError, match="fill byte 0xff"):
+        StreamParser().feed(ram_start([PC_RAM]) + part(continued + b"\xff"))
 
 
 def test_ignore_shared_block_list_carries_gpas() -> None:

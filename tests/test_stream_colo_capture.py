@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from bare_qemu import bare_qemu, load_stream
+from stream_model import normalize
 
 from kemari.stream import (
     ColoEvent,
@@ -27,8 +28,7 @@ from kemari.stream import (
     ParserState,
     RamBlock,
     RamBlockList,
-    RamPage,
-    RamZeroPage,
+    RamPageRun,
     SectionEnd,
     StreamEvent,
     StreamParser,
@@ -102,7 +102,7 @@ def test_parser_follows_a_live_colo_primary_through_a_checkpoint(
     initial_device = events[initial_end - 1]
     assert isinstance(initial_device, DeviceState)
 
-    checkpoint = [e for e in events[initial_end + 1 :] if not isinstance(e, RamPage | RamZeroPage)]
+    checkpoint = [e for e in events[initial_end + 1 :] if not isinstance(e, RamPageRun)]
     assert checkpoint[:2] == [
         ColoEvent(ColoMessage.CHECKPOINT_REQUEST),
         ColoEvent(ColoMessage.VMSTATE_SEND),
@@ -143,18 +143,15 @@ def test_fresh_qemu_takes_over_from_the_checkpoint(
     other: dict[tuple[str, int], bytes] = {}
     with ram_file.open("r+b") as ram:
         ram.truncate(64 << 20)
-        for event in colo_events:
-            if isinstance(event, RamPage | RamZeroPage):
-                data = (
-                    bytes(event.data)
-                    if isinstance(event, RamPage)
-                    else bytes([event.fill]) * PAGE_SIZE
-                )
-                if event.block == "pc.ram":
-                    ram.seek(event.offset)
+        for record in normalize(colo_events):
+            if isinstance(record, tuple):
+                block, offset = record[1], record[2]
+                data = record[3] if record[0] == "page" else bytes(PAGE_SIZE)
+                if block == "pc.ram":
+                    ram.seek(offset)
                     ram.write(data)
                 else:
-                    other[event.block, event.offset] = data
+                    other[block, offset] = data
     devices = [e for e in colo_events if isinstance(e, DeviceState)]
     assert len(devices) == 2  # initial + checkpoint
     stream = list(

@@ -34,8 +34,8 @@ from kemari import crashpoint
 from kemari.checkpoint.source import PageBatch
 from kemari.errors import CheckpointError
 from kemari.outputs import Output
-from kemari.stream import Configuration, RamBlockList, RamPage
-from kemari.stream.format import PAGE_BITS, PAGE_MASK, PAGE_SIZE
+from kemari.stream import Configuration, RamBlockList, RamPageRun
+from kemari.stream.format import PAGE_SIZE
 from kemari.transaction.session import PrimarySession
 from kemari.transaction.wire import (
     ZSTD_PAGES,
@@ -133,7 +133,7 @@ class TransactionSender:
         await self.session.send(Begin(epoch))
 
     async def pages(self, batch: PageBatch) -> None:
-        """Forward a batch of page records as RAM_PAGES frames, grouped by block."""
+        """Forward a batch of page runs as RAM_PAGES frames."""
         for frame in page_frames(
             self._epoch, batch, self._block_index, self._block_pages, compress=self.compress_pages
         ):
@@ -198,70 +198,80 @@ def page_frames(
     *,
     compress: bool = False,
 ) -> Iterator[RamPages | ZstdRamPages]:
-    """Cut ``batch`` into RAM_PAGES frames, preserving the effect of its order.
+    """Cut ``batch`` into RAM_PAGES frames, in its order, without a loop over its pages.
 
-    A frame applies its zero pages before its data pages, so a frame never holds
-    one page twice: a repeated page (QEMU may resend a page within one read during
-    the initial sync) or a change of block starts a new frame.  With ``compress``, a
-    frame's data pages travel as one zstd frame (RAM_PAGES_ZSTD) when that saves at
-    least :data:`COMPRESSION_MIN_SAVING` of their bytes.  Page data is never copied
-    here: a frame's pages are the batch's memoryviews, joined (or compressed) once.
+    A frame holds whole runs (their page-number arrays and memoryviews) of one block
+    whose pages all come after the frame's pages so far, so no frame holds a page
+    twice and its zero and data pages apply in any order; a run longer than a frame
+    is sliced.  With ``compress``, a frame's data pages travel as one zstd frame
+    (RAM_PAGES_ZSTD) when that saves at least :data:`COMPRESSION_MIN_SAVING` of their
+    bytes.  Page data is not copied here but joined (or compressed) once per frame.
     """
-    frame = _FrameBuilder(epoch, -1, compress)
-    # The loop runs once per dirty page: locals only, the frame's fields inlined.
-    pages: set[int] = frame.pages
-    block_name = ""
-    index = -1
-    limit = 0
-    for record in batch:
-        if record.block != block_name:
-            found = block_index.get(record.block)
-            if found is None:
-                raise CheckpointError(f"page of unknown RAM block {record.block!r}")
-            block_name, index, limit = record.block, found, block_pages[found]
-        offset = record.offset
-        page = offset >> PAGE_BITS
-        if offset & PAGE_MASK or not 0 <= page < limit:
-            raise CheckpointError(f"page offset {offset:#x} outside {record.block}")
-        if index != frame.block_index or page in pages or len(pages) >= PAGES_PER_FRAME:
-            if pages:
-                yield frame.build()
-            frame = _FrameBuilder(epoch, index, compress)
-            pages = frame.pages
-        pages.add(page)
-        if isinstance(record, RamPage):
-            frame.data_pages.append(page)
-            frame.data.append(record.data)
-        elif record.fill == 0:
-            frame.zero_pages.append(page)
-        else:
-            # QEMU 7.2 only sends zero-filled pages; anything else is not ours to guess.
-            raise CheckpointError(f"fill page with byte {record.fill:#x} is not supported")
-    if pages:
-        yield frame.build()
+    frame: list[RamPageRun] = []
+    frame_index = frame_last = frame_pages = 0
+    for run in batch:
+        index = block_index.get(run.block)
+        if index is None:
+            raise CheckpointError(f"pages of unknown RAM block {run.block!r}")
+        limit = block_pages[index]
+        first, last = _bounds(run)
+        if last >= limit:
+            raise CheckpointError(f"page {last} outside {run.block} of {limit} pages")
+        if frame and (
+            index != frame_index
+            or first <= frame_last
+            or frame_pages + run.page_count > PAGES_PER_FRAME
+        ):
+            yield _frame(epoch, frame_index, frame, compress=compress)
+            frame = []
+        if run.page_count > PAGES_PER_FRAME:
+            yield from _sliced(epoch, index, run, compress=compress)
+            continue
+        if not frame:
+            frame_index, frame_pages = index, 0
+        frame.append(run)
+        frame_last = last
+        frame_pages += run.page_count
+    if frame:
+        yield _frame(epoch, frame_index, frame, compress=compress)
 
 
-class _FrameBuilder:
-    """Collects the pages of one RAM_PAGES frame."""
+def _bounds(run: RamPageRun) -> tuple[int, int]:
+    """The first and last page of a run (its pages increase)."""
+    ends = [pages[i] for pages in (run.data_pages, run.zero_pages) if pages for i in (0, -1)]
+    return min(ends), max(ends)
 
-    __slots__ = ("block_index", "compress", "data", "data_pages", "epoch", "pages", "zero_pages")
 
-    def __init__(self, epoch: int, block_index: int, compress: bool) -> None:
-        self.epoch = epoch
-        self.block_index = block_index
-        self.compress = compress
-        self.pages: set[int] = set()
-        self.data_pages = array("I")
-        self.zero_pages = array("I")
-        self.data: list[memoryview] = []
-
-    def build(self) -> RamPages | ZstdRamPages:
-        if self.compress and self.data:
-            compressed = compress_pages(self.data)
-            if len(compressed) <= len(self.data) * PAGE_SIZE * (1 - COMPRESSION_MIN_SAVING):
-                return ZstdRamPages(
-                    self.epoch, self.block_index, self.data_pages, self.zero_pages, compressed
-                )
-        return RamPages(
-            self.epoch, self.block_index, self.data_pages, self.zero_pages, b"".join(self.data)
+def _sliced(
+    epoch: int, block_index: int, run: RamPageRun, *, compress: bool
+) -> Iterator[RamPages | ZstdRamPages]:
+    """A run longer than a frame, as frames of its data pages, then of its zero pages."""
+    for start in range(0, len(run.data_pages), PAGES_PER_FRAME):
+        end = start + PAGES_PER_FRAME
+        part = RamPageRun(run.block, run.data_pages[start:end], run.data[start:end], array("I"))
+        yield _frame(epoch, block_index, [part], compress=compress)
+    for start in range(0, len(run.zero_pages), PAGES_PER_FRAME):
+        zeros = run.zero_pages[start : start + PAGES_PER_FRAME]
+        yield _frame(
+            epoch, block_index, [RamPageRun(run.block, array("I"), [], zeros)], compress=compress
         )
+
+
+def _frame(
+    epoch: int, block_index: int, runs: list[RamPageRun], *, compress: bool
+) -> RamPages | ZstdRamPages:
+    """One frame of these runs' pages, compressed when that pays (see :func:`page_frames`)."""
+    if len(runs) == 1:
+        (run,) = runs
+        data_pages, zero_pages, data = run.data_pages, run.zero_pages, run.data
+    else:
+        data_pages, zero_pages, data = array("I"), array("I"), []
+        for run in runs:
+            data_pages.extend(run.data_pages)
+            zero_pages.extend(run.zero_pages)
+            data.extend(run.data)
+    if compress and data:
+        compressed = compress_pages(data)
+        if len(compressed) <= len(data) * PAGE_SIZE * (1 - COMPRESSION_MIN_SAVING):
+            return ZstdRamPages(epoch, block_index, data_pages, zero_pages, compressed)
+    return RamPages(epoch, block_index, data_pages, zero_pages, b"".join(data))

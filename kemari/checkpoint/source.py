@@ -7,25 +7,30 @@ Everything QEMU sends goes to a :class:`CheckpointSink` (the ft-transaction send
 
     initial sync   begin_sync(config, blocks) → sync_pages(batch)… → end_sync(device, vmdesc)
                    then Kemari sends CHECKPOINT_READY and the guest runs (protected)
-    checkpoint N   REQUEST → Kemari answers REPLY (QEMU stops the VM) → begin(N) →
-                   pages(batch)… → device_state(N, data) → commit(N) (queued) →
-                   Kemari answers RECEIVED + LOADED (QEMU resumes the VM)
+    checkpoint N   REQUEST → Kemari answers REPLY (QEMU stops the VM) → the pages and the
+                   device state are read and held → Kemari answers RECEIVED + LOADED
+                   (QEMU resumes the VM) → begin(N) → pages(batch)… →
+                   device_state(N, data) → commit(N) (queued)
     in background  acknowledged(N) → listeners' checkpoint_committed(N), in epoch order
 
 Pipelining (docs/protocol.md, "Pipelined checkpoints"): checkpoint N is *captured* once
-``commit(N)`` returned (its state, outputs and COMMIT are queued to the standby); the
-guest resumes at once unless the :class:`~kemari.checkpoint.inflight.InflightWindow` is
-over its bounds, in which case LOADED waits until enough acknowledgements arrived.  One
+its whole stream is read and parsed, its pages held as views of the chunks they came
+in; the guest resumes at once unless the
+:class:`~kemari.checkpoint.inflight.InflightWindow` is over its bounds, in which case
+LOADED waits until enough acknowledgements arrived.  Only then does the sink get N, so
+framing and encrypting it overlap with the guest running instead of pausing it.  One
 background task awaits the acknowledgements in epoch order.
 
 Invariants:
 
 * CHECKPOINT_READY is sent only after ``end_sync`` returned (the standby holds epoch 0).
-  VMSTATE_LOADED(N) is sent only after ``commit(N)`` returned and while the window is
-  within its bounds, so the guest never runs more than the window ahead of the standby.
-* Listeners hear ``checkpoint_committed(N)`` only after ``acknowledged(N)`` returned, once
-  per epoch, in increasing order: an output tagged N is released only after the standby
-  committed N.
+  VMSTATE_LOADED(N) is sent only once N is captured and while the window (N included)
+  is within its bounds, so the guest never runs more than the window ahead of the standby.
+  N goes to the sink right after LOADED, or before it when the guest must wait for
+  acknowledgements anyway (with a window of 0, for N's own).
+* Listeners hear ``checkpoint_committed(N)`` only after ``commit(N)`` and then
+  ``acknowledged(N)`` returned, once per epoch, in increasing order: an output tagged N
+  is released only after the standby committed N.
 * A checkpoint requested at time *t* is served by the first checkpoint whose REQUEST Kemari
   had not yet seen at *t*: QEMU stops the VM only after Kemari's REPLY, hence after *t*.
 * Output tagging (docs/protocol.md, "Event-tap"): :attr:`output_epoch` is the checkpoint
@@ -54,17 +59,25 @@ from typing import Protocol
 
 from kemari import crashpoint
 from kemari.checkpoint.inflight import InflightWindow
+from kemari.checkpoint.timeline import (
+    RESUME_EVENT,
+    STOP_EVENT,
+    PauseMarks,
+    PauseTimeline,
+    attach_run_state_event,
+    monotonic_of,
+)
 from kemari.config import DEFAULT_CHECKPOINTS_IN_FLIGHT
 from kemari.errors import CheckpointError, KemariError
-from kemari.qemu.machine import QemuMachine, QmpCommandError
+from kemari.qemu.machine import EventSubscription, QemuMachine, QmpCommandError
 from kemari.stream import (
     ColoEvent,
     ColoMessage,
     Configuration,
     DeviceState,
+    LiveStateEnd,
     RamBlockList,
-    RamPage,
-    RamZeroPage,
+    RamPageRun,
     StreamEvent,
     StreamParser,
     VmDescription,
@@ -74,9 +87,7 @@ from kemari.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
-PageRecord = RamPage | RamZeroPage
-PageBatch = Sequence[PageRecord]
-_PAGE_TYPES = (RamPage, RamZeroPage)
+PageBatch = Sequence[RamPageRun]
 
 FD_NAME = "kemari_colo"
 # Test hooks (kemari/crashpoint.py): die before answering checkpoint N's REQUEST; die
@@ -93,6 +104,9 @@ _MAX_BANDWIDTH = 16 << 30
 _RELEASE_TIMEOUT_S = 10.0
 _RELEASE_POLL_S = 0.01
 RECENT_CHECKPOINTS = 256
+# Checkpoints whose QEMU STOP/RESUME events may still arrive (they come on the QMP socket,
+# after the stream work of the same moment); older events are no longer placed.
+_TIMED_CHECKPOINTS = 8
 # query-migrate statuses in which ``migrate_cancel`` ends the initial sync.
 _PRECOPY_STATUSES = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug"})
 _ENDED_STATUSES = frozenset({"none", "completed", "failed", "cancelled"})
@@ -110,7 +124,7 @@ _RECEIVED_LOADED = encode_colo_message(ColoMessage.VMSTATE_RECEIVED) + encode_co
 class CheckpointSink(Protocol):
     """Where the source delivers the guest's state; every call may raise to mean "standby lost".
 
-    Page records hold memoryviews into immutable input chunks, so a sink may keep them.
+    Page runs hold memoryviews into immutable input chunks, so a sink may keep them.
     Calls come strictly in the order described in the module docstring.
     """
 
@@ -188,13 +202,14 @@ class CheckpointRecord:
     epoch: int
     stop_s: float  # CHECKPOINT_REQUEST received → VMSTATE_SEND received (QEMU stops the VM)
     pause_s: float  # VMSTATE_SEND received → VMSTATE_LOADED sent (the VM is stopped)
-    transfer_s: float  # VMSTATE_SEND → device state received (RAM and devices forwarded)
+    transfer_s: float  # VMSTATE_SEND → device state received (RAM and devices read)
     held_s: float  # part of the pause LOADED waited for the in-flight window
     commit_s: float  # commit() called → acknowledged() returned (the commit round trip)
     pages: int  # page records (data and zero pages)
     stream_bytes: int  # bytes QEMU sent for this checkpoint, COLO messages included
     device_bytes: int
     committed_at: float  # time.monotonic() when the acknowledgement arrived
+    timeline: PauseTimeline  # the pause milestone by milestone (docs/checkpoint.md)
 
 
 @dataclasses.dataclass(slots=True)
@@ -208,14 +223,26 @@ class _Capture:
     stream_bytes: int
     device_bytes: int
     stopped_at: float
-    commit_started_at: float
+    marks: PauseMarks
     resumed_at: float | None = None
+    commit_started_at: float | None = None
     held_s: float = 0.0
     acked_at: float | None = None
 
+    @property
+    def settled(self) -> bool:
+        """The guest resumed from it and the standby committed it."""
+        return self.resumed_at is not None and self.acked_at is not None
+
     def record(self) -> CheckpointRecord | None:
         """The record, once the guest resumed from it and the standby committed it."""
-        if self.resumed_at is None or self.acked_at is None:
+        timeline = self.marks.timeline()
+        if (
+            self.resumed_at is None
+            or self.commit_started_at is None
+            or self.acked_at is None
+            or timeline is None
+        ):
             return None
         return CheckpointRecord(
             epoch=self.epoch,
@@ -228,6 +255,7 @@ class _Capture:
             stream_bytes=self.stream_bytes,
             device_bytes=self.device_bytes,
             committed_at=self.acked_at,
+            timeline=timeline,
         )
 
 
@@ -271,6 +299,9 @@ class CheckpointSource:
         self._listeners: list[SourceListener] = []
         self._resumed = 0  # checkpoints captured and resumed from (LOADED sent)
         self._committed = 0  # checkpoints the standby acknowledged (listeners told)
+        self._forwarded = 0  # checkpoints whose commit() returned (queued to the standby)
+        # The page batches of the checkpoint being captured, for the sink after LOADED.
+        self._held_pages: list[list[RamPageRun]] = []
         self._window: InflightWindow[_Capture] = InflightWindow(in_flight)
         self._pages = 0  # page records of the sync / checkpoint in progress
         self._received = 0  # stream bytes so far
@@ -279,9 +310,12 @@ class CheckpointSource:
         self._requested_at = 0.0
         self._stopped_at = 0.0
         self._sync: SyncRecord | None = None
-        self._recent: collections.deque[CheckpointRecord] = collections.deque(
-            maxlen=RECENT_CHECKPOINTS
-        )
+        self._recent: collections.deque[_Capture] = collections.deque(maxlen=RECENT_CHECKPOINTS)
+        self._read_at = 0.0  # time.monotonic() when the stream read being handled returned
+        self._marks: PauseMarks | None = None  # the checkpoint being captured
+        self._timed: collections.deque[PauseMarks] = collections.deque(maxlen=_TIMED_CHECKPOINTS)
+        self._events_scope = contextlib.ExitStack()
+        self._run_state_events: EventSubscription | None = None
         # Replaced on every change; waiters hold the old one (cheap, no lock needed).
         self._progress = asyncio.Event()
 
@@ -340,7 +374,9 @@ class CheckpointSource:
 
     def recent(self) -> list[CheckpointRecord]:
         """The last :data:`RECENT_CHECKPOINTS` committed checkpoints, oldest first."""
-        return list(self._recent)
+        self._place_run_state_events()
+        records = (capture.record() for capture in self._recent)
+        return [record for record in records if record is not None]
 
     def sync_progress(self) -> dict[str, float] | None:
         """While the initial sync runs: stream bytes so far, guest RAM size and the rate.
@@ -407,9 +443,13 @@ class CheckpointSource:
                 {"x-checkpoint-delay": self.epoch_ms, "max-bandwidth": _MAX_BANDWIDTH},
             )
             await machine.pass_fd(FD_NAME, theirs.fileno())
+            self._run_state_events = self._events_scope.enter_context(
+                machine.subscribe(STOP_EVENT, RESUME_EVENT)
+            )
             self._started_at = time.monotonic()
             await machine.execute("migrate", {"uri": f"fd:{FD_NAME}"})
         except BaseException:
+            self._events_scope.close()
             ours.close()
             raise
         finally:
@@ -451,6 +491,15 @@ class CheckpointSource:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._place_run_state_events()
+        self._events_scope.close()
+
+    def _place_run_state_events(self) -> None:
+        """Put the QMP STOP/RESUME events that arrived so far on their checkpoints."""
+        if self._run_state_events is None:
+            return
+        for event in self._run_state_events.take_pending():
+            attach_run_state_event(self._timed, event.name, monotonic_of(event.timestamp))
 
     # -- the stream ----------------------------------------------------------------
 
@@ -475,17 +524,21 @@ class CheckpointSource:
         loop = asyncio.get_running_loop()
         while True:
             data = await loop.sock_recv(sock, _RECV_BYTES)
+            self._read_at = time.monotonic()
             if not data:
                 raise CheckpointError("QEMU closed the migration stream")
             self._received += len(data)
             await self._dispatch(self._parser.feed(data), sock)
+            marks = self._marks
+            if marks is not None and marks.first_page is None and self._pages:
+                marks.first_page = self._read_at
 
     async def _await_acks(self) -> None:
         """Await the standby's acknowledgements in epoch order; tell the listeners."""
         while True:
             progress = self._progress
             epoch = self._window.oldest
-            if epoch is None:
+            if epoch is None or epoch > self._forwarded:
                 await progress.wait()
                 continue
             await self.sink.acknowledged(epoch)
@@ -498,9 +551,9 @@ class CheckpointSource:
             self._signal_progress()
 
     async def _dispatch(self, events: list[StreamEvent], sock: socket.socket) -> None:
-        batch: list[PageRecord] = []
+        batch: list[RamPageRun] = []
         for event in events:
-            if isinstance(event, _PAGE_TYPES):
+            if type(event) is RamPageRun:
                 batch.append(event)
                 continue
             if batch:
@@ -510,12 +563,12 @@ class CheckpointSource:
         if batch:
             await self._deliver_pages(batch)
 
-    async def _deliver_pages(self, batch: list[PageRecord]) -> None:
-        self._pages += len(batch)
+    async def _deliver_pages(self, batch: list[RamPageRun]) -> None:
+        self._pages += sum(run.page_count for run in batch)
         if self._state is SourceState.SYNCING:
             await self.sink.sync_pages(batch)
         else:
-            await self.sink.pages(batch)
+            self._held_pages.append(batch)
 
     async def _handle(self, event: StreamEvent, sock: socket.socket) -> None:
         if isinstance(event, ColoEvent):
@@ -534,8 +587,10 @@ class CheckpointSource:
             await self.sink.begin_sync(self._configuration, event)
         elif isinstance(event, VmDescription):
             await self._finish_sync(event.json, sock)
-        # Header, Command, SectionEnd and LiveStateEnd need no action: the parser
-        # has validated them and the sink learns what it needs from the others.
+        elif isinstance(event, LiveStateEnd) and self._marks is not None:
+            self._marks.ram_end = self._read_at
+        # Header, Command and SectionEnd need no action: the parser has validated them
+        # and the sink learns what it needs from the others.
 
     async def _finish_sync(self, vmdesc: bytes, sock: socket.socket) -> None:
         if not self._parser.colo_enabled:
@@ -571,22 +626,33 @@ class CheckpointSource:
             # the answer; QEMU stops the VM only after reading the REPLY.
             for listener in self._listeners:
                 await listener.checkpoint_requested(self._requested)
+            # Timeline marks are taken before the write: QEMU, on another core, may act on
+            # the message before this task runs again (placing STOP/RESUME relies on it).
+            self._marks = PauseMarks(reply=time.monotonic())
+            self._timed.append(self._marks)
             await asyncio.get_running_loop().sock_sendall(sock, _REPLY)
             self._signal_progress()
-            await self.sink.begin(self._requested)
         elif message is ColoMessage.VMSTATE_SEND:
             # Ordering: counted before any await, so outputs read from now on are tagged
             # with the next checkpoint (the VM is stopped for this one).
             self._started += 1
             self._stopped_at = time.monotonic()
-        # VMSTATE_SIZE: the parser reads the buffer it announces.
+            if self._marks is not None:
+                self._marks.vmstate_send = self._read_at
+        elif message is ColoMessage.VMSTATE_SIZE and self._marks is not None:
+            # The parser reads the buffer it announces.
+            self._marks.vmstate_size = self._read_at
 
     async def _finish_checkpoint(self, device_state: bytes, sock: socket.socket) -> None:
         epoch = self._requested
         transferred_at = time.monotonic()
-        await self.sink.device_state(epoch, device_state)
-        commit_started = time.monotonic()
-        await self.sink.commit(epoch)
+        marks, self._marks = self._marks, None
+        if marks is None:  # the parser yields a checkpoint's device state only after REQUEST
+            raise CheckpointError(f"device state of checkpoint {epoch} without its request")
+        marks.device_read = self._read_at
+        marks.device_parsed = transferred_at
+        if marks.first_page is None and self._pages:
+            marks.first_page = self._read_at  # the pages came in this same read
         stream_bytes = self._received - self._received_at_mark
         capture = _Capture(
             epoch=epoch,
@@ -596,19 +662,32 @@ class CheckpointSource:
             stream_bytes=stream_bytes,
             device_bytes=len(device_state),
             stopped_at=self._stopped_at,
-            commit_started_at=commit_started,
+            marks=marks,
         )
         self._pages = 0
         self._received_at_mark = self._received
-        # Captured: from now on the acknowledgement task awaits the standby's ack of it.
+        # Captured: held in memory; it counts in the window from now on.
+        marks.captured = time.monotonic()
         self._window.add(epoch, stream_bytes, capture)
         self._signal_progress()
-        # Ordering: LOADED (QEMU resumes the guest) only while the window is within its
-        # bounds; otherwise the guest stays stopped until enough acks arrived.
+        if self._window.resume_allowed:
+            await self._resume(epoch, capture, sock)
+            # Only now does the sink get N: framing and encrypting it overlap with the
+            # guest running.  QEMU sends nothing more until Kemari answers its next REQUEST.
+            await self._forward(epoch, capture, device_state)
+        else:
+            # The guest waits for acknowledgements anyway (N's own, with a window of 0):
+            # forward N meanwhile.
+            await self._forward(epoch, capture, device_state)
+            await self._resume(epoch, capture, sock)
+
+    async def _resume(self, epoch: int, capture: _Capture, sock: socket.socket) -> None:
+        """Write LOADED once the window is within its bounds: QEMU resumes the guest."""
         held_from = time.monotonic()
         while not self._window.resume_allowed:
             await self._progress.wait()
-        capture.held_s = time.monotonic() - held_from
+        capture.marks.loaded = time.monotonic()
+        capture.held_s = capture.marks.loaded - held_from
         await asyncio.get_running_loop().sock_sendall(sock, _RECEIVED_LOADED)
         capture.resumed_at = time.monotonic()
         self._resumed = epoch
@@ -617,12 +696,27 @@ class CheckpointSource:
         if len(self._window) >= 2 and _armed(CRASH_TWO_IN_FLIGHT, epoch):
             crashpoint.kill()  # test hook: N-1 and N both await their acknowledgement
         self._record(capture)
+        # The guest is resuming: the QMP events of the last checkpoints go to their records
+        # now (this also keeps their queue short when nobody reads the records).
+        self._place_run_state_events()
+        self._signal_progress()
+
+    async def _forward(self, epoch: int, capture: _Capture, device_state: bytes) -> None:
+        """Hand checkpoint N to the sink, which queues it to the standby; from then on the
+        acknowledgement task awaits the standby's ack of it."""
+        held, self._held_pages = self._held_pages, []
+        await self.sink.begin(epoch)
+        for batch in held:
+            await self.sink.pages(batch)
+        await self.sink.device_state(epoch, device_state)
+        capture.commit_started_at = time.monotonic()
+        await self.sink.commit(epoch)
+        self._forwarded = epoch
         self._signal_progress()
 
     def _record(self, capture: _Capture) -> None:
-        record = capture.record()
-        if record is not None:
-            self._recent.append(record)
+        if capture.settled:
+            self._recent.append(capture)
 
     # -- losing protection ----------------------------------------------------------
 

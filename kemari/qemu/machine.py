@@ -144,6 +144,17 @@ class EventSubscription:
     def _close(self) -> None:
         self._queue.put_nowait(None)
 
+    def take_pending(self) -> list[QemuEvent]:
+        """The events queued so far, without waiting (none once QEMU has exited)."""
+        taken: list[QemuEvent] = []
+        while not self._closed and not self._queue.empty():
+            event = self._queue.get_nowait()
+            if event is None:
+                self._closed = True
+            else:
+                taken.append(event)
+        return taken
+
     async def get(self) -> QemuEvent:
         """The next event; raises :class:`QemuError` once QEMU has exited and all are read."""
         if self._closed:

@@ -73,8 +73,7 @@ from kemari.stream import (
     FailoverPage,
     RamBlock,
     RamBlockList,
-    RamPage,
-    RamZeroPage,
+    RamPageRun,
     failover_stream,
 )
 from kemari.stream.format import CAPABILITY_IGNORE_SHARED, MAX_VMDESC_LEN
@@ -90,8 +89,6 @@ VMDESC_FORMAT = persist.Format("VM description", b"KMR:VMDS", 1, MAX_VMDESC_LEN)
 RECENT_CHECKPOINTS = 64
 _GENERATION_RE = re.compile(r"^gen-(\d{6,})$")
 _MAX_SECTION_ID = (1 << 32) - 1
-
-PageRecord = RamPage | RamZeroPage
 
 
 class ApplierState(enum.Enum):
@@ -478,16 +475,11 @@ class ReplicaApplier:
         """
         self._require_open().put_pages(block, zero_pages, data_pages, data, owned=owned)
 
-    def put_records(self, batch: Sequence[PageRecord]) -> None:
-        """Page records as the stream parser emits them."""
+    def put_runs(self, batch: Sequence[RamPageRun]) -> None:
+        """Page runs as the stream parser emits them."""
         staged = self._require_open()
-        for record in batch:
-            if type(record) is RamPage:
-                staged.put_page(record.block, record.offset, record.data)
-            elif type(record) is RamZeroPage:
-                staged.put_zero(record.block, record.offset, record.fill)
-            else:
-                raise ReplicaError(f"{type(record).__name__} is not a page record")
+        for run in batch:
+            staged.put_pages(run.block, run.zero_pages, run.data_pages, b"".join(run.data))
 
     def finish_sync(self, device_state: bytes, vmdesc: bytes) -> AppliedCheckpoint:
         """Commit the initial sync and make its generation the committed replica.
@@ -667,8 +659,8 @@ class ReplicaApplier:
     async def begin_sync(self, configuration: Configuration, blocks: RamBlockList) -> None:
         self.start_sync(configuration, blocks)
 
-    async def sync_pages(self, batch: Sequence[PageRecord]) -> None:
-        self.put_records(batch)
+    async def sync_pages(self, batch: Sequence[RamPageRun]) -> None:
+        self.put_runs(batch)
 
     async def end_sync(self, device_state: bytes, vmdesc: bytes) -> None:
         self.finish_sync(device_state, vmdesc)
@@ -676,8 +668,8 @@ class ReplicaApplier:
     async def begin(self, epoch: int) -> None:
         self.begin_checkpoint(epoch)
 
-    async def pages(self, batch: Sequence[PageRecord]) -> None:
-        self.put_records(batch)
+    async def pages(self, batch: Sequence[RamPageRun]) -> None:
+        self.put_runs(batch)
 
     async def device_state(self, epoch: int, data: bytes) -> None:
         self.set_device_state(epoch, data)

@@ -4,6 +4,9 @@ Page data is a memoryview into the immutable input chunk it arrived in (no copy 
 page lies inside one chunk); it stays valid for as long as the event is referenced.
 """
 
+from __future__ import annotations
+
+from array import array
 from dataclasses import dataclass
 
 from kemari.stream.format import ColoMessage, SectionType, VmCommand
@@ -51,25 +54,26 @@ class RamBlockList:
     blocks: tuple[RamBlock, ...]
 
 
-# RamPage and RamZeroPage are built once per page on the hot path; a frozen dataclass's
-# __init__ (object.__setattr__ per field) costs about three times as much, so these two
-# are plain slotted dataclasses.  Treat them as read-only like the others.
 @dataclass(slots=True)
-class RamPage:
-    """A full page of data for ``block`` at byte ``offset`` (RAM_SAVE_FLAG_PAGE)."""
+class RamPageRun:
+    """Consecutive page records of one RAM block with increasing page numbers.
+
+    ``data_pages[i]`` is the page number (byte offset // 4096) whose 4096 bytes are
+    ``data[i]``; ``zero_pages`` are the pages QEMU sent zero-filled (RAM_SAVE_FLAG_ZERO,
+    fill 0).  No page appears twice in a run, so applying its zero pages and its data
+    pages in either order has the effect of its records in stream order.  One event per
+    run instead of one per page keeps the parser's per-page work to the record's checks
+    and two appends (docs/stream.md, "Events").
+    """
 
     block: str
-    offset: int
-    data: memoryview
+    data_pages: array[int]
+    data: list[memoryview]
+    zero_pages: array[int]
 
-
-@dataclass(slots=True)
-class RamZeroPage:
-    """A page filled with byte ``fill`` (RAM_SAVE_FLAG_ZERO; 7.2 always sends 0)."""
-
-    block: str
-    offset: int
-    fill: int
+    @property
+    def page_count(self) -> int:
+        return len(self.data_pages) + len(self.zero_pages)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +116,7 @@ StreamEvent = (
     | Configuration
     | Command
     | RamBlockList
-    | RamPage
-    | RamZeroPage
+    | RamPageRun
     | SectionEnd
     | DeviceState
     | VmDescription

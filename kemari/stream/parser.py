@@ -12,6 +12,7 @@ The grammar, with its source pointers in QEMU 7.2, is documented in docs/stream.
 import enum
 import json
 import struct
+from array import array
 from dataclasses import dataclass
 
 from kemari.stream.events import (
@@ -23,8 +24,7 @@ from kemari.stream.events import (
     LiveStateEnd,
     RamBlock,
     RamBlockList,
-    RamPage,
-    RamZeroPage,
+    RamPageRun,
     SectionEnd,
     StreamEvent,
     VmDescription,
@@ -74,6 +74,8 @@ _CONTINUE_ZERO = _CONTINUE | _ZERO
 _VMDESC_TRAILER_HEAD = 6  # QEMU_VM_EOF byte, QEMU_VM_VMDESCRIPTION byte, be32 length
 _VMDESC_MARK = bytes([SectionType.EOF, SectionType.VMDESCRIPTION])
 _FOOTER_LEN = 5  # QEMU_VM_SECTION_FOOTER byte, be32 section id
+# What _stitch joins of the next input to finish a straddling item: two page records.
+_STITCH_BYTES = 2 * (8 + 1 + 255 + 4096)
 
 
 class ParserState(enum.Enum):
@@ -229,26 +231,61 @@ class StreamParser:
         if self._state is ParserState.FAILED:
             raise MalformedStreamError("the stream already failed; no more input accepted")
         chunk = bytes(data)
-        if self._pos < len(self._buf):
-            self._buf = self._buf[self._pos :] + chunk
-        else:
-            self._buf = chunk
-        self._pos = 0
         events: list[StreamEvent] = []
         try:
-            while self._pos < len(self._buf):
-                reader = _Reader(self._buf, self._pos)
-                try:
-                    produced = self._step(reader)
-                except _NeedMore:
-                    break
-                # Commit point: the item was complete and valid.
-                self._pos = reader.pos
-                events.extend(produced)
+            leftover = len(self._buf) - self._pos
+            if leftover:
+                self._stitch(chunk, leftover, events)
+            else:
+                self._buf, self._pos = chunk, 0
+            self._pos = self._items(self._buf, self._pos, len(self._buf), events)
         except Exception:
             self._state = ParserState.FAILED
             raise
         return events
+
+    def _stitch(self, chunk: bytes, leftover: int, events: list[StreamEvent]) -> None:
+        """Finish the items that straddle the previous input and ``chunk``.
+
+        They are completed from the leftover plus the start of ``chunk`` (a page record
+        is at most ~4.4 KiB), so the chunk itself is not copied and its pages stay views
+        into it; only an item longer than that (or the initial device state) makes the
+        whole chunk be joined.
+        """
+        head = self._buf[self._pos :] + chunk[:_STITCH_BYTES]
+        pos = self._items(head, 0, leftover, events, stitching=True)
+        if pos >= leftover:
+            self._buf, self._pos = chunk, pos - leftover
+        elif len(head) == leftover + len(chunk):
+            self._buf, self._pos = head, pos
+        else:
+            self._buf, self._pos = head[pos:] + chunk[_STITCH_BYTES:], 0
+
+    def _items(
+        self,
+        buf: bytes,
+        pos: int,
+        until: int,
+        events: list[StreamEvent],
+        *,
+        stitching: bool = False,
+    ) -> int:
+        """Parse the complete items of ``buf`` from ``pos`` until one ends at or after
+        ``until``; add their events and return where the next item starts.
+
+        When ``stitching``, the initial device state is left alone: its end can only be
+        recognised at the end of an input (see :meth:`_initial_device_state`).
+        """
+        while pos < until and not (stitching and self._state is ParserState.DEVICE_STATE):
+            reader = _Reader(buf, pos)
+            try:
+                produced = self._step(reader)
+            except _NeedMore:
+                break
+            # Commit point: the item was complete and valid.
+            pos = reader.pos
+            events.extend(produced)
+        return pos
 
     def finish(self) -> None:
         """Declare the end of input; raise IncompleteStreamError unless at an item boundary
@@ -496,9 +533,7 @@ class StreamParser:
         if base == _MEM_SIZE and not flags & _CONTINUE:
             return [self._block_list(reader, section, address)]
         if base in (_ZERO, _PAGE):
-            events: list[StreamEvent] = [self._page(reader, flags, address)]
-            self._continued_pages(reader, events)
-            return events
+            return [self._page_run(reader, flags, address)]
         if flags == _EOS and address == 0:
             section.saw_eos = True
             return []
@@ -527,7 +562,8 @@ class StreamParser:
         self._blocks = blocks
         return RamBlockList(section.section_id, tuple(blocks.values()))
 
-    def _page(self, reader: _Reader, flags: int, offset: int) -> RamPage | RamZeroPage:
+    def _page_run(self, reader: _Reader, flags: int, offset: int) -> RamPageRun:
+        """The page record whose word was just read, and the records that extend its run."""
         if flags & _CONTINUE:
             block = self._last_block
             if block is None:
@@ -542,44 +578,57 @@ class StreamParser:
             raise MalformedStreamError(
                 f"RAM offset {offset:#x} beyond block {block.name} of {block.used_length:#x}"
             )
-        event: RamPage | RamZeroPage
+        page = offset >> PAGE_BITS
+        run = RamPageRun(block.name, array("I"), [], array("I"))
         if flags & _ZERO:
-            event = RamZeroPage(block.name, offset, reader.u8())
+            fill = reader.u8()
+            if fill:
+                # ram.c save_zero_page_to_file always writes 0; a replica has no use for
+                # any other fill, so the stream is refused here, at its edge.
+                raise UnsupportedStreamError(f"zero page record with fill byte {fill:#04x}")
+            run.zero_pages.append(page)
         else:
-            event = RamPage(block.name, offset, reader.raw(PAGE_SIZE))
+            run.data_pages.append(page)
+            run.data.append(reader.raw(PAGE_SIZE))
         self._last_block = block
-        return event
+        self._extend_run(reader, run, page, block.used_length)
+        return run
 
-    def _continued_pages(self, reader: _Reader, events: list[StreamEvent]) -> None:
-        """The hot path: take the CONTINUE page records that follow, complete in the buffer.
+    @staticmethod
+    def _extend_run(reader: _Reader, run: RamPageRun, last: int, limit: int) -> None:
+        """The hot path: add the CONTINUE records that follow, complete in the buffer.
 
-        Each record gets the same checks as in :meth:`_page`; the first record that is
-        anything else (or incomplete, or out of range) is left to the general path.
+        A record joins the run only if it passes the checks of :meth:`_page_run` and its
+        page comes after the run's last one; the first record that does not (or is
+        incomplete) is left to the general path, which starts a new run or raises.
         """
-        block = self._last_block
-        assert block is not None  # _page just set it
         buf, pos, end = reader.buf, reader.pos, len(reader.buf)
         view = memoryview(buf)
-        name, limit = block.name, block.used_length
         unpack_from = _BE64.unpack_from
+        add_data_page = run.data_pages.append
+        add_data = run.data.append
+        add_zero_page = run.zero_pages.append
         while pos + 8 <= end:
             (word,) = unpack_from(buf, pos)
             flags = word & PAGE_MASK
             offset = word ^ flags
-            if offset >= limit:
+            page = offset >> PAGE_BITS
+            if offset >= limit or page <= last:
                 break
             if flags == _CONTINUE_PAGE:
                 if pos + 8 + PAGE_SIZE > end:
                     break
-                events.append(RamPage(name, offset, view[pos + 8 : pos + 8 + PAGE_SIZE]))
+                add_data_page(page)
+                add_data(view[pos + 8 : pos + 8 + PAGE_SIZE])
                 pos += 8 + PAGE_SIZE
             elif flags == _CONTINUE_ZERO:
-                if pos + 9 > end:
+                if pos + 9 > end or buf[pos + 8]:
                     break
-                events.append(RamZeroPage(name, offset, buf[pos + 8]))
+                add_zero_page(page)
                 pos += 9
             else:
                 break
+            last = page
         reader.pos = pos
 
     # -- COLO phase -------------------------------------------------------------------

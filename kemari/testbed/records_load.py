@@ -2,10 +2,16 @@
 
 Each connection sends ``PUT <payload>`` and waits for its ``OK <seq>`` before the next one,
 for ``--seconds``; all connections run in one asyncio loop.  Printed as one JSON line:
-requests, requests/s and the request latency p50/p99 over every connection.  Used by the
-benchmarks from inside a client namespace::
+requests, requests/s, the request latency p50/p99 and max over every connection, and
+``stalls``, the requests that waited longer than 1 s (a percentile hides a lone stall).
+Used by the benchmarks from inside a client namespace::
 
     python -m kemari.testbed.records_load HOST[:PORT] --clients 16 [--seconds 10] [--check N]
+
+A reply missing for 60 s ends the load (exit 1) with one line naming the connection, its
+request, its client port (to find it in a capture) and how many requests the other
+connections completed while it waited: none means the whole service stalled, some means
+that one connection did.
 
 ``--check N`` stores N records one by one before the load and fails (exit 1, one line)
 when any of them takes longer than ``--check-timeout`` seconds: a protected pair that
@@ -24,9 +30,17 @@ from collections.abc import Sequence
 
 from kemari.testbed.records import MAX_REPLY_LINE, RECORDS_PORT
 
+# A request slower than this is counted as a stall, apart from the percentiles.
+STALL_S = 1.0
+REPLY_TIMEOUT_S = 60.0
+
 
 class LoadError(Exception):
     """A reply was wrong or missing, or a check request was too slow."""
+
+
+class ReplyMissing(LoadError):
+    """A PUT got no reply within its timeout."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +56,20 @@ class LoadResult:
         """Requests per second over the run."""
         return self.requests / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def stalls(self) -> int:
+        """Requests that waited longer than STALL_S for their reply."""
+        return sum(1 for latency in self.latencies_s if latency > STALL_S)
+
     def summary(self) -> dict[str, float]:
-        """requests, per_s, p50_ms and p99_ms, for the benchmark's JSON line."""
+        """requests, per_s, p50_ms, p99_ms, max_ms and stalls, for the benchmark's JSON line."""
         return {
             "requests": self.requests,
             "per_s": self.per_s,
             "p50_ms": percentile(self.latencies_s, 0.50) * 1000,
             "p99_ms": percentile(self.latencies_s, 0.99) * 1000,
+            "max_ms": max(self.latencies_s, default=0.0) * 1000,
+            "stalls": self.stalls,
         }
 
 
@@ -67,6 +88,8 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
+        # The client's port, to find this connection in a capture.
+        self._local_port: int = writer.get_extra_info("sockname")[1]
 
     @classmethod
     async def open(cls, host: str, port: int, timeout_s: float) -> _Connection:
@@ -78,7 +101,15 @@ class _Connection:
     async def put(self, payload: str, timeout_s: float) -> None:
         self._writer.write(f"PUT {payload}\n".encode())
         await self._writer.drain()
-        line = await asyncio.wait_for(self._reader.readline(), timeout_s)
+        try:
+            line = await asyncio.wait_for(self._reader.readline(), timeout_s)
+        except TimeoutError:
+            raise ReplyMissing(
+                f"PUT {payload} got no reply within {timeout_s:g} s "
+                f"(client port {self._local_port})"
+            ) from None
+        except ValueError:  # StreamReader's limit: no newline within MAX_REPLY_LINE bytes
+            raise LoadError(f"PUT {payload} answered over {MAX_REPLY_LINE} bytes") from None
         if not line.startswith(b"OK ") or not line.endswith(b"\n"):
             raise LoadError(f"PUT {payload} answered {line[:200]!r}")
 
@@ -95,7 +126,7 @@ async def check(host: str, port: int, count: int, timeout_s: float) -> list[floa
             sent = time.monotonic()
             try:
                 await connection.put(f"check-{number}", timeout_s)
-            except TimeoutError as exc:
+            except ReplyMissing as exc:
                 raise LoadError(
                     f"check request {number + 1} of {count} got no reply within {timeout_s:g} s"
                 ) from exc
@@ -106,9 +137,10 @@ async def check(host: str, port: int, count: int, timeout_s: float) -> list[floa
 
 
 async def run_load(
-    host: str, port: int, clients: int, seconds: float, reply_timeout_s: float = 60.0
+    host: str, port: int, clients: int, seconds: float, reply_timeout_s: float = REPLY_TIMEOUT_S
 ) -> LoadResult:
-    """``clients`` connections storing records back to back for ``seconds``."""
+    """``clients`` connections storing records back to back for ``seconds``; LoadError
+    when a reply is missing for ``reply_timeout_s`` (the other connections are stopped)."""
     connections = [await _Connection.open(host, port, reply_timeout_s) for _ in range(clients)]
     latencies: list[float] = []
     try:
@@ -121,11 +153,24 @@ async def run_load(
             number = 0
             while time.monotonic() < deadline:
                 sent = time.monotonic()
-                await connection.put(f"load-{index}-{number}", reply_timeout_s)
+                done_before = len(latencies)
+                try:
+                    await connection.put(f"load-{index}-{number}", reply_timeout_s)
+                except ReplyMissing as missing:
+                    raise LoadError(
+                        f"connection {index}: {missing}, {time.monotonic() - started:.1f} s "
+                        f"into the load; the other {clients - 1} connection(s) completed "
+                        f"{len(latencies) - done_before} request(s) meanwhile"
+                    ) from None
                 latencies.append(time.monotonic() - sent)
                 number += 1
 
-        await asyncio.gather(*(loop(i, c) for i, c in enumerate(connections)))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index, connection in enumerate(connections):
+                    group.create_task(loop(index, connection))
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None
         elapsed = time.monotonic() - started
     finally:
         for connection in connections:

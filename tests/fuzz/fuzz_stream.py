@@ -12,20 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kemari.errors import StreamError
-from kemari.stream import RamPage, StreamParser
-
-
-def feed_two_phase(parser: StreamParser, data: bytes, split: int) -> list[object]:
-    """Feed ``data`` as two bursts, like a primary that pauses after the initial vmdesc;
-    return the events with page views converted to bytes."""
-    events: list[object] = []
-    for part in (data[:split], data[split:]):
-        for event in parser.feed(part):
-            if isinstance(event, RamPage):
-                events.append(("page", event.block, event.offset, bytes(event.data)))
-            else:
-                events.append(event)
-    return events
+from kemari.stream import StreamParser
 
 
 def chunks(data: bytes) -> Iterator[bytes]:

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from stream_model import Model, build, device_bytes, section_bytes, vmdesc_json
 
 from kemari.outputs import Output, OutputKind
-from kemari.stream import RamPage
 from kemari.stream.format import PAGE_SIZE, ColoMessage
 from kemari.transaction.wire import (
     Abort,
@@ -56,7 +55,7 @@ def stream_pieces(model: Model) -> tuple[list[Piece], int]:
     byte mutations go to the records around them instead.
     """
     initial, colo, events = build(model)
-    pages = [bytes(e.data) for e in events if isinstance(e, RamPage)]
+    pages = [e[3] for e in events if isinstance(e, tuple) and e[0] == "page"]
     device = device_bytes(model.devices)
     vmdesc = vmdesc_json(model.devices)
     machine = model.machine_type.encode()

@@ -1,1 +1,2 @@
-"""Test-only helpers: the records soak, the fake NIC peer and the crashed-disk check."""
+"""Test-only helpers: agents on loopback, the records soak, the fake NIC peer and the
+crashed-disk check."""
