@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from stream_model import normalize
 from support import prerequisites
+from support.pause_order import PAUSE_MILESTONES
 from ticker_rom import ticker_rom, ticks
 
 from kemari.checkpoint import CheckpointSource, CheckpointTrigger, PageBatch, SourceState
@@ -188,22 +189,6 @@ async def ticks_advance(serial: Path, timeout: float = 30.0) -> None:
         return bool(now) and now != before
 
     await async_wait_for(advanced, f"a tick after {before} on {serial.name}", timeout, 0.02)
-
-
-# Every milestone of a checkpoint's pause, in causal order (kemari/checkpoint/timeline.py).
-PAUSE_MILESTONES = [
-    "reply",
-    "stop",
-    "vmstate_send",
-    "first_page",
-    "ram_end",
-    "vmstate_size",
-    "device_read",
-    "device_parsed",
-    "captured",
-    "loaded",
-    "resume",
-]
 
 
 async def assert_pause_timelines(source: CheckpointSource) -> None:

@@ -9,6 +9,7 @@ import dataclasses
 
 from hypothesis import given
 from hypothesis import strategies as st
+from support.pause_order import PAUSE_MILESTONES
 
 from kemari.checkpoint.timeline import (
     RESUME_EVENT,
@@ -17,31 +18,17 @@ from kemari.checkpoint.timeline import (
     attach_run_state_event,
 )
 
-# PauseMarks fields in causal order, with QEMU's STOP and RESUME where they happen.
-ORDER = (
-    "reply",
-    "stop",
-    "vmstate_send",
-    "first_page",
-    "ram_end",
-    "vmstate_size",
-    "device_read",
-    "device_parsed",
-    "captured",
-    "loaded",
-    "resume",
-)
 QEMU_EVENTS = {"stop": STOP_EVENT, "resume": RESUME_EVENT}
 
 steps = st.floats(min_value=1e-6, max_value=0.05, allow_nan=False)
 
 
 def full_marks(reply: float, gaps: list[float]) -> PauseMarks:
-    """Marks of one checkpoint: ``reply`` then each milestone ``gaps`` later, in ORDER."""
+    """Marks of one checkpoint: ``reply``, then each milestone ``gaps`` later, in order."""
     times = [reply]
     for gap in gaps:
         times.append(times[-1] + gap)
-    return PauseMarks(**dict(zip(ORDER, times, strict=True)))
+    return PauseMarks(**dict(zip(PAUSE_MILESTONES, times, strict=True)))
 
 
 def test_timeline_is_absent_until_loaded_and_optional_parts_may_be_missing() -> None:
@@ -55,7 +42,7 @@ def test_timeline_is_absent_until_loaded_and_optional_parts_may_be_missing() -> 
     assert timeline.stop_ms is None and timeline.first_page_ms is None
     assert timeline.resume_ms is None and timeline.qemu_pause_ms is None
     names = [name for name, _ in timeline.milestones()]
-    assert names == [n for n in ORDER if n not in ("stop", "first_page", "resume")]
+    assert names == [n for n in PAUSE_MILESTONES if n not in ("stop", "first_page", "resume")]
 
 
 @given(
@@ -68,7 +55,7 @@ def test_timeline_offsets_are_ms_after_reply_in_causal_order(
     timeline = marks.timeline()
     assert timeline is not None
     milestones = timeline.milestones()
-    assert [name for name, _ in milestones] == list(ORDER)
+    assert [name for name, _ in milestones] == list(PAUSE_MILESTONES)
     offsets = [at for _, at in milestones]
     assert offsets[0] == 0.0
     assert offsets == sorted(offsets)
@@ -116,7 +103,7 @@ def test_events_land_on_their_own_checkpoint_whatever_the_delay(
     ):
         marks = full_marks(start, gaps)
         truth.append(marks)
-        for name in ORDER:
+        for name in PAUSE_MILESTONES:
             at = getattr(marks, name)
             if name in QEMU_EVENTS:
                 lost, late = (

@@ -84,8 +84,11 @@ async def wait_ticks(path: Path, count: int, timeout_s: float = 60.0) -> list[in
 class ObservedApplier:
     """A CheckpointSink that forwards to a ReplicaApplier and notes the primary's last tick.
 
-    At each commit the primary's VM is stopped (since before ``begin``), so every tick in
-    its serial log was printed before the checkpoint's state was taken.
+    The source runs the synchronous protocol (a window of 0): the sink gets each
+    checkpoint before LOADED, so at each commit the primary's VM is stopped (since
+    before ``begin``) and every tick in its serial log was printed before the
+    checkpoint's state was taken.  (Pipelined, the sink gets it after the guest resumed;
+    those kills are in test_protocol_phases.py.)
     """
 
     def __init__(
@@ -206,7 +209,7 @@ async def protect_then_kill(
 ) -> ObservedApplier:
     """Protect ``primary`` into ``applier``, run ``run_s`` seconds, then SIGKILL its QEMU."""
     observed = ObservedApplier(applier, primary_log, standby, qemu)
-    source = CheckpointSource(primary, observed, epoch_ms=EPOCH_MS)
+    source = CheckpointSource(primary, observed, epoch_ms=EPOCH_MS, in_flight=0)
     await source.start()
     try:
         await wait_protected(source)
