@@ -225,6 +225,39 @@ def test_lease_expiry_removes_the_alive_key_within_ttl_and_a_claim_follows(lab):
     asyncio.run(main())
 
 
+def test_a_won_transaction_with_a_lease_that_lapsed_by_our_clock_renews_it(lab):
+    """After an outage the lease may still live in etcd (an election renews every lease)
+    while by the agent's clock it ran out; the transaction that binds it (a takeover)
+    must leave it valid, or the new active would fence itself at its next step."""
+
+    async def main() -> None:
+        vm = fresh_vm()
+        ahead = 0.0
+        settings = ArbiterSettings(lab.local_endpoints("agenta"), lease_ttl=TTL)
+
+        def clock() -> float:  # a's clock, made to run ahead below
+            return time.monotonic() + ahead
+
+        async with (
+            Arbiter(settings, vm, A, clock=clock) as a,
+            arbiter(lab, "agentb", vm, B) as b,
+        ):
+            assert isinstance(await a.transition(claim_for(A, vm)), Won)
+            assert isinstance(
+                await b.transition(lambda s: publish_standby(s.record, B, "tcp:b:1")), Won
+            )
+            await a.stop_renewing()
+            lease = a.lease_id
+            ahead = float(TTL)  # by a's clock the lease ran out; etcd still holds it
+            assert not a.lease_valid()
+            standby = Standby(B, "tcp:b:1")
+            won = await a.transition(lambda s: mark_protected(s.record, A, standby))
+            assert isinstance(won, Won), won
+            assert a.lease_id == lease and a.lease_valid()
+
+    asyncio.run(main())
+
+
 def test_keepalive_keeps_the_alive_key_and_the_lease_valid(lab):
     async def main() -> None:
         vm = fresh_vm()

@@ -410,6 +410,12 @@ class Arbiter:
         now = self._state_from(kvs)
         if won and lease_id == self._lease_id:
             self._attached = True
+            if not self.lease_valid():
+                # The lease outlived a time without answers from etcd (a leader election
+                # renews every lease) while by our clock it ran out: learn its TTL now,
+                # or a new unprotected active fences itself before the next keepalive.
+                with contextlib.suppress(ArbiterError):
+                    await self.renew_lease()
         return bool(won), now
 
     async def transition(
