@@ -44,13 +44,11 @@ RAM_SECTION_ID = 2
 
 @dataclass
 class Record:
-    """One page record: ``data`` is a full page, or None for a zero page with ``fill``
-    (QEMU 7.2 only sends fill 0, and the parser refuses any other)."""
+    """One page record: ``data`` is a full page, or None for a zero page."""
 
     block: str
     offset: int
     data: bytes | None
-    fill: int = 0
 
 
 @dataclass
@@ -97,7 +95,7 @@ def _section(section_type: SectionType, records: list[Record]) -> tuple[bytes, l
     encoder = PageEncoder()
     for rec in records:
         if rec.data is None:
-            out += encoder.zero(rec.block, rec.offset, rec.fill)
+            out += encoder.zero(rec.block, rec.offset)
             events.append(("zero", rec.block, rec.offset))
         else:
             for part in encoder.page(rec.block, rec.offset, rec.data):

@@ -9,7 +9,7 @@ Everything QEMU sends goes to a :class:`CheckpointSink` (the ft-transaction send
                    then Kemari sends CHECKPOINT_READY and the guest runs (protected)
     checkpoint N   REQUEST → Kemari answers REPLY (QEMU stops the VM) → the pages and the
                    device state are read and held → Kemari answers RECEIVED + LOADED
-                   (QEMU resumes the VM) → begin(N) → pages(batch)… →
+                   (QEMU resumes the VM) → begin(N) → pages(all its runs) →
                    device_state(N, data) → commit(N) (queued)
     in background  acknowledged(N) → listeners' checkpoint_committed(N), in epoch order
 
@@ -300,8 +300,8 @@ class CheckpointSource:
         self._resumed = 0  # checkpoints captured and resumed from (LOADED sent)
         self._committed = 0  # checkpoints the standby acknowledged (listeners told)
         self._forwarded = 0  # checkpoints whose commit() returned (queued to the standby)
-        # The page batches of the checkpoint being captured, for the sink after LOADED.
-        self._held_pages: list[list[RamPageRun]] = []
+        # The page runs of the checkpoint being captured, for the sink after LOADED.
+        self._held_pages: list[RamPageRun] = []
         self._window: InflightWindow[_Capture] = InflightWindow(in_flight)
         self._pages = 0  # page records of the sync / checkpoint in progress
         self._received = 0  # stream bytes so far
@@ -568,7 +568,7 @@ class CheckpointSource:
         if self._state is SourceState.SYNCING:
             await self.sink.sync_pages(batch)
         else:
-            self._held_pages.append(batch)
+            self._held_pages.extend(batch)
 
     async def _handle(self, event: StreamEvent, sock: socket.socket) -> None:
         if isinstance(event, ColoEvent):
@@ -706,8 +706,8 @@ class CheckpointSource:
         acknowledgement task awaits the standby's ack of it."""
         held, self._held_pages = self._held_pages, []
         await self.sink.begin(epoch)
-        for batch in held:
-            await self.sink.pages(batch)
+        if held:
+            await self.sink.pages(held)
         await self.sink.device_state(epoch, device_state)
         capture.commit_started_at = time.monotonic()
         await self.sink.commit(epoch)

@@ -136,8 +136,9 @@ class PageEncoder:
             raise MalformedStreamError(f"page of {len(data)} bytes")
         return [self._head(block, offset, RamFlag.PAGE), data]
 
-    def zero(self, block: str, offset: int, fill: int = 0) -> bytes:
-        return self._head(block, offset, RamFlag.ZERO) + bytes([fill])
+    def zero(self, block: str, offset: int) -> bytes:
+        """A zero page (ram.c save_zero_page_to_file always writes fill 0)."""
+        return self._head(block, offset, RamFlag.ZERO) + b"\x00"
 
 
 def encode_eos() -> bytes:
